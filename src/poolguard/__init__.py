@@ -1,0 +1,1 @@
+"""poolguard: one guarded PostgreSQL connection pool per process."""
