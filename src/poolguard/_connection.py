@@ -1,0 +1,156 @@
+"""The connection and cursor classes poolguard's pools hand out.
+
+They are psycopg's own classes with a little bookkeeping: which backend they talk to, where they
+were taken (the ledger record), the last statement and when it ran, and whether the caller
+changed anything that must not reach the next caller.  ``isinstance(conn, psycopg.Connection)``
+stays true, so Django, SQLAlchemy and user code see nothing unusual.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.abc import Params, Query
+from psycopg.rows import Row
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from ._ledger import Checkout
+    from ._metrics import PoolMetrics
+
+# What a caller may change on the client side; restored on return when it differs.
+_CLIENT_ATTRS = (
+    "autocommit",
+    "isolation_level",
+    "read_only",
+    "deferrable",
+    "prepare_threshold",
+    "row_factory",
+    "cursor_factory",
+    "server_cursor_factory",
+)
+
+
+class Tracked:
+    """Bookkeeping shared by the sync and async connection classes."""
+
+    _pg_backend_pid: int = 0
+    _pg_checkout: Checkout | None = None
+    _pg_connect_seconds: float = 0.0
+    _pg_client_defaults: tuple[Any, ...] = ()
+    #: The last statement text (never its parameters) and when it was sent.
+    _pg_last_sql: Any = None
+    _pg_last_active: float = 0.0
+    #: Set when a statement left server-side session state behind (SET, LISTEN, temp table...).
+    _pg_session_dirty: bool = False
+
+    def _pg_client_state(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _CLIENT_ATTRS)
+
+    def _pg_attach(self, metrics: PoolMetrics) -> None:
+        """Called once when the pool adds this new connection."""
+        self._pg_backend_pid = self.pgconn.backend_pid  # type: ignore[attr-defined]
+        self._pg_client_defaults = self._pg_client_state()
+        metrics.create_time.add(self._pg_connect_seconds)
+
+    def _pg_observe(self, query: Any) -> None:
+        self._pg_last_sql = query
+        self._pg_last_active = monotonic()
+
+    def _pg_needs_reset(self) -> bool:
+        return self._pg_session_dirty or self._pg_client_state() != self._pg_client_defaults
+
+    def _pg_client_changes(self) -> list[tuple[str, Any]]:
+        """(attribute, default) for each client-side attribute the caller changed."""
+        return [
+            (name, default)
+            for name, default in zip(_CLIENT_ATTRS, self._pg_client_defaults)
+            if getattr(self, name) != default
+        ]
+
+
+# DISCARD ALL drops everything a session can carry (settings, LISTEN, advisory locks, temp
+# tables, prepared statements, WITH HOLD cursors); psycopg notices it and forgets its own
+# prepared statements too.  It refuses to run inside a transaction block, hence autocommit.
+_RESET_SQL = b"DISCARD ALL"
+
+
+class GuardedCursor(psycopg.Cursor[Row]):
+    """psycopg's cursor, telling its connection what it runs."""
+
+    def execute(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> Self:
+        self._conn._pg_observe(query)  # type: ignore[attr-defined]
+        return super().execute(query, params, prepare=prepare, binary=binary)
+
+
+class AsyncGuardedCursor(psycopg.AsyncCursor[Row]):
+    """psycopg's async cursor, telling its connection what it runs."""
+
+    async def execute(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> Self:
+        self._conn._pg_observe(query)  # type: ignore[attr-defined]
+        return await super().execute(query, params, prepare=prepare, binary=binary)
+
+
+class GuardedConnection(Tracked, psycopg.Connection[Any]):
+    """A psycopg connection owned by a GuardedPool."""
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+        started = monotonic()
+        kwargs.setdefault("cursor_factory", GuardedCursor)
+        conn = super().connect(conninfo, **kwargs)
+        conn._pg_connect_seconds = monotonic() - started
+        return conn
+
+    def _pg_reset(self) -> None:
+        for name, default in self._pg_client_changes():
+            # set_autocommit() and friends exist for the four transaction characteristics.
+            setter = getattr(self, f"set_{name}", None)
+            setter(default) if setter else setattr(self, name, default)
+        if self._pg_session_dirty:
+            autocommit = self.autocommit
+            self.autocommit = True
+            self.execute(_RESET_SQL)
+            self.autocommit = autocommit
+            self._pg_session_dirty = False
+
+
+class AsyncGuardedConnection(Tracked, psycopg.AsyncConnection[Any]):
+    """A psycopg async connection owned by an AsyncGuardedPool."""
+
+    @classmethod
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+        started = monotonic()
+        kwargs.setdefault("cursor_factory", AsyncGuardedCursor)
+        conn = await super().connect(conninfo, **kwargs)
+        conn._pg_connect_seconds = monotonic() - started
+        return conn
+
+    async def _pg_reset(self) -> None:
+        for name, default in self._pg_client_changes():
+            # On AsyncConnection these four have awaitable setters and read-only properties.
+            setter = getattr(self, f"set_{name}", None)
+            await setter(default) if setter else setattr(self, name, default)
+        if self._pg_session_dirty:
+            autocommit = self.autocommit
+            await self.set_autocommit(True)
+            await self.execute(_RESET_SQL)
+            await self.set_autocommit(autocommit)
+            self._pg_session_dirty = False

@@ -1,0 +1,111 @@
+"""The checkout ledger: one record per connection that is out of the pool right now.
+
+A record says who took the connection (thread or asyncio task), when, and where: the first frame
+outside poolguard, the drivers and the ORMs, so a report points at the app's own line.  Capture
+is cheap on purpose (a short walk up the frame chain keeping only the code object and line
+number): no frame, and so no local variable, is kept alive by the ledger.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+from time import monotonic
+from types import CodeType
+from typing import Any
+
+_here = str(Path(__file__).resolve().parent) + os.sep
+
+
+def _package_dir(name: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(next(iter(spec.submodule_search_locations))).resolve()) + os.sep
+
+
+# Frames from these folders are never "where it was taken": the app's line is further up.
+_internal_dirs: tuple[str, ...] = (_here,) + tuple(
+    d
+    for d in map(_package_dir, ("psycopg", "psycopg_pool", "django", "sqlalchemy", "asgiref"))
+    if d
+)
+_internal_files: tuple[str, ...] = ("contextlib.py",)
+
+
+def add_internal_path(path: str) -> None:
+    """Treat frames under ``path`` as library code when locating the app's line."""
+    global _internal_dirs
+    resolved = str(Path(path).resolve())
+    if resolved not in _internal_dirs:
+        _internal_dirs = (*_internal_dirs, resolved)
+
+
+def caller_site(depth: int) -> tuple[CodeType | None, int]:
+    """(code object, line) of the first frame at or above ``depth`` that is not library code."""
+    frame: Any = sys._getframe(depth)
+    dirs, files = _internal_dirs, _internal_files
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not (filename.startswith(dirs) or filename.endswith(files)):
+            return frame.f_code, frame.f_lineno
+        frame = frame.f_back
+    return None, 0
+
+
+def format_site(code: CodeType | None, line: int) -> str:
+    """'path/to/file.py:88 in view', the path relative to the working folder when inside it."""
+    if code is None:
+        return "<unknown>"
+    filename = code.co_filename
+    cwd = os.getcwd() + os.sep
+    if filename.startswith(cwd):
+        filename = filename[len(cwd) :]
+    return f"{filename}:{line} in {code.co_name}"
+
+
+class Checkout:
+    """One connection that is out of the pool: who has it, since when, taken where."""
+
+    __slots__ = ("backend_pid", "code", "conn_id", "line", "owner", "taken_at")
+
+    def __init__(self, conn_id: int, backend_pid: int, owner: int, depth: int) -> None:
+        self.conn_id = conn_id
+        self.backend_pid = backend_pid
+        self.owner = owner
+        self.taken_at = monotonic()
+        self.code, self.line = caller_site(depth + 1)
+
+    @property
+    def site(self) -> str:
+        return format_site(self.code, self.line)
+
+    @property
+    def age(self) -> float:
+        return monotonic() - self.taken_at
+
+    def owner_name(self) -> str:
+        thread = threading._active.get(self.owner)  # type: ignore[attr-defined]
+        return thread.name if thread is not None else f"thread {self.owner} (exited)"
+
+
+class Ledger:
+    """The records of one pool, keyed by ``id(connection)``."""
+
+    __slots__ = ("out",)
+
+    def __init__(self) -> None:
+        self.out: dict[int, Checkout] = {}
+
+    def oldest(self) -> Checkout | None:
+        records = list(self.out.values())  # a copy: other threads add and remove meanwhile
+        return min(records, key=lambda r: r.taken_at) if records else None
+
+    def __len__(self) -> int:
+        return len(self.out)

@@ -1,0 +1,440 @@
+"""GuardedPool and AsyncGuardedPool: psycopg_pool pools with a ledger, metrics and a clean return.
+
+The decisions (what to log, when a connection is dirty, how to word an error) live once in
+``_PoolCore``; the two public classes only do the I/O, one with ``await`` and one without.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import weakref
+from time import monotonic
+from types import TracebackType
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg.pq import TransactionStatus
+
+from ._connection import AsyncGuardedConnection, GuardedConnection, Tracked
+from ._errors import PoolConnectError, PoolExhausted
+from ._ledger import Checkout, Ledger
+from ._metrics import PoolMetrics
+from ._settings import Settings, redact_text
+
+logger = logging.getLogger("poolguard")
+
+_IDLE = TransactionStatus.IDLE
+_IN_TRANSACTION = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
+# Every pool ever built in this process, so a fork can make all of them forget the parent's
+# connections (see _forget_after_fork).
+_all_pools: weakref.WeakSet[_PoolCore] = weakref.WeakSet()
+
+
+class _PoolCore:
+    """What GuardedPool and AsyncGuardedPool share: settings, ledger, metrics and decisions."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.ledger = Ledger()
+        self.metrics = PoolMetrics()
+        self._closed = False
+        _all_pools.add(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._inner_pool() else "not opened")
+        return (
+            f"<{type(self).__name__} {self.name!r} {self.settings.redacted_dsn!r} {state}, "
+            f"{len(self.ledger)}/{self.settings.max_size} in use>"
+        )
+
+    def _inner_pool(self) -> psycopg_pool.ConnectionPool[Any] | psycopg_pool.AsyncConnectionPool[
+        Any
+    ] | None:
+        raise NotImplementedError
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's pool without touching its sockets.
+
+        Closing would send Terminate on sockets the parent still uses; psycopg itself never
+        closes a connection that was opened by another process when it is garbage collected.
+        """
+        self.ledger = Ledger()
+        self.metrics = PoolMetrics()
+
+    def _inner_options(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "kwargs": s.connection_kwargs(),
+            "min_size": s.min_size,
+            "max_size": s.max_size,
+            "timeout": s.timeout,
+            "max_waiting": s.max_waiting,
+            "max_idle": s.max_idle,
+            "max_lifetime": s.max_lifetime,
+            "name": f"poolguard:{s.name}",
+            "open": False,
+        }
+
+    def _connect_error(self, exc: Exception) -> PoolConnectError:
+        message = redact_text(str(exc).strip(), self.settings.conninfo)
+        return PoolConnectError(
+            f"pool {self.name!r} cannot connect to {self.settings.target}: {message} "
+            "(check the host, port, user, password and database in the DSN)"
+        )
+
+    def _on_connect(self, conn: Tracked) -> None:
+        conn._pg_attach(self.metrics)
+
+    def _record_checkout(self, conn: Tracked, waited: float, depth: int, owner: int) -> None:
+        self.metrics.wait_time.add(waited)
+        record = Checkout(id(conn), conn._pg_backend_pid, owner, depth + 1)
+        conn._pg_checkout = record
+        self.ledger.out[record.conn_id] = record
+
+    def _record_return(self, conn: Tracked) -> Checkout | None:
+        record = self.ledger.out.pop(id(conn), None)
+        conn._pg_checkout = None
+        if record is not None:
+            self.metrics.use_time.add(monotonic() - record.taken_at)
+        return record
+
+    def _exhausted(self, timeout: float, pending: int) -> PoolExhausted:
+        self.metrics.timeouts += 1
+        oldest = self.ledger.oldest()
+        where = (
+            f"; oldest checkout {oldest.age:.1f} s at {oldest.site} ({oldest.owner_name()})"
+            if oldest
+            else ""
+        )
+        return PoolExhausted(
+            f"pool {self.name!r} exhausted after {timeout:.1f} s: "
+            f"{len(self.ledger)}/{self.settings.max_size} connections in use, "
+            f"{pending} waiting{where} (raise max_size, or find the holder with poolguard.report())"
+        )
+
+    def _log_dirty_return(self, status: int, record: Checkout | None) -> None:
+        self.metrics.rollbacks_on_return += 1
+        kind = "a failed" if status == TransactionStatus.INERROR else "an open"
+        site = f"taken at {record.site}, held {record.age:.2f} s" if record else "not from this pool"
+        logger.warning(
+            "pool %r: connection returned inside %s transaction (%s); rolled back",
+            self.name,
+            kind,
+            site,
+        )
+
+    def _log_discard(self, conn: Tracked, record: Checkout | None, why: str) -> None:
+        self.metrics.discarded_on_return += 1
+        site = f" (taken at {record.site})" if record else ""
+        logger.warning("pool %r: discarding a connection %s%s", self.name, why, site)
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.settings.timeout if timeout is None else timeout
+
+    def stats(self) -> dict[str, Any]:
+        """Current counts and timings under OpenTelemetry's ``db.client.connection.*`` names."""
+        inner = self._inner_pool()
+        raw = inner.get_stats() if inner is not None else {}
+        used = len(self.ledger)
+        return self.metrics.snapshot(
+            name=self.name,
+            idle=raw.get("pool_available", 0),
+            used=used,
+            max_size=self.settings.max_size,
+            min_size=self.settings.min_size,
+            pending=raw.get("requests_waiting", 0),
+        )
+
+    def checkouts(self) -> list[Checkout]:
+        """The connections out of the pool right now, oldest first."""
+        return sorted(self.ledger.out.values(), key=lambda r: r.taken_at)
+
+
+class _Checkout:
+    """``with pool.connection() as conn``: commit on success, roll back on error, return."""
+
+    __slots__ = ("_conn", "_pool", "_timeout")
+
+    def __init__(self, pool: GuardedPool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    def __enter__(self) -> psycopg.Connection[Any]:
+        self._conn = conn = self._pool.getconn(self._timeout, _depth=2)
+        return conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn = self._conn
+        try:
+            if not conn.closed and conn.pgconn.transaction_status != _IDLE:
+                if exc_type is None:
+                    conn.commit()
+                else:
+                    conn.rollback()
+        finally:
+            self._pool.putconn(conn)
+
+
+class GuardedPool(_PoolCore):
+    """A process-wide, guarded pool of psycopg connections.  Build it with poolguard.configure()."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._inner: psycopg_pool.ConnectionPool[Any] | None = None
+        self._open_lock = threading.Lock()
+
+    def _inner_pool(self) -> psycopg_pool.ConnectionPool[Any] | None:
+        return self._inner
+
+    def _forget_after_fork(self) -> None:
+        super()._forget_after_fork()
+        self._inner = None
+        self._open_lock = threading.Lock()
+
+    def open(self) -> None:
+        """Connect now instead of on first use; raises PoolConnectError if the server refuses."""
+        self._ensure_open()
+
+    def _ensure_open(self) -> psycopg_pool.ConnectionPool[Any]:
+        with self._open_lock:
+            if self._closed:
+                raise psycopg_pool.PoolClosed(f"pool {self.name!r} is closed")
+            if self._inner is None:
+                # One direct attempt first, so a wrong password or an unreachable host is an
+                # immediate, precise error instead of a checkout timeout later.
+                try:
+                    GuardedConnection.connect(
+                        self.settings.conninfo, **self.settings.connection_kwargs()
+                    ).close()
+                except psycopg.OperationalError as exc:
+                    raise self._connect_error(exc) from None
+                inner: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
+                    self.settings.conninfo,
+                    connection_class=GuardedConnection,
+                    configure=self._on_connect,
+                    check=psycopg_pool.ConnectionPool.check_connection
+                    if self.settings.health_check
+                    else None,
+                    **self._inner_options(),
+                )
+                inner.open(wait=False)
+                self._inner = inner
+            return self._inner
+
+    def connection(self, timeout: float | None = None) -> _Checkout:
+        """``with pool.connection() as conn:`` commits on success and rolls back on error."""
+        return _Checkout(self, timeout)
+
+    def getconn(self, timeout: float | None = None, *, _depth: int = 1) -> psycopg.Connection[Any]:
+        """Take a connection; hand it back with putconn().  Prefer connection()."""
+        inner = self._inner or self._ensure_open()
+        started = monotonic()
+        try:
+            conn: GuardedConnection = inner.getconn(timeout)
+        except psycopg_pool.PoolTimeout:
+            pending = inner.get_stats().get("requests_waiting", 0)
+            raise self._exhausted(self._timeout(timeout), pending) from None
+        self._record_checkout(conn, monotonic() - started, _depth + 1, threading.get_ident())
+        return conn
+
+    def putconn(self, conn: psycopg.Connection[Any]) -> None:
+        """Give a connection back: roll back what is open, reset what changed, then pool it."""
+        assert isinstance(conn, GuardedConnection), "not a connection from a poolguard pool"
+        record = self._record_return(conn)
+        if conn.closed or conn.broken:
+            self._log_discard(conn, record, "that was closed or broken")
+        else:
+            status = conn.pgconn.transaction_status
+            if status in _IN_TRANSACTION:
+                self._log_dirty_return(status, record)
+                try:
+                    conn.rollback()
+                except psycopg.Error as exc:
+                    self._log_discard(conn, record, f"whose rollback failed: {exc}")
+                    conn.close()
+            elif status != _IDLE:  # a query still running: psycopg_pool closes the connection
+                self._log_discard(conn, record, "returned while a query was still running")
+            if conn._pg_needs_reset() and not conn.closed:
+                try:
+                    conn._pg_reset()
+                except psycopg.Error as exc:
+                    self._log_discard(conn, record, f"whose reset failed: {exc}")
+                    conn.close()
+        inner = self._inner
+        if inner is not None and conn._pool is inner:
+            inner.putconn(conn)
+        else:
+            conn.close()  # from before a fork, or from a pool that is gone
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close every connection; connections still checked out are closed when returned."""
+        with self._open_lock:
+            self._closed = True
+            inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.close(timeout)
+
+
+class _AsyncCheckout:
+    """``async with pool.connection() as conn``: commit on success, roll back on error, return."""
+
+    __slots__ = ("_conn", "_pool", "_timeout")
+
+    def __init__(self, pool: AsyncGuardedPool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
+        self._conn = conn = await self._pool.getconn(self._timeout, _depth=2)
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn = self._conn
+        try:
+            if not conn.closed and conn.pgconn.transaction_status != _IDLE:
+                if exc_type is None:
+                    await conn.commit()
+                else:
+                    await conn.rollback()
+        finally:
+            await self._pool.putconn(conn)
+
+
+class AsyncGuardedPool(_PoolCore):
+    """The asyncio twin of GuardedPool, bound to the event loop that first uses it."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._inner: psycopg_pool.AsyncConnectionPool[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open_lock = threading.Lock()
+
+    def _inner_pool(self) -> psycopg_pool.AsyncConnectionPool[Any] | None:
+        return self._inner
+
+    def _forget_after_fork(self) -> None:
+        super()._forget_after_fork()
+        self._inner = None
+        self._loop = None
+        self._open_lock = threading.Lock()
+
+    async def open(self) -> None:
+        """Connect now instead of on first use; raises PoolConnectError if the server refuses."""
+        await self._ensure_open()
+
+    async def _ensure_open(self) -> psycopg_pool.AsyncConnectionPool[Any]:
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise psycopg_pool.PoolClosed(f"pool {self.name!r} is closed")
+        if self._inner is not None and self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                raise psycopg.InterfaceError(
+                    f"async pool {self.name!r} belongs to another running event loop: use it "
+                    "from that loop, or give each loop its own pool name"
+                )
+            self._inner = None  # its loop is gone, and its connections with it
+        if self._inner is None:
+            try:
+                probe = await AsyncGuardedConnection.connect(
+                    self.settings.conninfo, **self.settings.connection_kwargs()
+                )
+                await probe.close()
+            except psycopg.OperationalError as exc:
+                raise self._connect_error(exc) from None
+            if self._inner is None:  # another task may have opened it while we awaited
+                inner: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
+                    self.settings.conninfo,
+                    connection_class=AsyncGuardedConnection,
+                    configure=self._on_connect_async,
+                    check=psycopg_pool.AsyncConnectionPool.check_connection
+                    if self.settings.health_check
+                    else None,
+                    **self._inner_options(),
+                )
+                await inner.open(wait=False)
+                self._inner, self._loop = inner, loop
+        return self._inner
+
+    async def _on_connect_async(self, conn: AsyncGuardedConnection) -> None:
+        self._on_connect(conn)
+
+    def connection(self, timeout: float | None = None) -> _AsyncCheckout:
+        """``async with pool.connection() as conn:`` commits on success, rolls back on error."""
+        return _AsyncCheckout(self, timeout)
+
+    async def getconn(
+        self, timeout: float | None = None, *, _depth: int = 1
+    ) -> psycopg.AsyncConnection[Any]:
+        """Take a connection; hand it back with putconn().  Prefer connection()."""
+        inner = self._inner
+        if inner is None or self._loop is not asyncio.get_running_loop():
+            inner = await self._ensure_open()
+        started = monotonic()
+        try:
+            conn: AsyncGuardedConnection = await inner.getconn(timeout)
+        except psycopg_pool.PoolTimeout:
+            pending = inner.get_stats().get("requests_waiting", 0)
+            raise self._exhausted(self._timeout(timeout), pending) from None
+        task = asyncio.current_task()
+        self._record_checkout(conn, monotonic() - started, _depth + 1, id(task))
+        return conn
+
+    async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Give a connection back: roll back what is open, reset what changed, then pool it."""
+        assert isinstance(conn, AsyncGuardedConnection), "not a connection from a poolguard pool"
+        record = self._record_return(conn)
+        if conn.closed or conn.broken:
+            self._log_discard(conn, record, "that was closed or broken")
+        else:
+            status = conn.pgconn.transaction_status
+            if status in _IN_TRANSACTION:
+                self._log_dirty_return(status, record)
+                try:
+                    await conn.rollback()
+                except psycopg.Error as exc:
+                    self._log_discard(conn, record, f"whose rollback failed: {exc}")
+                    await conn.close()
+            elif status != _IDLE:
+                self._log_discard(conn, record, "returned while a query was still running")
+            if conn._pg_needs_reset() and not conn.closed:
+                try:
+                    await conn._pg_reset()
+                except psycopg.Error as exc:
+                    self._log_discard(conn, record, f"whose reset failed: {exc}")
+                    await conn.close()
+        inner = self._inner
+        if inner is not None and conn._pool is inner:
+            await inner.putconn(conn)
+        else:
+            await conn.close()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close every connection; connections still checked out are closed when returned."""
+        self._closed = True
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            await inner.close(timeout)
+
+
+def _forget_all_after_fork() -> None:
+    for pool in list(_all_pools):
+        pool._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_all_after_fork)

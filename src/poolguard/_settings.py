@@ -1,0 +1,272 @@
+"""Settings: one frozen, validated description of a pool, built from arguments, env and the DSN.
+
+Precedence: keyword arguments, then ``POOLGUARD_<SETTING>`` environment variables, then the
+defaults below.  Every default is chosen for a small app behind a small ``max_connections`` and
+a transaction-mode pooler; docs/settings.md gives the reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ._errors import ConfigurationError
+
+Mode = Literal["transaction", "session"]
+GuardAction = Literal["warn", "raise", "off"]
+
+# Query parameters that poolguard reads from a URL and libpq must never see.
+_URL_HINTS = ("pgbouncer",)
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines one pool.  Two pools with equal Settings are the same pool."""
+
+    #: libpq conninfo (normalized, password included); never shown: see :attr:`redacted_dsn`.
+    conninfo: str = field(repr=False)
+    name: str = "default"
+    #: Connections kept open when idle.  One keeps the first request fast without holding
+    #: slots that a reload or an idle worker would waste.
+    min_size: int = 1
+    #: Upper bound of real connections for this process.  Small on purpose: 4 workers x 4 = 16
+    #: fits a 20-connection server with its 3 superuser slots to spare.
+    max_size: int = 4
+    #: Seconds a caller waits for a free connection before PoolExhausted.
+    timeout: float = 10.0
+    #: Seconds to establish one new server connection.
+    connect_timeout: float = 5.0
+    #: Seconds an idle connection above min_size is kept.
+    max_idle: float = 300.0
+    #: Seconds after which a connection is replaced, so server-side memory bloat is bounded.
+    max_lifetime: float = 1800.0
+    #: Callers allowed to queue (0: unbounded).
+    max_waiting: int = 0
+    #: psycopg's prepare_threshold.  None: no server-side prepared statements, the only
+    #: setting that is safe behind a transaction-mode pooler.
+    prepare_threshold: int | None = None
+    #: Shown in pg_stat_activity; defaults to "poolguard:<name>".
+    application_name: str = ""
+    #: "transaction": safe behind PgBouncer in transaction mode (default); "session": direct
+    #: to PostgreSQL or a session pooler.
+    mode: Mode = "transaction"
+    #: What to do with SQL that leaves session state behind in transaction mode.
+    guard: GuardAction = "warn"
+    #: A direct (non-pooler) DSN for migrations and session-state work; from DIRECT_URL.
+    direct_conninfo: str = field(default="", repr=False)
+    #: Run a round trip on checkout to catch dead connections before the caller does.
+    health_check: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.application_name:
+            object.__setattr__(self, "application_name", f"poolguard:{self.name}")
+        _validate(self)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.repr and getattr(self, f.name) != f.default
+        )
+        return f"Settings(dsn={self.redacted_dsn!r}{', ' if shown else ''}{shown})"
+
+    @property
+    def redacted_dsn(self) -> str:
+        return redact_conninfo(self.conninfo)
+
+    @property
+    def target(self) -> str:
+        """user@host:port/dbname, for messages."""
+        params = conninfo_to_dict(self.conninfo)
+        host = params.get("host") or params.get("hostaddr") or "localhost"
+        return f"{params.get('user', '')}@{host}:{params.get('port', 5432)}/{params.get('dbname', '')}"
+
+    def differences(self, other: Settings) -> list[str]:
+        """Names of the settings that differ, the DSN shown only as 'dsn'."""
+        names = []
+        for f in fields(self):
+            if getattr(self, f.name) != getattr(other, f.name):
+                names.append("dsn" if f.name == "conninfo" else f.name)
+        return names
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for psycopg.connect()."""
+        return {
+            "application_name": self.application_name,
+            "connect_timeout": max(1, round(self.connect_timeout)),
+            "prepare_threshold": self.prepare_threshold,
+        }
+
+
+SETTING_NAMES = frozenset(f.name for f in fields(Settings)) - {"conninfo", "direct_conninfo"}
+
+
+def build_settings(
+    dsn: str | None = None,
+    *,
+    name: str = "default",
+    env: Mapping[str, str] | None = None,
+    **options: Any,
+) -> Settings:
+    """Build validated Settings from a DSN (or POOLGUARD_DSN / DATABASE_URL) and options."""
+    env = os.environ if env is None else env
+    unknown = set(options) - SETTING_NAMES - {"direct_dsn"}
+    if unknown:
+        raise ConfigurationError("; ".join(_unknown_message(key) for key in sorted(unknown)))
+    dsn = dsn or env.get("POOLGUARD_DSN") or env.get("DATABASE_URL")
+    if not dsn:
+        raise ConfigurationError(
+            "no database given: pass poolguard.configure(dsn=...) or set POOLGUARD_DSN or "
+            "DATABASE_URL"
+        )
+    conninfo, hints = parse_dsn(dsn, "dsn")
+    merged: dict[str, Any] = {}
+    for key in SETTING_NAMES - {"name"}:
+        raw = env.get(f"POOLGUARD_{key.upper()}")
+        if raw is not None:
+            merged[key] = _from_env(key, raw)
+    if hints.get("pgbouncer") in _TRUE:
+        merged["mode"] = "transaction"
+    merged.update(options)
+    direct = merged.pop("direct_dsn", None) or env.get("DIRECT_URL") or ""
+    direct_conninfo = parse_dsn(direct, "direct_dsn")[0] if direct else ""
+    try:
+        return Settings(conninfo=conninfo, name=name, direct_conninfo=direct_conninfo, **merged)
+    except TypeError as exc:  # a wrong type that dataclass construction itself rejected
+        raise ConfigurationError(str(exc)) from None
+
+
+def parse_dsn(dsn: str, setting: str) -> tuple[str, dict[str, str]]:
+    """Normalize a URL or conninfo string; return it and poolguard's own URL hints."""
+    if not isinstance(dsn, str):
+        raise ConfigurationError(f"{setting} must be a string, got {type(dsn).__name__}")
+    hints: dict[str, str] = {}
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        hints = {k: v.lower() for k, v in query if k in _URL_HINTS}
+        kept = [(k, v) for k, v in query if k not in _URL_HINTS]
+        dsn = urlunsplit(parts._replace(query=urlencode(kept)))
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        raise ConfigurationError(
+            f"{setting} is not a valid PostgreSQL URL or conninfo string: "
+            f"{redact_text(str(exc), dsn)}"
+        ) from None
+    return make_conninfo(**params), hints  # type: ignore[arg-type]
+
+
+def redact_conninfo(conninfo: str) -> str:
+    """The conninfo with its password replaced by '***'."""
+    if not conninfo:
+        return ""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        return "<unparsable dsn>"
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo(**params)  # type: ignore[arg-type]
+
+
+_PASSWORD_PATTERNS = (
+    re.compile(r"password\s*=\s*'((?:[^'\\]|\\.)*)'"),
+    re.compile(r"password\s*=\s*([^\s']+)"),
+    re.compile(r"://[^:/@\s]*:([^@]*)@"),
+)
+
+
+def redact_text(text: str, *dsns: str) -> str:
+    """Remove every password that appears in ``dsns`` (well-formed or not) from ``text``."""
+    secrets: set[str] = set()
+    for dsn in dsns:
+        for pattern in _PASSWORD_PATTERNS:
+            secrets.update(m.group(1) for m in pattern.finditer(dsn) if m.group(1))
+        for piece in (s for s in secrets.copy() if " " in s):
+            secrets.update(piece.split())  # libpq quotes fragments of a malformed value
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _unknown_message(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(SETTING_NAMES | {"direct_dsn"}), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(SETTING_NAMES))}"
+    return f"unknown setting {key!r} ({hint})"
+
+
+def _from_env(key: str, raw: str) -> Any:
+    default = next(f.default for f in fields(Settings) if f.name == key)
+    variable = f"POOLGUARD_{key.upper()}"
+    if isinstance(default, bool):
+        if raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ConfigurationError(f"{variable}={raw!r}: expected true or false")
+    if key == "prepare_threshold" and raw.lower() in {"", "none"}:
+        return None
+    try:
+        if isinstance(default, int) or key == "prepare_threshold":
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{variable}={raw!r}: expected a number") from None
+    return raw
+
+
+def _validate(s: Settings) -> None:
+    def check(ok: bool, setting: str, expected: str) -> None:
+        if not ok:
+            value = getattr(s, setting)
+            raise ConfigurationError(
+                f"{setting}={value!r} for pool {s.name!r} is invalid: expected {expected}"
+            )
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    check(isinstance(s.name, str) and bool(s.name), "name", "a non-empty string")
+    check(is_int(s.max_size) and s.max_size >= 1, "max_size", "an integer >= 1")
+    check(
+        is_int(s.min_size) and 0 <= s.min_size <= s.max_size,
+        "min_size",
+        f"an integer from 0 to max_size ({s.max_size})",
+    )
+    for setting in ("timeout", "connect_timeout", "max_idle", "max_lifetime"):
+        check(is_number(getattr(s, setting)) and getattr(s, setting) > 0, setting, "seconds > 0")
+    check(is_int(s.max_waiting) and s.max_waiting >= 0, "max_waiting", "an integer >= 0")
+    check(
+        s.prepare_threshold is None or (is_int(s.prepare_threshold) and s.prepare_threshold >= 0),
+        "prepare_threshold",
+        "None (no prepared statements) or an integer >= 0",
+    )
+    check(s.mode in ("transaction", "session"), "mode", "'transaction' or 'session'")
+    check(s.guard in ("warn", "raise", "off"), "guard", "'warn', 'raise' or 'off'")
+    check(isinstance(s.health_check, bool), "health_check", "True or False")
+    check(isinstance(s.application_name, str), "application_name", "a string")
+    if s.mode == "transaction" and s.prepare_threshold is not None:
+        raise ConfigurationError(
+            f"prepare_threshold={s.prepare_threshold} for pool {s.name!r} needs mode='session': "
+            "server-side prepared statements break behind a transaction-mode pooler "
+            "(use mode='session' when connecting directly to PostgreSQL)"
+        )
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    """A copy of ``settings`` with ``changes`` applied and validated."""
+    return dataclasses.replace(settings, **changes)
