@@ -327,7 +327,7 @@ def test_raise_names_kind_and_alternative() -> None:
 def test_raise_reports_every_finding_every_time() -> None:
     guard = SessionStateGuard("raise")
     for _ in range(2):
-        with pytest.raises(SessionStateError, match="LISTEN.*advisory"):
+        with pytest.raises(SessionStateError, match=r"LISTEN.*advisory"):
             guard.check("LISTEN a; SELECT pg_advisory_lock(1)", in_transaction=True)
 
 
@@ -338,7 +338,7 @@ def test_off_reports_nothing() -> None:
 
 
 def test_invalid_action_is_rejected() -> None:
-    with pytest.raises(ValueError, match="'warn', 'raise' or 'off'.*'loud'"):
+    with pytest.raises(ValueError, match=r"'warn', 'raise' or 'off'.*'loud'"):
         SessionStateGuard("loud")  # type: ignore[arg-type]
 
 
