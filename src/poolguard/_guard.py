@@ -826,15 +826,20 @@ class SessionStateGuard:
     def _report(
         self, key: str | bytes, in_transaction: bool, findings: tuple[Finding, ...]
     ) -> None:
-        message = "; ".join(f.message() for f in findings)
         if self.action == "raise":
-            raise SessionStateError(message)
+            raise SessionStateError("; ".join(f.message() for f in findings))
+        seen = (key, in_transaction)
+        # Unlocked fast path for a statement already reported; the lock below only keeps
+        # two threads from both warning about a new one.
+        if seen in self._warned:
+            return
         with self._lock:
-            if (key, in_transaction) in self._warned:
+            if seen in self._warned:
                 return
             if len(self._warned) >= self._MAX_WARNED:
                 self._warned.clear()
-            self._warned.add((key, in_transaction))
+            self._warned.add(seen)
+        message = "; ".join(f.message() for f in findings)
         logger.warning("%s", message)
         # + 2: the frames of _report and check/check_server_cursor themselves.
         warnings.warn(message, SessionStateWarning, stacklevel=self._stacklevel + 2)
