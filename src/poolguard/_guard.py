@@ -23,6 +23,9 @@ from typing import Final, Literal
 
 import psycopg
 
+from ._errors import PoolGuardWarning
+from ._settings import GuardAction
+
 __all__ = [
     "CACHE_SIZE",
     "Finding",
@@ -38,7 +41,6 @@ __all__ = [
 
 logger = logging.getLogger("poolguard.guard")
 
-GuardAction = Literal["warn", "raise", "off"]
 FindingKind = Literal[
     "set",
     "reset",
@@ -191,11 +193,11 @@ _DESCRIPTIONS: Final[dict[str, str]] = {
 }
 
 
-class SessionStateWarning(UserWarning):
+class SessionStateWarning(PoolGuardWarning):
     """SQL sent through a transaction-mode pool leaves state on the server connection."""
 
-    # A UserWarning rather than a ResourceWarning: Python hides ResourceWarning by default,
-    # and this is a correctness problem the developer must see without extra flags.
+    # Python hides ResourceWarning (PoolGuardWarning's base) by default; the WARNING on the
+    # poolguard.guard logger is what a developer sees without -W flags.
 
 
 class SessionStateError(psycopg.ProgrammingError):
