@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         poolguard.reset()
         if server:
             server.stop()
-    print(f"checkout+return ratio {worst:.3f} (target <= 1.10): {'ok' if worst <= 1.10 else 'MISSED'}")
+    print(
+        f"checkout+return ratio {worst:.3f} (target <= 1.10): {'ok' if worst <= 1.10 else 'MISSED'}"
+    )
     return 0 if worst <= 1.10 else 1
 
 

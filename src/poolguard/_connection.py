@@ -8,17 +8,20 @@ stays true, so Django, SQLAlchemy and user code see nothing unusual.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from operator import attrgetter
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.abc import Params, Query
+from psycopg.pq import TransactionStatus
 from psycopg.rows import Row
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from ._ledger import Checkout
     from ._metrics import PoolMetrics
 
 # What a caller may change on the client side; restored on return when it differs.
@@ -32,13 +35,16 @@ _CLIENT_ATTRS = (
     "cursor_factory",
     "server_cursor_factory",
 )
+_IDLE = TransactionStatus.IDLE
+# One C-level call that reads them all: it runs on every return.
+_read_client_state = attrgetter(*_CLIENT_ATTRS)
 
 
 class Tracked:
     """Bookkeeping shared by the sync and async connection classes."""
 
     _pg_backend_pid: int = 0
-    _pg_checkout: Checkout | None = None
+    _pg_weak: Callable[[], Any] = staticmethod(lambda: None)
     _pg_connect_seconds: float = 0.0
     _pg_client_defaults: tuple[Any, ...] = ()
     #: The last statement text (never its parameters) and when it was sent.
@@ -48,11 +54,12 @@ class Tracked:
     _pg_session_dirty: bool = False
 
     def _pg_client_state(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in _CLIENT_ATTRS)
+        return _read_client_state(self)
 
     def _pg_attach(self, metrics: PoolMetrics) -> None:
         """Called once when the pool adds this new connection."""
         self._pg_backend_pid = self.pgconn.backend_pid  # type: ignore[attr-defined]
+        self._pg_weak = weakref.ref(self)
         self._pg_client_defaults = self._pg_client_state()
         metrics.create_time.add(self._pg_connect_seconds)
 
@@ -67,9 +74,18 @@ class Tracked:
         """(attribute, default) for each client-side attribute the caller changed."""
         return [
             (name, default)
-            for name, default in zip(_CLIENT_ATTRS, self._pg_client_defaults)
+            for name, default in zip(_CLIENT_ATTRS, self._pg_client_defaults, strict=False)
             if getattr(self, name) != default
         ]
+
+
+def _needs_cleaning(conn: Tracked) -> bool:
+    """Whether a returned connection needs more than going back on the shelf: the hot check."""
+    return (
+        conn.pgconn.transaction_status != _IDLE  # type: ignore[attr-defined]
+        or conn._pg_session_dirty
+        or _read_client_state(conn) != conn._pg_client_defaults
+    )
 
 
 # DISCARD ALL drops everything a session can carry (settings, LISTEN, advisory locks, temp
@@ -90,7 +106,7 @@ class GuardedCursor(psycopg.Cursor[Row]):
         binary: bool | None = None,
     ) -> Self:
         self._conn._pg_observe(query)  # type: ignore[attr-defined]
-        return super().execute(query, params, prepare=prepare, binary=binary)
+        return super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[arg-type, misc]
 
 
 class AsyncGuardedCursor(psycopg.AsyncCursor[Row]):
@@ -105,7 +121,7 @@ class AsyncGuardedCursor(psycopg.AsyncCursor[Row]):
         binary: bool | None = None,
     ) -> Self:
         self._conn._pg_observe(query)  # type: ignore[attr-defined]
-        return await super().execute(query, params, prepare=prepare, binary=binary)
+        return await super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[arg-type, misc]
 
 
 class GuardedConnection(Tracked, psycopg.Connection[Any]):

@@ -11,11 +11,11 @@ import psycopg_pool
 
 
 class ConfigurationError(psycopg.ProgrammingError):
-    """A setting is missing, unknown or out of range; the message names it and the allowed values."""
+    """A setting is missing, unknown or out of range; the message names it and what is allowed."""
 
 
 class PoolExhausted(psycopg_pool.PoolTimeout):
-    """No connection became free within the checkout timeout; the message names the oldest holder."""
+    """No connection became free within the checkout timeout; names the oldest holder."""
 
 
 class PoolConnectError(psycopg.OperationalError):
@@ -27,7 +27,7 @@ class ConnectionReclaimed(psycopg.OperationalError):
 
 
 class PoolGuardWarning(ResourceWarning):
-    """Base of poolguard's warnings, so ``-W error::ResourceWarning`` in a test suite catches them."""
+    """Base of poolguard's warnings: ``-W error::ResourceWarning`` in a test suite catches them."""
 
 
 for _cls in (

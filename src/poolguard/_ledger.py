@@ -31,10 +31,13 @@ def _package_dir(name: str) -> str | None:
 
 
 # Frames from these folders are never "where it was taken": the app's line is further up.
-_internal_dirs: tuple[str, ...] = (_here,) + tuple(
-    d
-    for d in map(_package_dir, ("psycopg", "psycopg_pool", "django", "sqlalchemy", "asgiref"))
-    if d
+_internal_dirs: tuple[str, ...] = (
+    _here,
+    *tuple(
+        d
+        for d in map(_package_dir, ("psycopg", "psycopg_pool", "django", "sqlalchemy", "asgiref"))
+        if d
+    ),
 )
 _internal_files: tuple[str, ...] = ("contextlib.py",)
 
@@ -45,16 +48,33 @@ def add_internal_path(path: str) -> None:
     resolved = str(Path(path).resolve())
     if resolved not in _internal_dirs:
         _internal_dirs = (*_internal_dirs, resolved)
+        _is_internal.clear()
+
+
+# code object -> is it library code?  Deciding once per code object keeps the walk cheap.
+_is_internal: dict[CodeType, bool] = {}
+
+
+def _classify(code: CodeType) -> bool:
+    if len(_is_internal) > 20_000:  # bounded: code objects of reloaded modules pile up
+        _is_internal.clear()
+    filename = code.co_filename
+    internal = filename.startswith(_internal_dirs) or filename.endswith(_internal_files)
+    _is_internal[code] = internal
+    return internal
 
 
 def caller_site(depth: int) -> tuple[CodeType | None, int]:
     """(code object, line) of the first frame at or above ``depth`` that is not library code."""
     frame: Any = sys._getframe(depth)
-    dirs, files = _internal_dirs, _internal_files
+    lookup = _is_internal.get
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not (filename.startswith(dirs) or filename.endswith(files)):
-            return frame.f_code, frame.f_lineno
+        code = frame.f_code
+        internal = lookup(code)
+        if internal is None:
+            internal = _classify(code)
+        if not internal:
+            return code, frame.f_lineno
         frame = frame.f_back
     return None, 0
 
@@ -70,17 +90,20 @@ def format_site(code: CodeType | None, line: int) -> str:
     return f"{filename}:{line} in {code.co_name}"
 
 
+# What the hot path stores per checkout: a plain tuple is several times cheaper to build than
+# an object.  (taken_at, owner, code, line, backend_pid, weakref to the connection)
+Entry = tuple[float, int, "CodeType | None", int, int, Any]
+
+
 class Checkout:
-    """One connection that is out of the pool: who has it, since when, taken where."""
+    """A readable view of one ledger entry: who has the connection, since when, taken where."""
 
-    __slots__ = ("backend_pid", "code", "conn_id", "line", "owner", "taken_at")
+    __slots__ = ("backend_pid", "code", "conn_id", "connection", "line", "owner", "taken_at")
 
-    def __init__(self, conn_id: int, backend_pid: int, owner: int, depth: int) -> None:
+    def __init__(self, conn_id: int, entry: Entry) -> None:
         self.conn_id = conn_id
-        self.backend_pid = backend_pid
-        self.owner = owner
-        self.taken_at = monotonic()
-        self.code, self.line = caller_site(depth + 1)
+        self.taken_at, self.owner, self.code, self.line, self.backend_pid, ref = entry
+        self.connection = ref  # a weakref: None once the connection is gone
 
     @property
     def site(self) -> str:
@@ -92,20 +115,25 @@ class Checkout:
 
     def owner_name(self) -> str:
         thread = threading._active.get(self.owner)  # type: ignore[attr-defined]
-        return thread.name if thread is not None else f"thread {self.owner} (exited)"
+        return thread.name if thread is not None else f"owner {self.owner} (gone)"
 
 
 class Ledger:
-    """The records of one pool, keyed by ``id(connection)``."""
+    """The entries of one pool, keyed by ``id(connection)``."""
 
     __slots__ = ("out",)
 
     def __init__(self) -> None:
-        self.out: dict[int, Checkout] = {}
+        self.out: dict[int, Entry] = {}
+
+    def records(self) -> list[Checkout]:
+        """Every checkout now, oldest first."""
+        items = list(self.out.items())  # a copy: other threads add and remove meanwhile
+        return sorted((Checkout(k, v) for k, v in items), key=lambda r: r.taken_at)
 
     def oldest(self) -> Checkout | None:
-        records = list(self.out.values())  # a copy: other threads add and remove meanwhile
-        return min(records, key=lambda r: r.taken_at) if records else None
+        records = self.records()
+        return records[0] if records else None
 
     def __len__(self) -> int:
         return len(self.out)

@@ -19,15 +19,16 @@ import psycopg
 import psycopg_pool
 from psycopg.pq import TransactionStatus
 
-from ._connection import AsyncGuardedConnection, GuardedConnection, Tracked
+from ._connection import AsyncGuardedConnection, GuardedConnection, Tracked, _needs_cleaning
 from ._errors import PoolConnectError, PoolExhausted
-from ._ledger import Checkout, Ledger
+from ._ledger import Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
 from ._settings import Settings, redact_text
 
 logger = logging.getLogger("poolguard")
 
 _IDLE = TransactionStatus.IDLE
+_UNKNOWN = TransactionStatus.UNKNOWN
 _IN_TRANSACTION = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
 # Every pool ever built in this process, so a fork can make all of them forget the parent's
@@ -53,9 +54,9 @@ class _PoolCore:
             f"{len(self.ledger)}/{self.settings.max_size} in use>"
         )
 
-    def _inner_pool(self) -> psycopg_pool.ConnectionPool[Any] | psycopg_pool.AsyncConnectionPool[
-        Any
-    ] | None:
+    def _inner_pool(
+        self,
+    ) -> psycopg_pool.ConnectionPool[Any] | psycopg_pool.AsyncConnectionPool[Any] | None:
         raise NotImplementedError
 
     def _forget_after_fork(self) -> None:
@@ -91,18 +92,22 @@ class _PoolCore:
     def _on_connect(self, conn: Tracked) -> None:
         conn._pg_attach(self.metrics)
 
-    def _record_checkout(self, conn: Tracked, waited: float, depth: int, owner: int) -> None:
-        self.metrics.wait_time.add(waited)
-        record = Checkout(id(conn), conn._pg_backend_pid, owner, depth + 1)
-        conn._pg_checkout = record
-        self.ledger.out[record.conn_id] = record
+    def _record_checkout(self, conn: Tracked, started: float, depth: int, owner: int) -> None:
+        now = monotonic()
+        self.metrics.wait_time.add(now - started)
+        code, line = caller_site(depth + 1)
+        self.ledger.out[id(conn)] = (now, owner, code, line, conn._pg_backend_pid, conn._pg_weak)
 
     def _record_return(self, conn: Tracked) -> Checkout | None:
-        record = self.ledger.out.pop(id(conn), None)
-        conn._pg_checkout = None
-        if record is not None:
-            self.metrics.use_time.add(monotonic() - record.taken_at)
-        return record
+        entry = self.ledger.out.pop(id(conn), None)
+        if entry is None:
+            if not isinstance(conn, Tracked):
+                raise psycopg.ProgrammingError(
+                    f"pool {self.name!r}: putconn() got a connection no poolguard pool gave out"
+                )
+            return None
+        self.metrics.use_time.add(monotonic() - entry[0])
+        return Checkout(id(conn), entry) if _needs_cleaning(conn) else None
 
     def _exhausted(self, timeout: float, pending: int) -> PoolExhausted:
         self.metrics.timeouts += 1
@@ -118,21 +123,23 @@ class _PoolCore:
             f"{pending} waiting{where} (raise max_size, or find the holder with poolguard.report())"
         )
 
-    def _log_dirty_return(self, status: int, record: Checkout | None) -> None:
+    def _log_dirty_return(self, status: int, record: Checkout) -> None:
         self.metrics.rollbacks_on_return += 1
         kind = "a failed" if status == TransactionStatus.INERROR else "an open"
-        site = f"taken at {record.site}, held {record.age:.2f} s" if record else "not from this pool"
         logger.warning(
-            "pool %r: connection returned inside %s transaction (%s); rolled back",
+            "pool %r: connection returned inside %s transaction (taken at %s, held %.2f s); "
+            "rolled back",
             self.name,
             kind,
-            site,
+            record.site,
+            record.age,
         )
 
-    def _log_discard(self, conn: Tracked, record: Checkout | None, why: str) -> None:
+    def _log_discard(self, record: Checkout, why: str) -> None:
         self.metrics.discarded_on_return += 1
-        site = f" (taken at {record.site})" if record else ""
-        logger.warning("pool %r: discarding a connection %s%s", self.name, why, site)
+        logger.warning(
+            "pool %r: discarding a connection %s (taken at %s)", self.name, why, record.site
+        )
 
     def _timeout(self, timeout: float | None) -> float:
         return self.settings.timeout if timeout is None else timeout
@@ -153,7 +160,7 @@ class _PoolCore:
 
     def checkouts(self) -> list[Checkout]:
         """The connections out of the pool right now, oldest first."""
-        return sorted(self.ledger.out.values(), key=lambda r: r.taken_at)
+        return self.ledger.records()
 
 
 class _Checkout:
@@ -213,12 +220,7 @@ class GuardedPool(_PoolCore):
             if self._inner is None:
                 # One direct attempt first, so a wrong password or an unreachable host is an
                 # immediate, precise error instead of a checkout timeout later.
-                try:
-                    GuardedConnection.connect(
-                        self.settings.conninfo, **self.settings.connection_kwargs()
-                    ).close()
-                except psycopg.OperationalError as exc:
-                    raise self._connect_error(exc) from None
+                self._probe()
                 inner: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
                     self.settings.conninfo,
                     connection_class=GuardedConnection,
@@ -232,6 +234,13 @@ class GuardedPool(_PoolCore):
                 self._inner = inner
             return self._inner
 
+    def _probe(self) -> None:
+        """Connect once outside the pool; raise PoolConnectError with the server's reason."""
+        try:
+            psycopg.connect(self.settings.conninfo, **self.settings.connection_kwargs()).close()
+        except psycopg.OperationalError as exc:
+            raise self._connect_error(exc) from None
+
     def connection(self, timeout: float | None = None) -> _Checkout:
         """``with pool.connection() as conn:`` commits on success and rolls back on error."""
         return _Checkout(self, timeout)
@@ -243,39 +252,47 @@ class GuardedPool(_PoolCore):
         try:
             conn: GuardedConnection = inner.getconn(timeout)
         except psycopg_pool.PoolTimeout:
-            pending = inner.get_stats().get("requests_waiting", 0)
-            raise self._exhausted(self._timeout(timeout), pending) from None
-        self._record_checkout(conn, monotonic() - started, _depth + 1, threading.get_ident())
+            raw = inner.get_stats()
+            if not raw.get("pool_size"):  # not one connection: the server is the problem
+                self._probe()
+            raise self._exhausted(self._timeout(timeout), raw.get("requests_waiting", 0)) from None
+        self._record_checkout(conn, started, _depth + 1, threading.get_ident())
         return conn
 
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
         """Give a connection back: roll back what is open, reset what changed, then pool it."""
-        assert isinstance(conn, GuardedConnection), "not a connection from a poolguard pool"
-        record = self._record_return(conn)
-        if conn.closed or conn.broken:
-            self._log_discard(conn, record, "that was closed or broken")
-        else:
-            status = conn.pgconn.transaction_status
-            if status in _IN_TRANSACTION:
-                self._log_dirty_return(status, record)
-                try:
-                    conn.rollback()
-                except psycopg.Error as exc:
-                    self._log_discard(conn, record, f"whose rollback failed: {exc}")
-                    conn.close()
-            elif status != _IDLE:  # a query still running: psycopg_pool closes the connection
-                self._log_discard(conn, record, "returned while a query was still running")
-            if conn._pg_needs_reset() and not conn.closed:
-                try:
-                    conn._pg_reset()
-                except psycopg.Error as exc:
-                    self._log_discard(conn, record, f"whose reset failed: {exc}")
-                    conn.close()
+        record = self._record_return(conn)  # type: ignore[arg-type]
+        if record is not None:  # the rare path: something must be cleaned first
+            self._clean(conn, record)  # type: ignore[arg-type]
         inner = self._inner
         if inner is not None and conn._pool is inner:
             inner.putconn(conn)
         else:
             conn.close()  # from before a fork, or from a pool that is gone
+
+    def _clean(self, conn: GuardedConnection, record: Checkout) -> None:
+        status = conn.pgconn.transaction_status
+        if status == _UNKNOWN:
+            self._log_discard(record, "that was closed or broken")
+            return
+        if status in _IN_TRANSACTION:
+            self._log_dirty_return(status, record)
+            try:
+                conn.rollback()
+            except psycopg.Error as exc:
+                self._log_discard(record, f"whose rollback failed: {exc}")
+                conn.close()
+                return
+        elif status != _IDLE:  # a query still running: psycopg_pool closes the connection
+            self._log_discard(record, "returned while a query was still running")
+            return
+        if conn._pg_needs_reset():
+            self.metrics.session_resets += 1
+            try:
+                conn._pg_reset()
+            except psycopg.Error as exc:
+                self._log_discard(record, f"whose reset failed: {exc}")
+                conn.close()
 
     def close(self, timeout: float = 5.0) -> None:
         """Close every connection; connections still checked out are closed when returned."""
@@ -350,13 +367,7 @@ class AsyncGuardedPool(_PoolCore):
                 )
             self._inner = None  # its loop is gone, and its connections with it
         if self._inner is None:
-            try:
-                probe = await AsyncGuardedConnection.connect(
-                    self.settings.conninfo, **self.settings.connection_kwargs()
-                )
-                await probe.close()
-            except psycopg.OperationalError as exc:
-                raise self._connect_error(exc) from None
+            await self._probe()
             if self._inner is None:  # another task may have opened it while we awaited
                 inner: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
                     self.settings.conninfo,
@@ -370,6 +381,16 @@ class AsyncGuardedPool(_PoolCore):
                 await inner.open(wait=False)
                 self._inner, self._loop = inner, loop
         return self._inner
+
+    async def _probe(self) -> None:
+        """Connect once outside the pool; raise PoolConnectError with the server's reason."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.settings.conninfo, **self.settings.connection_kwargs()
+            )
+            await conn.close()
+        except psycopg.OperationalError as exc:
+            raise self._connect_error(exc) from None
 
     async def _on_connect_async(self, conn: AsyncGuardedConnection) -> None:
         self._on_connect(conn)
@@ -389,40 +410,47 @@ class AsyncGuardedPool(_PoolCore):
         try:
             conn: AsyncGuardedConnection = await inner.getconn(timeout)
         except psycopg_pool.PoolTimeout:
-            pending = inner.get_stats().get("requests_waiting", 0)
-            raise self._exhausted(self._timeout(timeout), pending) from None
-        task = asyncio.current_task()
-        self._record_checkout(conn, monotonic() - started, _depth + 1, id(task))
+            raw = inner.get_stats()
+            if not raw.get("pool_size"):  # not one connection: the server is the problem
+                await self._probe()
+            raise self._exhausted(self._timeout(timeout), raw.get("requests_waiting", 0)) from None
+        self._record_checkout(conn, started, _depth + 1, id(asyncio.current_task()))
         return conn
 
     async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give a connection back: roll back what is open, reset what changed, then pool it."""
-        assert isinstance(conn, AsyncGuardedConnection), "not a connection from a poolguard pool"
-        record = self._record_return(conn)
-        if conn.closed or conn.broken:
-            self._log_discard(conn, record, "that was closed or broken")
-        else:
-            status = conn.pgconn.transaction_status
-            if status in _IN_TRANSACTION:
-                self._log_dirty_return(status, record)
-                try:
-                    await conn.rollback()
-                except psycopg.Error as exc:
-                    self._log_discard(conn, record, f"whose rollback failed: {exc}")
-                    await conn.close()
-            elif status != _IDLE:
-                self._log_discard(conn, record, "returned while a query was still running")
-            if conn._pg_needs_reset() and not conn.closed:
-                try:
-                    await conn._pg_reset()
-                except psycopg.Error as exc:
-                    self._log_discard(conn, record, f"whose reset failed: {exc}")
-                    await conn.close()
+        record = self._record_return(conn)  # type: ignore[arg-type]
+        if record is not None:  # the rare path: something must be cleaned first
+            await self._clean(conn, record)  # type: ignore[arg-type]
         inner = self._inner
         if inner is not None and conn._pool is inner:
             await inner.putconn(conn)
         else:
             await conn.close()
+
+    async def _clean(self, conn: AsyncGuardedConnection, record: Checkout) -> None:
+        status = conn.pgconn.transaction_status
+        if status == _UNKNOWN:
+            self._log_discard(record, "that was closed or broken")
+            return
+        if status in _IN_TRANSACTION:
+            self._log_dirty_return(status, record)
+            try:
+                await conn.rollback()
+            except psycopg.Error as exc:
+                self._log_discard(record, f"whose rollback failed: {exc}")
+                await conn.close()
+                return
+        elif status != _IDLE:  # a query still running: psycopg_pool closes the connection
+            self._log_discard(record, "returned while a query was still running")
+            return
+        if conn._pg_needs_reset():
+            self.metrics.session_resets += 1
+            try:
+                await conn._pg_reset()
+            except psycopg.Error as exc:
+                self._log_discard(record, f"whose reset failed: {exc}")
+                await conn.close()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close every connection; connections still checked out are closed when returned."""

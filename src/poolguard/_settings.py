@@ -90,7 +90,9 @@ class Settings:
         """user@host:port/dbname, for messages."""
         params = conninfo_to_dict(self.conninfo)
         host = params.get("host") or params.get("hostaddr") or "localhost"
-        return f"{params.get('user', '')}@{host}:{params.get('port', 5432)}/{params.get('dbname', '')}"
+        return (
+            f"{params.get('user', '')}@{host}:{params.get('port', 5432)}/{params.get('dbname', '')}"
+        )
 
     def differences(self, other: Settings) -> list[str]:
         """Names of the settings that differ, the DSN shown only as 'dsn'."""

@@ -110,7 +110,9 @@ class _RunAs:
             with contextlib.suppress(KeyError):
                 entry = pwd.getpwnam(name)
                 return cls(entry.pw_uid, entry.pw_gid)
-        raise ServerStartError("running as root but neither a 'postgres' nor a 'nobody' user exists")
+        raise ServerStartError(
+            "running as root but neither a 'postgres' nor a 'nobody' user exists"
+        )
 
     @property
     def is_self(self) -> bool:
