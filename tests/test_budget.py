@@ -1,0 +1,201 @@
+"""The connection budget: pure math table-driven, and the figures read from real servers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from poolguard import ConfigurationError
+from poolguard._budget import (
+    BudgetUnavailable,
+    ServerLimits,
+    compute_budget,
+    read_server_limits,
+    resolve_processes,
+)
+from poolguard.testing import PgBouncerServer, PostgresServer
+
+# (max_connections, superuser_reserved, reserved, in_use, headroom, processes, max_size,
+#  expected usable, expected per_process, expected fits)
+MATH = [
+    (100, 3, 0, 0, 0, 1, 4, 97, 97, True),
+    (100, 3, 0, 0, 0, 4, 10, 97, 24, True),
+    (100, 3, 0, 0, 0, 4, 25, 97, 24, False),
+    (100, 3, 0, 0, 0, 4, 24, 97, 24, True),  # exactly at the edge: 96 <= 97
+    (20, 3, 0, 0, 0, 4, 4, 17, 4, True),  # Heroku-sized server, poolguard's default max_size
+    (20, 3, 0, 0, 0, 4, 5, 17, 4, False),
+    (20, 3, 0, 5, 0, 4, 4, 12, 3, False),  # others already hold 5
+    (100, 3, 5, 10, 0, 8, 10, 82, 10, True),  # PG16 reserved_connections
+    (100, 3, 5, 10, 2, 8, 10, 80, 10, True),  # headroom for migrations
+    (100, 3, 5, 10, 3, 8, 10, 79, 9, False),
+    (10, 3, 0, 7, 0, 2, 1, 0, 0, False),  # nothing left at all
+    (10, 3, 0, 20, 0, 1, 1, 0, 0, False),  # over-subscribed via superusers: never negative
+    (5, 3, 0, 0, 0, 3, 1, 2, 0, False),  # fewer slots than processes
+    (500, 3, 0, 120, 0, 16, 20, 377, 23, True),
+]
+
+
+@pytest.mark.parametrize(
+    (
+        "max_conn",
+        "su",
+        "reserved",
+        "in_use",
+        "headroom",
+        "processes",
+        "max_size",
+        "usable",
+        "per_process",
+        "fits",
+    ),
+    MATH,
+)
+def test_budget_math(
+    max_conn: int,
+    su: int,
+    reserved: int,
+    in_use: int,
+    headroom: int,
+    processes: int,
+    max_size: int,
+    usable: int,
+    per_process: int,
+    fits: bool,
+) -> None:
+    limits = ServerLimits(max_conn, su, reserved, in_use)
+    budget = compute_budget(limits, max_size=max_size, processes=processes, headroom=headroom)
+    assert (budget.usable, budget.per_process, budget.fits) == (usable, per_process, fits)
+    assert budget.demand == max_size * processes
+    formula = budget.formula()
+    assert f"max_connections {max_conn}" in formula
+    assert f"superuser_reserved_connections {su}" in formula
+    assert f"in use by others {in_use}" in formula
+    assert f"= {usable}\n" in formula
+    assert f"max_size {max_size} x processes {processes} = {max_size * processes}" in formula
+    assert ("fits" if fits else "does NOT fit") in formula.splitlines()[-1]
+    advice = budget.advice()
+    if not fits and per_process:
+        assert f"max_size <= {per_process}" in advice
+    if not per_process:
+        assert "no connection slot" in advice
+    assert budget.as_dict()["per_process"] == per_process
+
+
+def test_formula_example_reads_as_documented() -> None:
+    budget = compute_budget(ServerLimits(100, 3, 0, 12), max_size=10, processes=4)
+    assert budget.formula() == (
+        "usable      = max_connections 100 - superuser_reserved_connections 3 - "
+        "reserved_connections 0 - in use by others 12 = 85\n"
+        "per process = usable 85 / processes 4 = 21 (rounded down)\n"
+        "demand      = max_size 10 x processes 4 = 40 <= usable 85: fits"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argument", "env", "expected"),
+    [
+        (None, {}, 1),
+        (None, {"WEB_CONCURRENCY": "4"}, 4),
+        (None, {"WEB_CONCURRENCY": " 8 "}, 8),
+        (None, {"WEB_CONCURRENCY": ""}, 1),
+        (2, {"WEB_CONCURRENCY": "8"}, 2),  # the argument wins
+    ],
+)
+def test_resolve_processes(argument: int | None, env: dict[str, str], expected: int) -> None:
+    assert resolve_processes(argument, env) == expected
+    budget = compute_budget(ServerLimits(100, 3), max_size=1, processes=argument, environ=env)
+    assert budget.processes == expected
+
+
+@pytest.mark.parametrize(
+    ("argument", "env", "match"),
+    [
+        (None, {"WEB_CONCURRENCY": "four"}, "WEB_CONCURRENCY='four'"),
+        (None, {"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY='0'"),
+        (None, {"WEB_CONCURRENCY": "-2"}, "WEB_CONCURRENCY='-2'"),
+        (0, {}, "processes=0"),
+        (True, {}, "processes=True"),
+    ],
+)
+def test_resolve_processes_rejects(argument: Any, env: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        resolve_processes(argument, env)
+
+
+def test_compute_budget_rejects_bad_sizes() -> None:
+    with pytest.raises(ConfigurationError, match="max_size=0"):
+        compute_budget(ServerLimits(100, 3), max_size=0, processes=1)
+    with pytest.raises(ConfigurationError, match="headroom=-1"):
+        compute_budget(ServerLimits(100, 3), max_size=1, processes=1, headroom=-1)
+
+
+def test_read_limits_from_postgres(postgres_server: PostgresServer) -> None:
+    with postgres_server.connect() as conn:
+        before = read_server_limits(conn)
+        assert before.max_connections == 100
+        assert before.superuser_reserved_connections == 3  # PostgreSQL's default
+        assert before.reserved_connections == 0  # not a setting before PostgreSQL 16
+        assert before.notes == ()
+        with (
+            postgres_server.connect(application_name="budget-sibling"),
+            postgres_server.connect(application_name="budget-sibling"),
+            postgres_server.connect(application_name="budget-other"),
+        ):
+            during = read_server_limits(conn)
+            siblings_excluded = read_server_limits(conn, exclude_application_name="budget-sibling")
+        assert during.in_use - before.in_use == 3
+        assert siblings_excluded.in_use - before.in_use == 1
+
+
+def test_read_limits_keeps_the_callers_transaction(postgres_server: PostgresServer) -> None:
+    with postgres_server.connect(autocommit=False) as conn:
+        conn.execute("SELECT 1")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        read_server_limits(conn)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        conn.rollback()
+
+
+def test_read_limits_degrades_when_catalogs_are_refused(pg_dsn: str) -> None:
+    # A role that may not read pg_settings or pg_stat_activity stands in for a pooler or a
+    # managed service that refuses them: SHOW still answers. The grants are per database, and
+    # pg_dsn is a fresh one dropped after the test.
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS budget_restricted")
+        admin.execute("CREATE ROLE budget_restricted LOGIN PASSWORD 'pw'")
+        admin.execute("REVOKE SELECT ON pg_catalog.pg_settings FROM PUBLIC")
+        admin.execute("REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC")
+    try:
+        dsn = psycopg.conninfo.make_conninfo(pg_dsn, user="budget_restricted", password="pw")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            limits = read_server_limits(conn)
+        assert limits.max_connections == 100
+        assert limits.superuser_reserved_connections == 3
+        assert limits.in_use == 0
+        assert any("pg_settings unreadable" in n for n in limits.notes)
+        assert any("pg_stat_activity unreadable" in n for n in limits.notes)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("DROP ROLE budget_restricted")
+
+
+@pytest.mark.pgbouncer
+def test_read_limits_through_pgbouncer(pgbouncer_server: PgBouncerServer) -> None:
+    with psycopg.connect(pgbouncer_server.dsn, autocommit=True, prepare_threshold=None) as conn:
+        limits = read_server_limits(conn)
+    assert limits.max_connections == 100
+    assert limits.superuser_reserved_connections == 3
+    assert limits.notes == ()
+
+
+def test_unreadable_max_connections_is_reported() -> None:
+    class Refusing:
+        """Stands in for a connection whose every query is refused."""
+
+        def transaction(self) -> Any:
+            raise psycopg.errors.InsufficientPrivilege("permission denied")
+
+    with pytest.raises(BudgetUnavailable, match=r"cannot read max_connections.*42501"):
+        read_server_limits(Refusing())  # type: ignore[arg-type]
