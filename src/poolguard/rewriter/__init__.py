@@ -1,0 +1,267 @@
+"""Prepared statements that keep working behind transaction pooling.
+
+A small PostgreSQL wire-protocol proxy: clients connect to it as to PostgreSQL, it lends them
+one of a few server connections per transaction, and rewrites prepared-statement names so a
+statement a client prepared is available on whichever server connection it gets next.
+
+Embedded::
+
+    handle = poolguard.rewriter.start("postgresql://app:secret@db/app", pool_size=4)
+    psycopg.connect(handle.dsn, prepare_threshold=0)
+    handle.stop()
+
+Sidecar: ``python -m poolguard.rewriter --upstream URL --listen 127.0.0.1:6432``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import threading
+from collections.abc import Sequence
+from urllib.parse import quote
+
+from ._pool import Upstream, UpstreamError
+from ._server import Proxy
+
+__all__ = ["RewriterHandle", "UpstreamError", "main", "serve", "start"]
+
+logger = logging.getLogger("poolguard.rewriter")
+
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+
+def _proxy(
+    upstream_dsn: str,
+    *,
+    pool_size: int,
+    max_prepared: int,
+    max_message_size: int,
+    cleanup_timeout: float,
+) -> tuple[Proxy, str]:
+    """Build (not start) a proxy; the client password is the upstream one, else a random one."""
+    if pool_size < 1:
+        raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+    if max_prepared < 1:
+        raise ValueError(f"max_prepared must be >= 1, got {max_prepared}")
+    if max_message_size < 1024:
+        raise ValueError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
+    upstream = Upstream.from_dsn(upstream_dsn)
+    password = upstream.password or secrets.token_urlsafe(24)
+    proxy = Proxy(
+        upstream,
+        password=password,
+        pool_size=pool_size,
+        max_prepared=max_prepared,
+        max_message_size=max_message_size,
+        cleanup_timeout=cleanup_timeout,
+    )
+    return proxy, password
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen must be HOST:PORT (like 127.0.0.1:6432), got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class RewriterHandle:
+    """A running embedded rewriter. ``dsn``/``url`` connect to it; ``stop()`` shuts it down."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        password: str,
+        loop: asyncio.AbstractEventLoop,
+        thread: threading.Thread,
+    ) -> None:
+        self._proxy = proxy
+        self._password = password
+        self._loop = loop
+        self._thread = thread
+        up = proxy.pool.upstream
+        self.host = proxy.host
+        self.port = proxy.port
+        self.user = up.user
+        self.dbname = up.dbname
+
+    @property
+    def dsn(self) -> str:
+        """libpq conninfo for clients, password included (never logged or shown in repr)."""
+        return (
+            f"host={self.host} port={self.port} user={_conninfo_quote(self.user)} "
+            f"password={_conninfo_quote(self._password)} dbname={_conninfo_quote(self.dbname)}"
+        )
+
+    @property
+    def url(self) -> str:
+        return (
+            f"postgresql://{quote(self.user, safe='')}:{quote(self._password, safe='')}"
+            f"@{self.host}:{self.port}/{quote(self.dbname, safe='')}"
+        )
+
+    @property
+    def password(self) -> str:
+        return self._password
+
+    def __repr__(self) -> str:
+        state = "running" if self._thread.is_alive() else "stopped"
+        return f"<RewriterHandle {self.user}@{self.host}:{self.port}/{self.dbname} {state}>"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close client and server connections and end the background thread. Idempotent."""
+        if not self._thread.is_alive():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._proxy.stop(), self._loop)
+        with contextlib.suppress(Exception):
+            fut.result(timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> RewriterHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _conninfo_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def start(
+    upstream_dsn: str,
+    *,
+    listen: str = "127.0.0.1:0",
+    pool_size: int = 4,
+    max_prepared: int = 500,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    cleanup_timeout: float = 10.0,
+) -> RewriterHandle:
+    """Run the rewriter on a background thread and return once it accepts connections.
+
+    ``listen`` is HOST:PORT (port 0 picks a free one). ``pool_size`` is the number of server
+    connections shared by all clients; ``max_prepared`` bounds the prepared statements kept on
+    each of them (least recently used are closed first). Clients log in with the upstream
+    user, database and password (a random password if the upstream needs none; it is in
+    ``handle.dsn``). Raises UpstreamError if the upstream cannot be reached.
+    """
+    proxy, password = _proxy(
+        upstream_dsn,
+        pool_size=pool_size,
+        max_prepared=max_prepared,
+        max_message_size=max_message_size,
+        cleanup_timeout=cleanup_timeout,
+    )
+    host, port = _split_listen(listen)
+    loop = asyncio.new_event_loop()
+    started: asyncio.Future[None] = loop.create_future()
+
+    async def boot() -> None:
+        try:
+            await proxy.start(host, port)
+        except BaseException as exc:
+            started.set_exception(exc)
+        else:
+            started.set_result(None)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        boot_task = loop.create_task(boot())
+        loop.run_forever()
+        del boot_task
+        # Finish what stop() started, then release the loop's resources.
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+
+    thread = threading.Thread(target=run, name="poolguard-rewriter", daemon=True)
+    thread.start()
+    ready = threading.Event()
+    loop.call_soon_threadsafe(lambda: started.add_done_callback(lambda _: ready.set()))
+    ready.wait()
+    exc = started.exception()
+    if exc is not None:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        raise exc
+    return RewriterHandle(proxy, password, loop, thread)
+
+
+async def serve(
+    upstream_dsn: str,
+    *,
+    listen: str = "127.0.0.1:6432",
+    pool_size: int = 4,
+    max_prepared: int = 500,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    cleanup_timeout: float = 10.0,
+) -> None:
+    """Run the rewriter in the current event loop until SIGINT/SIGTERM (the sidecar)."""
+    proxy, _ = _proxy(
+        upstream_dsn,
+        pool_size=pool_size,
+        max_prepared=max_prepared,
+        max_message_size=max_message_size,
+        cleanup_timeout=cleanup_timeout,
+    )
+    host, port = _split_listen(listen)
+    await proxy.start(host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await proxy.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``poolguard proxy``: run the rewriter as a sidecar. Returns the process exit code."""
+    parser = argparse.ArgumentParser(
+        prog="poolguard proxy",
+        description="PostgreSQL proxy with transaction pooling that keeps prepared statements "
+        "working. Clients log in with the upstream's user, database and password.",
+    )
+    parser.add_argument(
+        "--upstream",
+        default=os.environ.get("POOLGUARD_UPSTREAM") or os.environ.get("DATABASE_URL"),
+        help="upstream PostgreSQL URL or conninfo (default: $POOLGUARD_UPSTREAM, $DATABASE_URL)",
+    )
+    parser.add_argument("--listen", default="127.0.0.1:6432", help="HOST:PORT to listen on")
+    parser.add_argument("--pool-size", type=int, default=4, help="server connections (4)")
+    parser.add_argument(
+        "--max-prepared", type=int, default=500, help="prepared statements per server connection"
+    )
+    args = parser.parse_args(argv)
+    if not args.upstream:
+        parser.error("--upstream is required (or set POOLGUARD_UPSTREAM / DATABASE_URL)")
+    if not Upstream.from_dsn(args.upstream).password:
+        parser.error(
+            "the upstream URL has no password: clients authenticate to the proxy with the "
+            "upstream's password, so include one (or set PGPASSWORD)"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        asyncio.run(
+            serve(
+                args.upstream,
+                listen=args.listen,
+                pool_size=args.pool_size,
+                max_prepared=args.max_prepared,
+            )
+        )
+    except (UpstreamError, ValueError, OSError) as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0

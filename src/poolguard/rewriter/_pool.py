@@ -1,0 +1,341 @@
+"""Server connections to the upstream PostgreSQL and the small pool that lends them out.
+
+A Backend is an asyncio Protocol. While it is lent to a client session every byte it receives
+goes straight to that session (the hot path); while idle it only watches for the server
+reporting a parameter change or closing the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import logging
+import os
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from psycopg.conninfo import conninfo_to_dict
+
+from . import _auth
+from . import _protocol as p
+from ._statements import BackendStatements
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+logger = logging.getLogger("poolguard.rewriter")
+
+# Server messages are trusted, but a length this large means the stream is corrupt.
+_MAX_SERVER_MESSAGE = 1 << 30
+
+
+class UpstreamError(Exception):
+    """The upstream server refused or dropped a connection; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where and as whom to connect. repr and describe() never include the password."""
+
+    host: str
+    port: int
+    user: str
+    dbname: str
+    password: str | None = field(default=None, repr=False)
+    connect_timeout: float = 10.0
+
+    @classmethod
+    def from_dsn(cls, dsn: str) -> Upstream:
+        """From a libpq conninfo string or URL; missing parts fall back to PG* env variables."""
+        try:
+            info = conninfo_to_dict(dsn)
+        except Exception as exc:
+            raise ValueError(f"upstream_dsn is not a valid conninfo string or URL: {exc}") from None
+        env = os.environ
+        host = str(info.get("host") or env.get("PGHOST") or "localhost").split(",")[0]
+        port = int(str(info.get("port") or env.get("PGPORT") or 5432).split(",")[0])
+        user = str(info.get("user") or env.get("PGUSER") or getpass.getuser())
+        password = info.get("password") or env.get("PGPASSWORD")
+        timeout = float(info.get("connect_timeout") or 10)
+        return cls(
+            host=host,
+            port=port,
+            user=user,
+            dbname=str(info.get("dbname") or env.get("PGDATABASE") or user),
+            password=None if password is None else str(password),
+            connect_timeout=timeout,
+        )
+
+    def describe(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
+
+    async def open(
+        self, factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        loop = asyncio.get_running_loop()
+        if self.host.startswith("/"):
+            path = os.path.join(self.host, f".s.PGSQL.{self.port}")
+            return await loop.create_unix_connection(factory, path)
+        return await loop.create_connection(factory, self.host, self.port)
+
+
+class BackendOwner(Protocol):
+    """Whoever currently receives a backend's bytes (a client Session)."""
+
+    def server_data(self, backend: Backend, buf: bytearray) -> int: ...
+
+    def server_lost(self, backend: Backend, exc: Exception | None) -> None: ...
+
+
+class Backend(asyncio.Protocol):
+    """One authenticated server connection."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pid = 0
+        self.key = 0
+        self.params: dict[str, str] = {}
+        self.statements = BackendStatements(pool.max_prepared)
+        # The client's unnamed-statement record whose Parse this backend last ran, so a Bind of
+        # the unnamed statement knows whether it must be parsed here again first.
+        self.unnamed: object | None = None
+        self.owner: Session | None = None
+        self.closed = False
+        self._inbox: deque[tuple[bytes, bytes]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Backend pid={self.pid} {'busy' if self.owner else 'idle'}>"
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        owner = self.owner
+        if owner is not None:
+            used = owner.server_data(self, buf)
+            if used:
+                del buf[:used]
+            return
+        try:
+            msgs, used = p.split_messages(buf, _MAX_SERVER_MESSAGE)
+        except p.ProtocolError as exc:
+            self.close(f"corrupt stream from server: {exc}")
+            return
+        del buf[:used]
+        if self._wakeup is not None:
+            self._inbox.extend(msgs)
+            if not self._wakeup.done():
+                self._wakeup.set_result(None)
+            return
+        for kind, body in msgs:  # idle: parameter changes, notices, or a FATAL before closing
+            if kind == b"S":
+                name, value = p.parse_parameter_status(body)
+                self.params[name] = value
+            elif kind == b"E":
+                msg = p.parse_error_fields(body).get("M", "")
+                self.close(f"server sent an error on an idle connection: {msg}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+        owner, self.owner = self.owner, None
+        self.pool.forget(self)
+        if owner is not None:
+            owner.server_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.pause_client()
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.resume_client()
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self, reason: str | None = None) -> None:
+        if reason:
+            logger.warning("closing server connection pid=%d: %s", self.pid, reason)
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.write(p.TERMINATE_MSG)
+            self.transport.close()
+        self.pool.forget(self)
+
+    async def _next(self, timeout: float) -> tuple[bytes, bytes]:
+        while not self._inbox:
+            if self.closed:
+                raise UpstreamError("the server closed the connection during startup")
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await asyncio.wait_for(self._wakeup, timeout)
+        return self._inbox.popleft()
+
+    async def startup(self, upstream: Upstream) -> None:
+        """Authenticate and read up to the first ReadyForQuery."""
+        self._wakeup = asyncio.get_running_loop().create_future()
+        self.write(p.build_startup({"user": upstream.user, "database": upstream.dbname}))
+        scram: _auth.ScramClient | None = None
+        timeout = upstream.connect_timeout
+        while True:
+            kind, body = await self._next(timeout)
+            if kind == b"R":
+                scram = self._auth_step(upstream, body, scram)
+            elif kind == b"S":
+                name, value = p.parse_parameter_status(body)
+                self.params[name] = value
+            elif kind == b"K":
+                self.pid, self.key = struct.unpack("!ii", body[:8])
+            elif kind == b"Z":
+                break
+            elif kind == b"E":
+                fields = p.parse_error_fields(body)
+                raise UpstreamError(
+                    f"upstream {upstream.describe()} refused the connection: "
+                    f"{fields.get('M', 'unknown error')} (SQLSTATE {fields.get('C', '?')})"
+                )
+        self._wakeup = None
+        if self._inbox:
+            raise UpstreamError("unexpected data after ReadyForQuery during startup")
+
+    def _auth_step(
+        self, up: Upstream, body: bytes, scram: _auth.ScramClient | None
+    ) -> _auth.ScramClient | None:
+        code = struct.unpack_from("!i", body)[0]
+        if code == 0:
+            return scram
+        if code in (3, 5, 10) and up.password is None:
+            raise UpstreamError(
+                f"upstream {up.describe()} asks for a password: put one in upstream_dsn "
+                "or set PGPASSWORD"
+            )
+        assert up.password is not None or code in (11, 12)
+        if code == 3:  # cleartext
+            self.write(p.frame(b"p", (up.password or "").encode() + b"\0"))
+        elif code == 5:  # md5
+            self.write(p.frame(b"p", _auth.md5_password(up.user, up.password or "", body[4:8])))
+        elif code == 10:
+            if _auth.MECHANISM not in body[4:].split(b"\0"):
+                raise UpstreamError("upstream offers no SASL mechanism the proxy supports")
+            scram = _auth.ScramClient(up.password or "")
+            first = scram.first()
+            payload = _auth.MECHANISM + b"\0" + struct.pack("!i", len(first)) + first
+            self.write(p.frame(b"p", payload))
+        elif code == 11 and scram is not None:
+            self.write(p.frame(b"p", scram.final(body[4:])))
+        elif code == 12 and scram is not None:
+            scram.verify(body[4:])
+        else:
+            raise UpstreamError(f"upstream asked for an unsupported authentication method {code}")
+        return scram
+
+
+class BackendPool:
+    """Lends backends to sessions: at most ``size`` connections, FIFO waiters, no awaits."""
+
+    def __init__(self, upstream: Upstream, *, size: int, max_prepared: int) -> None:
+        self.upstream = upstream
+        self.size = size
+        self.max_prepared = max_prepared
+        self.idle: deque[Backend] = deque()
+        self.waiters: deque[Session] = deque()
+        self.members: set[Backend] = set()
+        self.connecting = 0
+        self.closing = False
+        self.last_error: str | None = None
+
+    async def connect(self) -> Backend:
+        backend = Backend(self)
+        try:
+            await asyncio.wait_for(
+                self.upstream.open(lambda: backend), self.upstream.connect_timeout
+            )
+            await backend.startup(self.upstream)
+        except (OSError, asyncio.TimeoutError, _auth.AuthError, UpstreamError) as exc:
+            backend.close()
+            if isinstance(exc, UpstreamError):
+                raise
+            what = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+            raise UpstreamError(
+                f"could not connect to upstream {self.upstream.describe()}: {what}"
+            ) from None
+        self.members.add(backend)
+        return backend
+
+    def acquire(self, session: Session) -> Backend | None:
+        """An idle backend now, or None and ``session.attach()`` is called later."""
+        while self.idle:
+            backend = self.idle.popleft()
+            if not backend.closed:
+                backend.owner = session
+                return backend
+        self.waiters.append(session)
+        if len(self.members) + self.connecting < self.size:
+            self.connecting += 1
+            asyncio.get_running_loop().create_task(self._grow())
+        return None
+
+    def cancel_wait(self, session: Session) -> None:
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(session)
+
+    def release(self, backend: Backend) -> None:
+        backend.owner = None
+        if backend.closed or self.closing:
+            backend.close()
+            return
+        if self.waiters:
+            session = self.waiters.popleft()
+            backend.owner = session
+            session.attach(backend)
+        else:
+            self.idle.append(backend)
+
+    def forget(self, backend: Backend) -> None:
+        self.members.discard(backend)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(backend)
+        # A waiter may be left without anyone connecting for it.
+        if self.waiters and not self.closing and len(self.members) + self.connecting < self.size:
+            self.connecting += 1
+            asyncio.get_running_loop().create_task(self._grow())
+
+    async def _grow(self) -> None:
+        try:
+            backend = await self.connect()
+        except UpstreamError as exc:
+            self.connecting -= 1
+            self.last_error = str(exc)
+            logger.error("%s", exc)
+            # Fail the waiters rather than leave them hanging on a server that refuses us.
+            waiters, self.waiters = self.waiters, deque()
+            for session in waiters:
+                session.attach_failed(str(exc))
+            return
+        self.connecting -= 1
+        if self.closing:
+            backend.close()
+            return
+        self.release(backend)
+
+    def close(self) -> None:
+        self.closing = True
+        for backend in list(self.members):
+            backend.close()
+        self.idle.clear()

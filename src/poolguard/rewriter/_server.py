@@ -1,0 +1,123 @@
+"""The proxy: listening socket, shared state of all sessions, cancel routing, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+
+from . import _protocol as p
+from ._auth import ScramVerifier
+from ._pool import Backend, BackendPool, Upstream
+from ._session import Session
+from ._statements import Registry
+
+logger = logging.getLogger("poolguard.rewriter")
+
+# ParameterStatus values a client may see from a backend that are about that one server
+# process, not the session; replaying them to every client would be wrong.
+_PER_BACKEND = {"session_authorization", "is_superuser"}
+
+
+class Proxy:
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        password: str,
+        pool_size: int,
+        max_prepared: int,
+        max_message_size: int,
+        cleanup_timeout: float,
+    ) -> None:
+        self.pool = BackendPool(upstream, size=pool_size, max_prepared=max_prepared)
+        self.registry = Registry()
+        self.verifier = ScramVerifier.from_password(password)
+        self.max_message_size = max_message_size
+        self.cleanup_timeout = cleanup_timeout
+        self.server_params: dict[str, str] = {}
+        self.sessions: dict[int, Session] = {}
+        self._next_pid = 1
+        self._server: asyncio.Server | None = None
+        self.host = ""
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        """Check the upstream with one real connection, then listen."""
+        first = await self.pool.connect()
+        self.server_params = {k: v for k, v in first.params.items() if k not in _PER_BACKEND}
+        self.pool.release(first)
+        if not _is_loopback(host):
+            logger.warning(
+                "rewriter listening on non-loopback address %s: clients authenticate with "
+                "SCRAM over plain TCP (no TLS)",
+                host,
+            )
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: Session(self), host, port, reuse_address=True
+        )
+        sock = self._server.sockets[0].getsockname()
+        self.host, self.port = sock[0], sock[1]
+        logger.info(
+            "rewriter listening on %s:%d for upstream %s (pool_size=%d)",
+            self.host,
+            self.port,
+            self.pool.upstream.describe(),
+            self.pool.size,
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.sessions.values()):
+            if session.transport is not None:
+                session.transport.close()
+        self.pool.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        # Let transports run their connection_lost callbacks before the loop goes away.
+        await asyncio.sleep(0)
+
+    def register_session(self, session: Session) -> tuple[int, int]:
+        """A (pid, key) pair for the client's BackendKeyData, used to route its cancels."""
+        pid = self._next_pid
+        self._next_pid += 1
+        self.sessions[pid] = session
+        return pid, secrets.randbits(31)
+
+    def forget_session(self, session: Session) -> None:
+        if self.sessions.get(session.pid) is session:
+            del self.sessions[session.pid]
+
+    def cancel(self, pid: int, key: int) -> None:
+        session = self.sessions.get(pid)
+        if session is None or session.key != key or session.backend is None:
+            return  # like PostgreSQL: a cancel that matches nothing is silently dropped
+        self.cancel_backend(session.backend)
+
+    def cancel_backend(self, backend: Backend) -> None:
+        asyncio.get_running_loop().create_task(self._send_cancel(backend.pid, backend.key))
+
+    async def _send_cancel(self, pid: int, key: int) -> None:
+        transport: asyncio.BaseTransport | None = None
+        try:
+            transport, _ = await asyncio.wait_for(
+                self.pool.upstream.open(asyncio.Protocol), self.pool.upstream.connect_timeout
+            )
+            assert isinstance(transport, asyncio.Transport)
+            transport.write(p.build_cancel(pid, key))
+        except (OSError, asyncio.TimeoutError) as exc:
+            logger.warning("could not forward a cancel request upstream: %s", exc)
+        finally:
+            if transport is not None:
+                transport.close()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
