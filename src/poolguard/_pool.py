@@ -34,6 +34,9 @@ _IN_TRANSACTION = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 # Every pool ever built in this process, so a fork can make all of them forget the parent's
 # connections (see _forget_after_fork).
 _all_pools: weakref.WeakSet[_PoolCore] = weakref.WeakSet()
+# In a forked child, the parent's psycopg pools: kept referenced so that they are never garbage
+# collected there (their __del__ would signal and join worker threads the child does not have).
+_inherited: list[object] = []
 
 
 class _PoolCore:
@@ -206,6 +209,7 @@ class GuardedPool(_PoolCore):
 
     def _forget_after_fork(self) -> None:
         super()._forget_after_fork()
+        _inherited.append(self._inner)
         self._inner = None
         self._open_lock = threading.Lock()
 
@@ -347,6 +351,7 @@ class AsyncGuardedPool(_PoolCore):
 
     def _forget_after_fork(self) -> None:
         super()._forget_after_fork()
+        _inherited.append(self._inner)
         self._inner = None
         self._loop = None
         self._open_lock = threading.Lock()

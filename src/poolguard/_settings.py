@@ -167,6 +167,12 @@ def parse_dsn(dsn: str, setting: str) -> tuple[str, dict[str, str]]:
             f"{setting} is not a valid PostgreSQL URL or conninfo string: "
             f"{redact_text(str(exc), dsn)}"
         ) from None
+    ports = str(params.get("port") or "")
+    if ports and not all(p.strip().isdigit() for p in ports.split(",")):
+        raise ConfigurationError(
+            f"{setting} has port {ports!r}: expected a number such as 5432 "
+            "(or a comma-separated list, one per host)"
+        )
     return make_conninfo(**params), hints  # type: ignore[arg-type]
 
 
