@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from poolguard import rewriter
+
+
+@pytest.fixture
+def make_rewriter(pg_dsn: str) -> Iterator[Callable[..., rewriter.RewriterHandle]]:
+    """Start rewriters in front of this test's fresh database; all stopped at teardown."""
+    handles: list[rewriter.RewriterHandle] = []
+
+    def factory(**kwargs: Any) -> rewriter.RewriterHandle:
+        kwargs.setdefault("pool_size", 2)
+        handle = rewriter.start(pg_dsn, **kwargs)
+        handles.append(handle)
+        return handle
+
+    try:
+        yield factory
+    finally:
+        for handle in handles:
+            handle.stop()
+
+
+@pytest.fixture
+def proxy(make_rewriter: Callable[..., rewriter.RewriterHandle]) -> rewriter.RewriterHandle:
+    """A rewriter with two server connections."""
+    return make_rewriter()
