@@ -194,6 +194,8 @@ def test_unreadable_max_connections_is_reported() -> None:
     class Refusing:
         """Stands in for a connection whose every query is refused."""
 
+        autocommit = False
+
         def transaction(self) -> Any:
             raise psycopg.errors.InsufficientPrivilege("permission denied")
 

@@ -257,11 +257,16 @@ def read_server_limits(
 
 
 def _query(conn: psycopg.Connection[Any], query: str, params: Any = None) -> list[Any]:
-    # A savepoint (or a short transaction in autocommit) so a refused query leaves the
-    # caller's transaction usable; prepare=False because a pooler may sit in between.
+    # prepare=False because a pooler may sit in between.
+    if conn.autocommit:
+        # Each statement is its own transaction: a refusal leaves nothing to clean up, and a
+        # statement-mode pooler would refuse (and drop the connection on) a BEGIN.
+        with conn.cursor() as cur:
+            return cur.execute(query, params, prepare=False).fetchall()
+    # A savepoint, or a transaction of its own, so a refused query leaves the caller's
+    # transaction usable.
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute(query, params, prepare=False)
-        return cur.fetchall()
+        return cur.execute(query, params, prepare=False).fetchall()
 
 
 def _reason(exc: psycopg.Error) -> str:

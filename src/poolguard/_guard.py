@@ -36,6 +36,7 @@ __all__ = [
     "SessionStateWarning",
     "classify",
     "leaves_session_state",
+    "mask_literals",
     "server_cursor_finding",
 ]
 
@@ -433,7 +434,7 @@ def _snippet(sql: str, stmt: Sequence[_Token], limit: int = 80) -> str:
     # Rebuilt from tokens so comments vanish and literals (which may hold secrets, e.g.
     # SET app.api_key = '...') never reach a log line or an exception message.
     out: list[str] = []
-    prev_end = stmt[0].start
+    prev_end = stmt[0].start if stmt else 0
     for tok in stmt:
         if tok.start > prev_end:
             out.append(" ")
@@ -444,6 +445,18 @@ def _snippet(sql: str, stmt: Sequence[_Token], limit: int = 80) -> str:
         prev_end = tok.end
     text = "".join(out)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def mask_literals(sql: str, limit: int = 200) -> str:
+    """`sql` with string literals masked and comments dropped, safe to print (say, a query
+    from pg_stat_activity). Text cut off inside a literal (pg_stat_activity truncates) ends
+    with the masked part."""
+    tokens: list[_Token] = []
+    try:
+        tokens.extend(_tokens(sql))
+    except _UnterminatedError:
+        return (_snippet(sql, tokens, limit) + " '…").strip()[:limit]
+    return _snippet(sql, tokens, limit)
 
 
 def _word(stmt: Sequence[_Token], i: int) -> str:

@@ -1,0 +1,487 @@
+"""``poolguard doctor``: look at a database (or the pooler in front of it) before launch day.
+
+It connects, then reports: the connection budget with the numbers filled in; whether a
+transaction-mode pooler sits in between, found by probing rather than asked of the user;
+sessions idle in transaction; the prepared-statement risk; and the settings to use in each
+common client. The exit code gates a deploy: 0 healthy, 1 a problem found, 2 could not check.
+
+How the pooler probe works (no admin console, no SHOW pool_mode), with two client connections
+A and B:
+
+1. BackendKeyData: libpq's backend pid is what the first hop announced; a pooler announces its
+   own, so it differs from ``pg_backend_pid()``. ``inet_server_port()`` differing from the port
+   dialled says the same. Either means "something in between", not yet which mode.
+2. Multiplexing: A prepares a uniquely named statement (protocol level) returning
+   ``pg_backend_pid()`` and runs it; B opens a transaction and reads its server pid; A runs its
+   statement again while B's transaction is open. Directly or through a session pooler, two open
+   client connections never share a server process and A never changes server. A transaction
+   pooler shows at least one of: B on the server A just released, A on a new server, A's
+   statement "does not exist" there (SQLSTATE 26000: the prepared-statement trap itself), or A
+   waiting for B's transaction to end. Up to three rounds, because a pooler may pick servers
+   round-robin.
+3. A statement-mode pooler refuses B's transaction block.
+
+The probe leaves at most one statement named ``poolguard_doctor_<random>`` prepared on a
+pooler's server connection (its DEALLOCATE may land on another one); nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, TextIO
+
+import psycopg
+from psycopg.pq import ExecStatus
+
+from ._budget import Budget, BudgetUnavailable, compute_budget, read_server_limits
+from ._errors import ConfigurationError
+from ._guard import mask_literals
+from ._settings import Settings, parse_dsn, redact_conninfo, redact_text
+
+__all__ = ["PoolerProbe", "diagnose", "main", "probe_pooler", "run_doctor"]
+
+EXIT_OK: Final = 0
+EXIT_PROBLEM: Final = 1
+EXIT_UNCHECKED: Final = 2
+
+_APPLICATION_NAME: Final = "poolguard doctor"
+_INVALID_STATEMENT_NAME: Final = "26000"  # prepared statement "..." does not exist
+_PROBE_ROUNDS: Final = 3
+# How long A may wait for a server while B holds a transaction before that wait itself counts
+# as evidence of a pooler with a single free server.
+_PROBE_WAIT: Final = 2.0
+
+_IDLE_QUERY: Final = (
+    "SELECT pid, EXTRACT(EPOCH FROM now() - state_change)::float8, application_name, usename, "
+    "datname, state, query FROM pg_catalog.pg_stat_activity "
+    "WHERE state LIKE 'idle in transaction%%' AND pid <> pg_catalog.pg_backend_pid() "
+    "AND now() - state_change >= make_interval(secs => %s) ORDER BY state_change"
+)
+
+
+@dataclass
+class PoolerProbe:
+    """What the probe found out about the path to the server."""
+
+    #: "direct", "session" (a pooler or proxy keeping one server per client), "transaction",
+    #: "statement", or "unknown".
+    mode: str = "unknown"
+    #: Anything between the client and PostgreSQL at all?
+    proxied: bool = False
+    #: Do protocol-level prepared statements survive between transactions: "safe", "unsafe",
+    #: or "unknown" (a transaction pooler whose server switch the probe did not catch).
+    prepared_statements: str = "unknown"
+    evidence: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IdleSession:
+    pid: int
+    seconds: float
+    application_name: str
+    user: str
+    database: str
+    state: str
+    #: Literals masked, truncated: safe to print.
+    query: str
+
+
+class _ProbeClient:
+    """Client A: runs its own uniquely named prepared statement through libpq directly."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.name = f"poolguard_doctor_{secrets.token_hex(4)}".encode()
+
+    def prepare(self) -> None:
+        res = self.conn.pgconn.prepare(self.name, b"SELECT pg_catalog.pg_backend_pid()")
+        if res.status != ExecStatus.COMMAND_OK:
+            raise psycopg.OperationalError(_result_error(res))
+
+    def server_pid(self) -> tuple[int | None, str | None]:
+        """(pid, None), or (None, sqlstate) when the server refused the statement."""
+        res = self.conn.pgconn.exec_prepared(self.name, None)
+        if res.status != ExecStatus.TUPLES_OK:
+            return None, _sqlstate(res)
+        value = res.get_value(0, 0)
+        return (int(value) if value is not None else None), None
+
+    def deallocate(self) -> None:
+        self.conn.pgconn.exec_(b"DEALLOCATE " + self.name)  # best effort; result ignored
+
+
+def _sqlstate(res: Any) -> str:
+    from psycopg.pq import DiagnosticField
+
+    code = res.error_field(DiagnosticField.SQLSTATE)
+    return code.decode() if code else "?????"
+
+
+def _result_error(res: Any) -> str:
+    message = res.error_message
+    return message.decode("utf-8", "replace").strip() if message else "unknown error"
+
+
+def probe_pooler(conninfo: str, *, rounds: int = _PROBE_ROUNDS) -> PoolerProbe:
+    """Find out, by probing, whether a (transaction-mode) pooler sits in front of the server."""
+    probe = PoolerProbe()
+    kwargs: dict[str, Any] = {"application_name": _APPLICATION_NAME, "prepare_threshold": None}
+    with psycopg.connect(conninfo, autocommit=True, **kwargs) as conn_a:
+        _probe_proxy(conn_a, probe)
+        a = _ProbeClient(conn_a)
+        a.prepare()
+        with psycopg.connect(conninfo, autocommit=False, **kwargs) as conn_b:
+            for _ in range(rounds):
+                if _probe_round(a, conn_b, probe):
+                    break
+        a.deallocate()
+    if probe.mode == "unknown":
+        probe.mode = "session" if probe.proxied else "direct"
+    if probe.mode in ("direct", "session"):
+        probe.prepared_statements = "safe"
+    return probe
+
+
+def _probe_proxy(conn: psycopg.Connection[Any], probe: PoolerProbe) -> None:
+    row = conn.execute(
+        "SELECT pg_catalog.pg_backend_pid(), pg_catalog.inet_server_port()", prepare=False
+    ).fetchone()
+    assert row is not None
+    server_pid, server_port = row
+    announced = conn.info.backend_pid
+    if announced != server_pid:
+        probe.proxied = True
+        probe.evidence.append(
+            f"the connection announced backend pid {announced} but the server process is "
+            f"{server_pid}: a pooler or proxy answers the connection"
+        )
+    dialled = conn.info.port
+    if server_port is not None and dialled and int(server_port) != int(dialled):
+        probe.proxied = True
+        probe.evidence.append(
+            f"dialled port {dialled} but the server listens on {server_port}: something "
+            "forwards the connection"
+        )
+
+
+def _probe_round(a: _ProbeClient, conn_b: psycopg.Connection[Any], probe: PoolerProbe) -> bool:
+    """One A / B / A round; True once the mode is known."""
+    pid_a, state = a.server_pid()
+    if state is not None:
+        return _unsafe_prepared(probe, "between its PREPARE and the first EXECUTE")
+    try:
+        row = conn_b.execute("SELECT pg_catalog.pg_backend_pid()", prepare=False).fetchone()
+    except psycopg.Error as exc:
+        # PgBouncer answers 08P01 "transaction blocks not allowed in statement pooling mode"
+        # and closes the client connection.
+        if not conn_b.closed:
+            conn_b.rollback()
+        if "statement pooling" in str(exc):
+            probe.mode, probe.proxied = "statement", True
+            probe.prepared_statements = "unsafe"
+            probe.evidence.append("a transaction block was refused: statement pooling")
+            return True
+        raise
+    pid_b = row[0] if row else None
+    if pid_b == pid_a:
+        _multiplexed(probe, f"two client connections were served by server process {pid_a}")
+
+    # While B holds its transaction, A needs a server of its own. A pooler with one server
+    # makes A wait; release B after a short while so A can finish either way.
+    result: list[tuple[int | None, str | None]] = []
+    worker = threading.Thread(target=lambda: result.append(a.server_pid()), daemon=True)
+    worker.start()
+    worker.join(_PROBE_WAIT)
+    waited = worker.is_alive()
+    conn_b.rollback()
+    worker.join()
+    pid_a2, state = result[0]
+    if waited:
+        # One server for everyone: A's statement ran where it was prepared, so another round
+        # can tell nothing more about prepared statements and would only wait again.
+        _multiplexed(probe, "a client waited for another client's transaction to end")
+        return True
+    if state == _INVALID_STATEMENT_NAME:
+        return _unsafe_prepared(probe, "on the next transaction")
+    if pid_a2 is not None and pid_a2 != pid_a:
+        _multiplexed(probe, f"one client moved from server process {pid_a} to {pid_a2}")
+        probe.prepared_statements = "safe"
+        probe.evidence.append(
+            "its prepared statement still worked on the new server process: the pooler "
+            "tracks prepared statements (PgBouncer 1.21+ max_prepared_statements or similar)"
+        )
+    return probe.mode == "transaction" and probe.prepared_statements != "unknown"
+
+
+def _multiplexed(probe: PoolerProbe, why: str) -> None:
+    probe.mode, probe.proxied = "transaction", True
+    if why not in probe.evidence:
+        probe.evidence.append(why)
+
+
+def _unsafe_prepared(probe: PoolerProbe, when: str) -> bool:
+    _multiplexed(probe, f"a prepared statement vanished {when} (SQLSTATE 26000)")
+    probe.prepared_statements = "unsafe"
+    return True
+
+
+def idle_in_transaction(conn: psycopg.Connection[Any], min_seconds: float) -> list[IdleSession]:
+    """Sessions idle inside an open transaction for at least `min_seconds`, oldest first."""
+    rows = conn.execute(_IDLE_QUERY, (min_seconds,), prepare=False).fetchall()
+    return [
+        IdleSession(
+            pid=pid,
+            seconds=round(seconds, 1),
+            application_name=app or "",
+            user=user or "",
+            database=db or "",
+            state=state,
+            query=mask_literals(query or "", 200),
+        )
+        for pid, seconds, app, user, db, state, query in rows
+    ]
+
+
+def framework_settings(probe: PoolerProbe, budget: Budget | None) -> dict[str, str]:
+    """The settings to use in each client, given what the probe found."""
+    size = budget.per_process if budget and budget.per_process else Settings.max_size
+    pooled = probe.mode in ("transaction", "statement")
+    if pooled:
+        # Behind the pooler an app's pool only bounds its clients of the pooler; the server
+        # slots are the pooler's to share, so the budget sizes the pooler instead.
+        size = Settings.max_size
+    pooler = {
+        "pgbouncer": "default_pool_size x database/user pairs "
+        f"<= {budget.usable if budget else 'max_connections - reserved'} usable server "
+        "connections; migrations and LISTEN through the direct URL"
+    }
+    if pooled and probe.prepared_statements == "safe":
+        return pooler | {
+            "note": "this pooler keeps prepared statements working; other session state "
+            "(SET, LISTEN, advisory locks, temp tables) still breaks: keep poolguard's guard on",
+            "poolguard": f"poolguard.configure(DATABASE_URL, max_size={size}) (mode='transaction')",
+        }
+    if pooled:
+        return pooler | {
+            "poolguard": "poolguard.configure(DATABASE_URL) with mode='transaction' (the "
+            f"default); max_size={size}; direct_dsn=DIRECT_URL for migrations",
+            "django": "ENGINE 'poolguard.django', or with django.db.backends.postgresql: "
+            "OPTIONS={'prepare_threshold': None} and DISABLE_SERVER_SIDE_CURSORS=True; run "
+            "migrations against the direct database URL",
+            "sqlalchemy": "psycopg: create_engine(url, connect_args={'prepare_threshold': None}, "
+            f"pool_size={size}, max_overflow=0, pool_pre_ping=True); asyncpg: "
+            "connect_args={'statement_cache_size': 0, 'prepared_statement_cache_size': 0}",
+            "psycopg": "psycopg.connect(dsn, prepare_threshold=None); psycopg_pool: "
+            f"ConnectionPool(dsn, kwargs={{'prepare_threshold': None}}, max_size={size})",
+            "asyncpg": f"asyncpg.create_pool(dsn, statement_cache_size=0, max_size={size})",
+            "prisma": f"DATABASE_URL=...?pgbouncer=true&connection_limit={size}; "
+            "directUrl = env('DIRECT_URL') for migrations",
+            "node-postgres": f"new Pool({{ max: {size} }}) and never pass `name` in a query "
+            "config (a named query is a prepared statement)",
+        }
+    return {
+        "poolguard": f"poolguard.configure(DATABASE_URL, mode='session', max_size={size})",
+        "django": "django.db.backends.postgresql (or ENGINE 'poolguard.django'); "
+        "CONN_MAX_AGE > 0 so each worker keeps one connection",
+        "sqlalchemy": f"create_engine(url, pool_size={size}, max_overflow=0, pool_pre_ping=True)",
+        "psycopg": f"psycopg_pool.ConnectionPool(dsn, max_size={size}) (prepared statements "
+        "are fine)",
+        "asyncpg": f"asyncpg.create_pool(dsn, max_size={size})",
+        "prisma": f"DATABASE_URL=...?connection_limit={size}",
+        "node-postgres": f"new Pool({{ max: {size} }})",
+    }
+
+
+def diagnose(
+    dsn: str,
+    *,
+    processes: int | None = None,
+    max_size: int | None = None,
+    idle_seconds: float = 5.0,
+) -> dict[str, Any]:
+    """Everything the doctor reports: the dict ``--json`` prints (docs/transaction-mode.md)."""
+    conninfo, hints = parse_dsn(dsn, "dsn")
+    max_size = Settings.max_size if max_size is None else max_size
+    report: dict[str, Any] = {
+        "target": redact_conninfo(conninfo),
+        "problems": [],
+        "warnings": [],
+    }
+    probe = probe_pooler(conninfo)
+    report["pooler"] = asdict(probe)
+    if hints.get("pgbouncer") == "true" and probe.mode not in ("transaction", "statement"):
+        report["warnings"].append(
+            "the URL says pgbouncer=true but no transaction pooler was detected"
+        )
+
+    with psycopg.connect(
+        conninfo, autocommit=True, prepare_threshold=None, application_name=_APPLICATION_NAME
+    ) as conn:
+        report["server_version"] = conn.info.parameter_status("server_version") or ""
+        budget: Budget | None = None
+        try:
+            limits = read_server_limits(conn)
+            budget = compute_budget(limits, max_size=max_size, processes=processes)
+            report["budget"] = budget.as_dict()
+        except BudgetUnavailable as exc:
+            report["budget"] = None
+            report["warnings"].append(str(exc))
+        idle = idle_in_transaction(conn, idle_seconds)
+
+    report["idle_in_transaction"] = [asdict(s) for s in idle]
+    report["settings"] = framework_settings(probe, budget)
+    _judge(report, probe, budget, idle, idle_seconds)
+    report["exit_code"] = EXIT_PROBLEM if report["problems"] else EXIT_OK
+    return report
+
+
+def _judge(
+    report: dict[str, Any],
+    probe: PoolerProbe,
+    budget: Budget | None,
+    idle: Sequence[IdleSession],
+    idle_seconds: float,
+) -> None:
+    problems: list[str] = report["problems"]
+    warnings: list[str] = report["warnings"]
+    pooled = probe.mode in ("transaction", "statement")
+    if budget is not None and not budget.fits:
+        if pooled:
+            # Clients of a transaction pooler do not take server slots one for one; the
+            # pooler's own pools (default_pool_size) are what must fit.
+            warnings.append(
+                f"{budget.advice()} (behind a transaction pooler this bounds the pooler's "
+                "default_pool_size x databases x users, not the app's pools)"
+            )
+        else:
+            problems.append(budget.advice())
+    if idle:
+        problems.append(
+            f"{len(idle)} session(s) idle in transaction for >= {idle_seconds:g} s: they hold "
+            "a connection and locks while doing nothing (find the code that opens a "
+            "transaction and waits; set idle_in_transaction_session_timeout)"
+        )
+    if pooled and probe.prepared_statements != "safe":
+        warnings.append(
+            'prepared statements break behind this pooler ("prepared statement ... does not '
+            'exist"): use the settings below, which turn them off'
+        )
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The human-readable report."""
+    lines = [f"poolguard doctor: {report['target']} (PostgreSQL {report.get('server_version')})"]
+    pooler = report["pooler"]
+    lines += ["", f"Pooler: {pooler['mode']}" + (" (proxied)" if pooler["proxied"] else "")]
+    lines += [f"  - {e}" for e in pooler["evidence"]]
+    lines.append(f"  prepared statements: {pooler['prepared_statements']}")
+    budget = report.get("budget")
+    lines += ["", "Connection budget:"]
+    if budget:
+        lines += [f"  {line}" for line in budget["formula"].splitlines()]
+        lines += [f"  note: {n}" for n in budget["notes"]]
+    else:
+        lines.append("  unavailable (see warnings)")
+    idle = report["idle_in_transaction"]
+    lines += ["", f"Idle in transaction: {len(idle) or 'none'}"]
+    for s in idle:
+        lines.append(
+            f"  pid {s['pid']}  {s['seconds']:.1f} s  app={s['application_name']!r}  "
+            f"user={s['user']}  query: {s['query']}"
+        )
+    lines += ["", "Settings to use:"]
+    lines += [f"  {name:14} {text}" for name, text in report["settings"].items()]
+    for title, key in (("Warnings", "warnings"), ("Problems", "problems")):
+        if report[key]:
+            lines += ["", f"{title}:"] + [f"  - {item}" for item in report[key]]
+    lines += ["", "Result: " + ("PROBLEMS FOUND" if report["problems"] else "OK")]
+    return "\n".join(lines) + "\n"
+
+
+def run_doctor(
+    dsn: str | None = None,
+    processes: int | None = None,
+    as_json: bool = False,
+    *,
+    max_size: int | None = None,
+    idle_seconds: float = 5.0,
+    out: TextIO | None = None,
+) -> int:
+    """Diagnose `dsn` (default: $POOLGUARD_DSN, then $DATABASE_URL), print, return the exit code."""
+    out = sys.stdout if out is None else out
+    dsn = dsn or os.environ.get("POOLGUARD_DSN") or os.environ.get("DATABASE_URL")
+    if not dsn:
+        return _fail(
+            out, as_json, "no database given: pass a DSN or set POOLGUARD_DSN or DATABASE_URL"
+        )
+    try:
+        report = diagnose(dsn, processes=processes, max_size=max_size, idle_seconds=idle_seconds)
+    except (ConfigurationError, psycopg.Error) as exc:
+        return _fail(
+            out, as_json, f"cannot check {_safe_target(dsn)}: {redact_text(str(exc), dsn)}"
+        )
+    out.write(json.dumps(report, indent=2) + "\n" if as_json else render_text(report))
+    return int(report["exit_code"])
+
+
+def _safe_target(dsn: str) -> str:
+    try:
+        return redact_conninfo(parse_dsn(dsn, "dsn")[0])
+    except ConfigurationError:
+        return "the database"
+
+
+def _fail(out: TextIO, as_json: bool, message: str) -> int:
+    if as_json:
+        out.write(json.dumps({"error": message, "exit_code": EXIT_UNCHECKED}) + "\n")
+    else:
+        out.write(f"poolguard doctor: {message}\n")
+    return EXIT_UNCHECKED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``poolguard doctor [DSN] [--processes N] [--max-size N] [--idle-seconds S] [--json]``."""
+    parser = argparse.ArgumentParser(
+        prog="poolguard doctor",
+        description="Check a PostgreSQL database (or the pooler in front of it) for connection "
+        "budget, transaction-pooler and idle-transaction problems.",
+    )
+    parser.add_argument(
+        "dsn", nargs="?", help="URL or conninfo (default: $POOLGUARD_DSN, $DATABASE_URL)"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help="worker processes each running a pool (default: $WEB_CONCURRENCY or 1)",
+    )
+    parser.add_argument(
+        "--max-size", type=int, help=f"pool max_size per process (default: {Settings.max_size})"
+    )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=5.0,
+        help="report sessions idle in transaction at least this long (default: 5)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (see docs/transaction-mode.md)"
+    )
+    args = parser.parse_args(argv)
+    return run_doctor(
+        args.dsn,
+        args.processes,
+        args.json,
+        max_size=args.max_size,
+        idle_seconds=args.idle_seconds,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
