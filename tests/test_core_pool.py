@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -265,7 +266,7 @@ async def _async_body(pg_dsn: str) -> None:
         cur = await conn.execute("SELECT count(*) FROM a")
         assert await cur.fetchone() == (0,)
     holder = await apool.getconn()
-    with pytest.raises(PoolExhausted, match="test_core_pool.py"):
+    with pytest.raises(PoolExhausted, match=r"test_core_pool\.py"):
         async with apool.connection(timeout=0.2):
             pass
     await apool.putconn(holder)

