@@ -9,7 +9,6 @@ PgBouncer trap) are added by the modules that own them.
 from __future__ import annotations
 
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
