@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from typing import Any
@@ -93,10 +94,8 @@ class RawClient:
         return self.until_ready(sum(m[:1] in (b"S", b"Q") for m in msgs))
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(p.TERMINATE_MSG)
-        except OSError:
-            pass
         self.sock.close()
 
     def __enter__(self) -> RawClient:

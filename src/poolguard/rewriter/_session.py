@@ -34,9 +34,19 @@ _COPY_MSGS = (p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL)
 _MISSING = b"poolguard: no such statement"
 _PROBE = p.build_bind(b"", _MISSING, b"\0\0\0\0\0\0")
 _CACHED_PLAN = "cached plan must not change result type"
-# Parameters the server reports with ParameterStatus; a client's values are re-applied with SET
-# whenever it gets a backend whose values differ.
 _RESERVED_STARTUP = {"user", "database", "replication", "options"}
+# Settings the server reports with ParameterStatus that a client may change: each client's
+# values are re-applied with SET whenever it gets a backend whose values differ.
+_TRACKED = {
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "search_path",
+    "default_transaction_read_only",
+}
 
 
 class _Pending:
@@ -213,7 +223,10 @@ class Session(asyncio.Protocol):
         if "replication" in params:
             self._fatal("0A000", "replication connections are not supported by the proxy")
             return
+        canonical = {k.lower(): k for k in (*_TRACKED, *proxy.server_params)}
+        self.wanted = {k: v for k, v in proxy.server_params.items() if k in _TRACKED}
         for name, value in params.items():
+            name = canonical.get(name.lower(), name)
             if name in _RESERVED_STARTUP:
                 if name == "options" and value.strip():
                     self._fatal(
@@ -679,7 +692,7 @@ class Session(asyncio.Protocol):
             if self.params.get(name) == value:
                 return
             self.params[name] = value
-            if name in self.wanted:
+            if name in _TRACKED:
                 self.wanted[name] = value
         self.client_out.append(msg)
 
