@@ -18,6 +18,7 @@ from poolguard._guard import (
     SessionStateWarning,
     classify,
     leaves_session_state,
+    mask_literals,
     server_cursor_finding,
 )
 
@@ -49,7 +50,7 @@ REPORTED_IN_TRANSACTION: list[tuple[str, tuple[str, ...]]] = [
     # settings PgBouncer re-applies on every server connection survive transaction pooling
     ("SET TIME ZONE 'UTC'", ()),
     ("SET timezone = 'Europe/Paris'", ()),
-    ("SET application_name = 'worker'", ()),
+    ("SET application_name = 'worker'", ("set",)),  # leaks to clients that set none
     ("SET NAMES 'UTF8'", ()),
     ("SET DateStyle = 'ISO, MDY'", ()),
     # set_config
@@ -389,3 +390,23 @@ def test_hidden_statements_are_never_flagged(bad: str, wrapper: str) -> None:
 def test_tokenizer_never_crashes(text: str) -> None:
     for finding in classify(text):
         assert finding.message()
+
+
+@pytest.mark.parametrize(
+    ("sql", "masked"),
+    [
+        (
+            "SELECT * FROM users WHERE email = 'a@b.c' -- by email",
+            "SELECT * FROM users WHERE email = '…'",
+        ),
+        ("ALTER ROLE app PASSWORD 'hunter2'", "ALTER ROLE app PASSWORD '…'"),
+        (
+            "ALTER ROLE app PASSWORD 'cut off by track_activity_query_si",
+            "ALTER ROLE app PASSWORD '…",
+        ),
+        ("SELECT $$body$$, E'x\\'y', \"Quoted\"", "SELECT $…$, '…', \"Quoted\""),
+        ("", ""),
+    ],
+)
+def test_mask_literals(sql: str, masked: str) -> None:
+    assert mask_literals(sql) == masked

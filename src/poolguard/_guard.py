@@ -65,11 +65,13 @@ FindingKind = Literal[
 #: interpolates values into SQL text and every statement is new.
 CACHE_SIZE: Final = 4096
 
-# PgBouncer re-applies these on every server connection it hands a client (they are reported
-# by the server in ParameterStatus messages), so a plain SET of them survives transaction
-# pooling. They still leave state on the connection, which matters to poolguard's own pool.
+# PgBouncer re-applies these four (its ignore_startup_parameters documentation lists them) on
+# every server connection it lends, so a plain SET of them survives transaction pooling; they
+# still leave state on the connection, which matters to poolguard's own pool. Not
+# application_name: tests/test_guard_pgbouncer.py shows PgBouncer 1.18 keeping it for the
+# client that set it but leaking it to clients that never set one.
 _POOLER_TRACKED: Final = frozenset(
-    {"client_encoding", "datestyle", "timezone", "standard_conforming_strings", "application_name"}
+    {"client_encoding", "datestyle", "timezone", "standard_conforming_strings"}
 )
 
 _SESSION_ADVISORY_LOCKS: Final = frozenset(
