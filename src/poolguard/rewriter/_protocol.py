@@ -84,6 +84,8 @@ class Startup:
 
 
 def parse_startup(body: bytes) -> Startup:
+    if len(body) < 4:
+        raise ProtocolError("startup packet too short")
     code = _I32.unpack_from(body, 0)[0]
     if code == CANCEL_REQUEST:
         if len(body) != 12:
