@@ -297,20 +297,25 @@ def test_warn_once_per_statement_with_log(caplog: pytest.LogCaptureFixture) -> N
         guard.check("SELECT pg_advisory_lock(1)", in_transaction=True)
 
 
-def test_warning_points_at_the_caller() -> None:
+def test_warning_points_at_the_application_line(caplog: pytest.LogCaptureFixture) -> None:
     guard = SessionStateGuard("warn")
     with pytest.warns(SessionStateWarning) as caught:
-        guard.check("LISTEN here", in_transaction=True)
-    assert caught[0].filename == __file__
-
-    def execute_hook(sql: str) -> None:
-        hooked.check(sql, in_transaction=True)
-
-    hooked = SessionStateGuard("warn", stacklevel=2)
-    with pytest.warns(SessionStateWarning) as caught:
         line = inspect.currentframe().f_lineno + 1  # type: ignore[union-attr]
-        execute_hook("LISTEN there")
+        guard.observe("LISTEN here", in_transaction=True)
     assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+    assert f"test_guard.py:{line} in test_warning_points_at_the_application_line" in caplog.text
+
+
+def test_observe_reports_and_returns_leaves_session_state() -> None:
+    guard = SessionStateGuard("raise")
+    assert guard.observe("SELECT 1", in_transaction=False) is False
+    assert guard.observe("SET TIME ZONE 'UTC'", in_transaction=True) is True  # not reported
+    assert guard.observe(object(), in_transaction=True) is False
+    with pytest.raises(SessionStateError):
+        guard.observe(b"LISTEN x", in_transaction=True)
+    off = SessionStateGuard("off")
+    assert off.observe("CREATE TEMP TABLE t (a int)", in_transaction=True) is True
+    assert off.observe("SET LOCAL a = 1", in_transaction=False) is False
 
 
 def test_raise_names_kind_and_alternative() -> None:

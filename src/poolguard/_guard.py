@@ -24,6 +24,7 @@ from typing import Final, Literal
 import psycopg
 
 from ._errors import PoolGuardWarning
+from ._ledger import caller_site, format_site
 from ._settings import GuardAction
 
 __all__ = [
@@ -791,24 +792,21 @@ def server_cursor_finding(name: str, *, in_transaction: bool, withhold: bool) ->
 class SessionStateGuard:
     """Warn about, or refuse, SQL that leaves state on a transaction-pooled connection.
 
-    ``action="warn"`` emits a :class:`SessionStateWarning` and a WARNING on the
-    ``poolguard.guard`` logger once per distinct statement; ``"raise"`` raises
-    :class:`SessionStateError` before the statement runs; ``"off"`` does nothing.
+    ``action="warn"`` emits a :class:`SessionStateWarning` (pointing at the application's
+    line, past poolguard's and psycopg's frames) and a WARNING on the ``poolguard.guard``
+    logger, once per distinct statement; ``"raise"`` raises :class:`SessionStateError` before
+    the statement runs; ``"off"`` does nothing.
     """
 
-    __slots__ = ("_lock", "_stacklevel", "_warned", "action")
+    __slots__ = ("_lock", "_warned", "action")
 
     # Bound on the remembered warned statements, for the same reason as CACHE_SIZE.
     _MAX_WARNED: Final = CACHE_SIZE
 
-    def __init__(self, action: GuardAction = "warn", *, stacklevel: int = 1) -> None:
-        """`stacklevel` is warnings.warn's, counted from the caller of :meth:`check`: a pool
-        that calls check() from inside its execute wrapper passes 2 so the warning points at
-        the application line."""
+    def __init__(self, action: GuardAction = "warn") -> None:
         if action not in ("warn", "raise", "off"):
             raise ValueError(f"guard action must be 'warn', 'raise' or 'off', got {action!r}")
         self.action: GuardAction = action
-        self._stacklevel = stacklevel
         self._warned: set[tuple[str | bytes, bool]] = set()
         self._lock = threading.Lock()
 
@@ -828,6 +826,22 @@ class SessionStateGuard:
         if findings:
             self._report(sql, in_transaction, findings)
         return findings
+
+    def observe(self, sql: object, *, in_transaction: bool) -> bool:
+        """The pool's execute hook: :meth:`check` `sql`, then return whether it leaves session
+        state behind, so the pool resets the connection when it comes back.
+
+        Only str and bytes are examined (psycopg's sql.Composed must be rendered with
+        ``as_string(conn)`` by the caller first); anything else returns False.
+        """
+        if type(sql) is not str and type(sql) is not bytes:
+            return False
+        analysis = _analyze(sql)
+        if self.action != "off":
+            findings = analysis[0] if in_transaction else analysis[1]
+            if findings:
+                self._report(sql, in_transaction, findings)
+        return analysis[3]
 
     def check_server_cursor(
         self, name: str, *, in_transaction: bool, withhold: bool
@@ -857,6 +871,9 @@ class SessionStateGuard:
                 self._warned.clear()
             self._warned.add(seen)
         message = "; ".join(f.message() for f in findings)
-        logger.warning("%s", message)
-        # + 2: the frames of _report and check/check_server_cursor themselves.
-        warnings.warn(message, SessionStateWarning, stacklevel=self._stacklevel + 2)
+        code, line = caller_site(1)
+        logger.warning("%s (at %s)", message, format_site(code, line))
+        # The call depth between the application and here varies (cursor.execute,
+        # connection.execute, an ORM), so the warning names the first non-library frame.
+        filename = code.co_filename if code else "<unknown>"
+        warnings.warn_explicit(message, SessionStateWarning, filename, line)
