@@ -11,8 +11,9 @@ import logging
 import os
 import threading
 import weakref
+from collections.abc import Mapping
 from time import monotonic
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import psycopg
@@ -41,6 +42,10 @@ _inherited: list[object] = []
 
 class _PoolCore:
     """What GuardedPool and AsyncGuardedPool share: settings, ledger, metrics and decisions."""
+
+    #: Extra psycopg.connect() arguments an adapter sets before the pool opens (the Django
+    #: backend passes Django's adapters context, its cursor class and autocommit).
+    connect_kwargs: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -74,7 +79,7 @@ class _PoolCore:
     def _inner_options(self) -> dict[str, Any]:
         s = self.settings
         return {
-            "kwargs": s.connection_kwargs(),
+            "kwargs": {**s.connection_kwargs(), **self.connect_kwargs},
             "min_size": s.min_size,
             "max_size": s.max_size,
             "timeout": s.timeout,
