@@ -10,7 +10,9 @@ import pytest
 from poolguard import ConfigurationError
 from poolguard._budget import (
     BudgetUnavailable,
+    BudgetWarning,
     ServerLimits,
+    check_budget_on_open,
     compute_budget,
     read_server_limits,
     resolve_processes,
@@ -201,3 +203,48 @@ def test_unreadable_max_connections_is_reported() -> None:
 
     with pytest.raises(BudgetUnavailable, match=r"cannot read max_connections.*42501"):
         read_server_limits(Refusing())  # type: ignore[arg-type]
+
+
+def test_check_on_open_warns_once_with_the_formula(
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with postgres_server.connect() as conn:
+        with pytest.warns(BudgetWarning, match="set max_size <= 1") as caught:
+            budget = check_budget_on_open(conn, pool_name="web", max_size=4, processes=50)
+        assert budget is not None and not budget.fits
+        assert len(caught) == 1
+        assert "demand      = max_size 4 x processes 50 = 200 >" in str(caught[0].message)
+        (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert record.name == "poolguard"
+        assert "pool 'web'" in record.getMessage()
+        with pytest.raises(ConfigurationError, match=r"pool 'web'(.|\n)*exceeds"):
+            check_budget_on_open(conn, pool_name="web", max_size=4, processes=50, action="raise")
+        assert check_budget_on_open(conn, pool_name="web", max_size=4, action="off") is None
+        fitting = check_budget_on_open(conn, pool_name="web", max_size=4, processes=2)
+        assert fitting is not None and fitting.fits
+
+
+def test_check_on_open_does_not_count_sibling_processes(postgres_server: PostgresServer) -> None:
+    with postgres_server.connect() as conn:
+        base = check_budget_on_open(
+            conn, pool_name="web", max_size=1, application_name="poolguard:siblings"
+        )
+        with (
+            postgres_server.connect(application_name="poolguard:siblings"),
+            postgres_server.connect(application_name="poolguard:siblings"),
+        ):
+            during = check_budget_on_open(
+                conn, pool_name="web", max_size=1, application_name="poolguard:siblings"
+            )
+        assert base is not None and during is not None
+        assert during.limits.in_use == base.limits.in_use
+
+
+@pytest.mark.pgbouncer
+def test_check_on_open_skips_behind_a_pooler(
+    pgbouncer_server: PgBouncerServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="poolguard")
+    with psycopg.connect(pgbouncer_server.dsn, autocommit=True, prepare_threshold=None) as conn:
+        assert check_budget_on_open(conn, pool_name="web", max_size=4, processes=50) is None
+    assert "a pooler sits in front of the server; budget not checked" in caplog.text

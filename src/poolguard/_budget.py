@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import psycopg
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, PoolGuardWarning
 
 __all__ = [
     "Budget",
     "BudgetUnavailable",
+    "BudgetWarning",
     "ServerLimits",
+    "check_budget_on_open",
     "compute_budget",
     "read_server_limits",
     "resolve_processes",
@@ -53,7 +56,12 @@ class BudgetUnavailable(psycopg.OperationalError):
     """max_connections could not be read from the server; the message says why."""
 
 
+class BudgetWarning(PoolGuardWarning):
+    """max_size x processes does not fit the server's connection limit."""
+
+
 BudgetUnavailable.__module__ = "poolguard"
+BudgetWarning.__module__ = "poolguard"
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +262,47 @@ def read_server_limits(
         in_use=in_use,
         notes=tuple(notes),
     )
+
+
+def check_budget_on_open(
+    conn: psycopg.Connection[Any],
+    *,
+    pool_name: str,
+    max_size: int,
+    processes: int | None = None,
+    application_name: str | None = None,
+    action: Literal["warn", "raise", "off"] = "warn",
+) -> Budget | None:
+    """The pool's open-time check: warn (or raise ConfigurationError) when the pool does not fit.
+
+    `conn` is any connection the pool just opened; `application_name` is the pool's, so the
+    connections of sibling processes (already counted by `processes`) are not also counted as
+    someone else's. Returns None when nothing was checked: action "off", figures unreadable,
+    or a pooler in between (its clients do not take server slots one for one).
+    """
+    if action == "off":
+        return None
+    try:
+        row = _query(conn, "SELECT pg_catalog.pg_backend_pid()")[0]
+        if row[0] != conn.info.backend_pid:
+            logger.info(
+                "pool %r: a pooler sits in front of the server; budget not checked", pool_name
+            )
+            return None
+        limits = read_server_limits(conn, exclude_application_name=application_name)
+    except (BudgetUnavailable, psycopg.Error) as exc:
+        logger.info("pool %r: connection budget not checked: %s", pool_name, _reason(exc))
+        return None
+    budget = compute_budget(limits, max_size=max_size, processes=processes)
+    if budget.fits:
+        logger.info("pool %r: %s", pool_name, budget.advice())
+        return budget
+    message = f"pool {pool_name!r}: {budget.advice()}\n{budget.formula()}"
+    if action == "raise":
+        raise ConfigurationError(message)
+    logger.warning("%s", message)
+    warnings.warn(message, BudgetWarning, stacklevel=2)
+    return budget
 
 
 def _query(conn: psycopg.Connection[Any], query: str, params: Any = None) -> list[Any]:
