@@ -397,6 +397,14 @@ def test_tokenizer_never_crashes(text: str) -> None:
         assert finding.message()
 
 
+@settings(max_examples=300)
+@given(st.text())
+def test_any_text_is_classified_or_ignored(text: str) -> None:
+    for finding in classify(text):
+        assert finding.message()
+    assert isinstance(mask_literals(text), str)
+
+
 @pytest.mark.parametrize(
     ("sql", "masked"),
     [

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final, TextIO
 
 import psycopg
-from psycopg.pq import ExecStatus
+from psycopg.pq import DiagnosticField, ExecStatus
 
 from ._budget import Budget, BudgetUnavailable, compute_budget, read_server_limits
 from ._errors import ConfigurationError
@@ -118,8 +118,6 @@ class _ProbeClient:
 
 
 def _sqlstate(res: Any) -> str:
-    from psycopg.pq import DiagnosticField
-
     code = res.error_field(DiagnosticField.SQLSTATE)
     return code.decode() if code else "?????"
 
