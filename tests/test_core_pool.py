@@ -109,7 +109,7 @@ def test_context_manager_commits_on_success_and_rolls_back_on_error(pg_dsn: str)
 def test_returned_mid_transaction_is_rolled_back_and_next_caller_is_clean(
     pg_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pool = poolguard.configure(pg_dsn, min_size=1, max_size=1)
+    pool = poolguard.configure(pg_dsn, min_size=1, max_size=1, guard="off")
     conn = pool.getconn()
     conn.execute("CREATE TABLE IF NOT EXISTS t (x int)")
     conn.commit()
@@ -279,3 +279,35 @@ def test_async_twin(pg_dsn: str) -> None:
     import asyncio
 
     asyncio.run(_async_body(pg_dsn))
+
+
+def test_session_state_left_in_autocommit_is_discarded_on_return(pg_dsn: str) -> None:
+    pool = poolguard.configure(pg_dsn, min_size=1, max_size=1, guard="off")
+    with pool.connection() as conn:
+        conn.autocommit = True
+        conn.execute("SET work_mem = '7MB'")
+        conn.execute("CREATE TEMP TABLE scratch (x int)")
+        default = conn.execute("SELECT reset_val FROM pg_settings WHERE name = 'work_mem'")
+        default_work_mem = default.fetchone()
+    with pool.connection() as conn:
+        assert conn.autocommit is False
+        setting = conn.execute("SELECT setting FROM pg_settings WHERE name = 'work_mem'")
+        assert setting.fetchone() == default_work_mem
+        temp = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'")
+        assert temp.fetchone() == (0,)
+        assert conn.execute("SHOW application_name").fetchone() == ("poolguard:default",)
+    assert poolguard.stats()["poolguard.connection.session_resets"] == 1
+
+
+def test_guard_warns_in_transaction_mode_and_raises_when_asked(pg_dsn: str) -> None:
+    from poolguard._guard import SessionStateError, SessionStateWarning
+
+    poolguard.configure(pg_dsn, min_size=1, max_size=1)
+    with pytest.warns(SessionStateWarning, match="SET LOCAL"), poolguard.connection() as conn:
+        conn.execute("SET search_path = public")
+    poolguard.configure(pg_dsn, name="strict", guard="raise")
+    with pytest.raises(SessionStateError), poolguard.connection("strict") as conn:
+        conn.execute("SELECT pg_advisory_lock(1)")
+    poolguard.configure(pg_dsn, name="direct", mode="session")
+    with poolguard.connection("direct") as conn:  # session mode: no warning (filterwarnings=error)
+        conn.execute("SET search_path = public")

@@ -12,6 +12,7 @@ import pytest
 
 import poolguard
 from poolguard import ConfigurationError
+from poolguard.testing import PostgresServer
 
 
 def test_racing_configure_from_threads_yields_one_pool(pg_dsn: str) -> None:
@@ -75,11 +76,25 @@ def test_reload_of_user_module_keeps_the_pool(
         sys.modules.pop("user_app_settings", None)
 
 
+def _parent_backends(server: PostgresServer) -> set[int]:
+    with server.connect() as admin:
+        rows = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'poolguard:default'"
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_gets_fresh_connections_and_parent_keeps_working(pg_dsn: str) -> None:
-    pool = poolguard.configure(pg_dsn, min_size=1, max_size=2)
-    with pool.connection() as conn:
-        parent_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+def test_forked_child_gets_fresh_connections_and_parent_keeps_working(
+    pg_dsn: str, postgres_server: PostgresServer
+) -> None:
+    pool = poolguard.configure(pg_dsn, min_size=2, max_size=2)
+    pool.open()
+    held = [pool.getconn(), pool.getconn()]  # both parent connections exist and are known
+    parent = {conn.info.backend_pid for conn in held}
+    for conn in held:
+        pool.putconn(conn)
+    assert _parent_backends(postgres_server) == parent
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # the child: report its backend pids, then exit without cleanup handlers
@@ -101,7 +116,13 @@ def test_forked_child_gets_fresh_connections_and_parent_keeps_working(pg_dsn: st
     child_pids = {int(p) for p in os.read(read_end, 1000).decode().split(",") if p}
     os.close(read_end)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert child_pids and parent_pid not in child_pids
-    # The parent's connection was neither used nor terminated by the child.
-    with pool.connection() as conn:
-        assert conn.execute("SELECT pg_backend_pid()").fetchone() == (parent_pid,)
+    assert child_pids and not child_pids & parent
+    # Every backend of the parent survived the child, and each still answers the parent.
+    assert parent <= _parent_backends(postgres_server)
+    held = [pool.getconn(), pool.getconn()]
+    try:
+        answered = {c.execute("SELECT pg_backend_pid()").fetchone()[0] for c in held}  # type: ignore[index]
+    finally:
+        for conn in held:
+            pool.putconn(conn)
+    assert answered == parent

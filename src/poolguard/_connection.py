@@ -19,6 +19,10 @@ from psycopg.abc import Params, Query
 from psycopg.pq import TransactionStatus
 from psycopg.rows import Row
 
+from ._errors import ConnectionReclaimed
+from ._guard import SessionStateGuard, leaves_session_state
+from ._watchdog import adopt_lost
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -52,23 +56,46 @@ class Tracked:
     _pg_last_active: float = 0.0
     #: Set when a statement left server-side session state behind (SET, LISTEN, temp table...).
     _pg_session_dirty: bool = False
+    #: Warns about or refuses session-state SQL; None in session mode or with guard="off".
+    _pg_guard: SessionStateGuard | None = None
 
     def _pg_client_state(self) -> tuple[Any, ...]:
         return _read_client_state(self)
 
-    def _pg_attach(self, metrics: PoolMetrics) -> None:
+    def _pg_attach(self, metrics: PoolMetrics, guard: SessionStateGuard | None) -> None:
         """Called once when the pool adds this new connection."""
         self._pg_backend_pid = self.pgconn.backend_pid  # type: ignore[attr-defined]
         self._pg_weak = weakref.ref(self)
         self._pg_client_defaults = self._pg_client_state()
+        self._pg_guard = guard
         metrics.create_time.add(self._pg_connect_seconds)
 
     def _pg_observe(self, query: Any) -> None:
+        """Every statement passes here before it is sent (cursor.execute and friends)."""
         self._pg_last_sql = query
         self._pg_last_active = monotonic()
+        if not isinstance(query, (str, bytes)):
+            query = query.as_string(self)  # psycopg.sql.Composable: rare, not cached
+        guard = self._pg_guard
+        if guard is not None:
+            in_transaction = not self.autocommit or (  # type: ignore[attr-defined]
+                self.pgconn.transaction_status != _IDLE  # type: ignore[attr-defined]
+            )
+            guard.check(query, in_transaction=in_transaction)
+        if leaves_session_state(query):
+            self._pg_session_dirty = True
 
     def _pg_needs_reset(self) -> bool:
         return self._pg_session_dirty or self._pg_client_state() != self._pg_client_defaults
+
+    #: Why poolguard took this connection back ("" while it is the holder's); see _Reclaimed.
+    _pg_reclaimed: str = ""
+
+    def __del__(self, *args: Any) -> None:
+        # Checked out and unreferenced: queued for the watchdog to free its slot (no I/O here).
+        if getattr(self, "_pool", None) is not None and adopt_lost(self):
+            return
+        super().__del__(*args)  # type: ignore[misc]
 
     def _pg_client_changes(self) -> list[tuple[str, Any]]:
         """(attribute, default) for each client-side attribute the caller changed."""
@@ -170,3 +197,35 @@ class AsyncGuardedConnection(Tracked, psycopg.AsyncConnection[Any]):
             await self.execute(_RESET_SQL)
             await self.set_autocommit(autocommit)
             self._pg_session_dirty = False
+
+
+class _Reclaimed:
+    """What a reclaimed connection becomes: every use raises ConnectionReclaimed.
+
+    The watchdog swaps the class of a connection it takes back (same layout, still an
+    instance of the class it was), so the hot path never checks a flag.
+    """
+
+    def _pg_refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionReclaimed(self._pg_reclaimed)  # type: ignore[attr-defined]
+
+    cursor = execute = commit = rollback = transaction = pipeline = _pg_refuse
+    _pg_observe = _pg_refuse
+
+
+class ReclaimedConnection(_Reclaimed, GuardedConnection):
+    """A GuardedConnection that poolguard took back."""
+
+
+class AsyncReclaimedConnection(_Reclaimed, AsyncGuardedConnection):
+    """An AsyncGuardedConnection that poolguard took back."""
+
+
+def mark_reclaimed(conn: Tracked, message: str) -> None:
+    """Turn a connection poolguard took back into one whose every use raises ``message``."""
+    conn._pg_reclaimed = message
+    conn.__class__ = (
+        AsyncReclaimedConnection
+        if isinstance(conn, psycopg.AsyncConnection)
+        else ReclaimedConnection
+    )

@@ -20,8 +20,10 @@ import psycopg
 import psycopg_pool
 from psycopg.pq import TransactionStatus
 
+from . import _watchdog
 from ._connection import AsyncGuardedConnection, GuardedConnection, Tracked, _needs_cleaning
 from ._errors import PoolConnectError, PoolExhausted
+from ._guard import SessionStateGuard
 from ._ledger import Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
 from ._settings import Settings, redact_text
@@ -53,6 +55,11 @@ class _PoolCore:
         self.ledger = Ledger()
         self.metrics = PoolMetrics()
         self._closed = False
+        self._guard = (
+            SessionStateGuard(settings.guard)
+            if settings.mode == "transaction" and settings.guard != "off"
+            else None
+        )
         _all_pools.add(self)
 
     def __repr__(self) -> str:
@@ -79,7 +86,7 @@ class _PoolCore:
     def _inner_options(self) -> dict[str, Any]:
         s = self.settings
         return {
-            "kwargs": {**s.connection_kwargs(), **self.connect_kwargs},
+            "kwargs": {**self._connect_args(), **self.connect_kwargs},
             "min_size": s.min_size,
             "max_size": s.max_size,
             "timeout": s.timeout,
@@ -90,6 +97,29 @@ class _PoolCore:
             "open": False,
         }
 
+    #: The ``options`` startup parameter that sets idle_in_transaction_session_timeout; None
+    #: until first used, {} once a pooler refused it (see _options_refused).
+    _startup: dict[str, str] | None = None
+
+    def _connect_args(self) -> dict[str, Any]:
+        if self._startup is None:
+            self._startup = _watchdog.startup_options(self.settings)
+        return {**self.settings.connection_kwargs(), **self._startup}
+
+    def _options_refused(self, exc: Exception) -> bool:
+        """The probe met a pooler that rejects ``options``: go on without it (docs/leaks.md)."""
+        if not self._startup or not _watchdog.options_rejected(exc):
+            return False
+        self._startup = {}
+        logger.info(
+            "pool %r: %s refuses the options startup parameter (PgBouncer before 1.20), so "
+            "idle_in_transaction_session_timeout is not set per connection: set it for the "
+            "role, or idle_transaction_timeout in pgbouncer.ini",
+            self.name,
+            self.settings.target,
+        )
+        return True
+
     def _connect_error(self, exc: Exception) -> PoolConnectError:
         message = redact_text(str(exc).strip(), self.settings.conninfo)
         return PoolConnectError(
@@ -98,7 +128,7 @@ class _PoolCore:
         )
 
     def _on_connect(self, conn: Tracked) -> None:
-        conn._pg_attach(self.metrics)
+        conn._pg_attach(self.metrics, self._guard)
 
     def _record_checkout(self, conn: Tracked, started: float, depth: int, owner: int) -> None:
         now = monotonic()
@@ -113,6 +143,7 @@ class _PoolCore:
                 raise psycopg.ProgrammingError(
                     f"pool {self.name!r}: putconn() got a connection no poolguard pool gave out"
                 )
+            _watchdog.returned_unknown(conn)  # reclaimed meanwhile: its slot is already free
             return None
         self.metrics.use_time.add(monotonic() - entry[0])
         return Checkout(id(conn), entry) if _needs_cleaning(conn) else None
@@ -192,7 +223,11 @@ class _Checkout:
     ) -> None:
         conn = self._conn
         try:
-            if not conn.closed and conn.pgconn.transaction_status != _IDLE:
+            # Once closed the status is UNKNOWN; a connection the watchdog reclaimed then
+            # raises ConnectionReclaimed on commit: the block's work was lost, say so.
+            if conn.pgconn.transaction_status != _IDLE and (
+                not conn.closed or (exc_type is None and conn._pg_reclaimed)  # type: ignore[attr-defined]
+            ):
                 if exc_type is None:
                     conn.commit()
                 else:
@@ -241,13 +276,16 @@ class GuardedPool(_PoolCore):
                 )
                 inner.open(wait=False)
                 self._inner = inner
+                _watchdog.watch(self)
             return self._inner
 
     def _probe(self) -> None:
         """Connect once outside the pool; raise PoolConnectError with the server's reason."""
         try:
-            psycopg.connect(self.settings.conninfo, **self.settings.connection_kwargs()).close()
+            psycopg.connect(self.settings.conninfo, **self._connect_args()).close()
         except psycopg.OperationalError as exc:
+            if self._options_refused(exc):
+                return self._probe()
             raise self._connect_error(exc) from None
 
     def connection(self, timeout: float | None = None) -> _Checkout:
@@ -333,7 +371,9 @@ class _AsyncCheckout:
     ) -> None:
         conn = self._conn
         try:
-            if not conn.closed and conn.pgconn.transaction_status != _IDLE:
+            if conn.pgconn.transaction_status != _IDLE and (
+                not conn.closed or (exc_type is None and conn._pg_reclaimed)  # type: ignore[attr-defined]
+            ):  # see _Checkout.__exit__
                 if exc_type is None:
                     await conn.commit()
                 else:
@@ -390,16 +430,19 @@ class AsyncGuardedPool(_PoolCore):
                 )
                 await inner.open(wait=False)
                 self._inner, self._loop = inner, loop
+                _watchdog.watch(self)
         return self._inner
 
     async def _probe(self) -> None:
         """Connect once outside the pool; raise PoolConnectError with the server's reason."""
         try:
             conn = await psycopg.AsyncConnection.connect(
-                self.settings.conninfo, **self.settings.connection_kwargs()
+                self.settings.conninfo, **self._connect_args()
             )
             await conn.close()
         except psycopg.OperationalError as exc:
+            if self._options_refused(exc):
+                return await self._probe()
             raise self._connect_error(exc) from None
 
     async def _on_connect_async(self, conn: AsyncGuardedConnection) -> None:
