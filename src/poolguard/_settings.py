@@ -67,6 +67,26 @@ class Settings:
     direct_conninfo: str = field(default="", repr=False)
     #: Run a round trip on checkout to catch dead connections before the caller does.
     health_check: bool = False
+    #: Seconds a connection may stay checked out before one WARNING on ``poolguard.leaks``
+    #: (0: off).  30 s is past any sane web request (proxies give up at 30-60 s) and still
+    #: short enough to be seen before a small pool starves.
+    leak_threshold: float = 30.0
+    #: Seconds after which a leaked connection is closed and its slot freed; the holder's
+    #: next use raises ConnectionReclaimed.  Off (0) by default: taking a connection away
+    #: from running code is a decision only the application can make.
+    leak_reclaim_after: float = 0.0
+    #: Seconds a checked-out connection may sit in an open (or failed) transaction with no
+    #: statement before a WARNING (0: off).  5 s: such a transaction holds locks, a slot and
+    #: the xmin horizon while the app does something else, nearly always a bug in web code.
+    idle_in_transaction_threshold: float = 5.0
+    #: PostgreSQL's idle_in_transaction_session_timeout for the pool's sessions, in seconds
+    #: (0: leave the server's setting).  60 s: well past the client-side warning, so the log
+    #: names the culprit before the server kills its session.  Not sent through a pooler
+    #: that rejects the ``options`` startup parameter (PgBouncer before 1.20): docs/leaks.md.
+    idle_in_transaction_session_timeout: float = 60.0
+    #: Seconds between two watchdog checks.  1 s: a report comes at most this late, and one
+    #: scan of the ledger per second costs nothing measurable.
+    watchdog_interval: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.application_name:
@@ -266,6 +286,19 @@ def _validate(s: Settings) -> None:
     check(s.mode in ("transaction", "session"), "mode", "'transaction' or 'session'")
     check(s.guard in ("warn", "raise", "off"), "guard", "'warn', 'raise' or 'off'")
     check(isinstance(s.health_check, bool), "health_check", "True or False")
+    for setting in (
+        "leak_threshold",
+        "leak_reclaim_after",
+        "idle_in_transaction_threshold",
+        "idle_in_transaction_session_timeout",
+    ):
+        value = getattr(s, setting)
+        check(is_number(value) and value >= 0, setting, "seconds >= 0 (0: off)")
+    check(
+        is_number(s.watchdog_interval) and 0.01 <= s.watchdog_interval <= 60,
+        "watchdog_interval",
+        "seconds from 0.01 to 60",
+    )
     check(isinstance(s.application_name, str), "application_name", "a string")
     if s.mode == "transaction" and s.prepare_threshold is not None:
         raise ConfigurationError(
