@@ -188,3 +188,18 @@ def test_main_parses_arguments(
     assert (report["budget"]["processes"], report["budget"]["max_size"]) == (3, 2)
     assert main([postgres_server.url, "--processes", "1000"]) == EXIT_PROBLEM
     assert "PROBLEMS FOUND" in capsys.readouterr().out
+
+
+def test_full_server_is_reported_not_crashed(postgres_factory: Any) -> None:
+    server = postgres_factory(max_connections=6)
+    held = [server.connect() for _ in range(5)]  # the doctor's own connection takes the 6th
+    try:
+        code, report = doctor_json(server.url, processes=2)
+    finally:
+        for conn in held:
+            conn.close()
+    assert code == EXIT_PROBLEM
+    assert report["pooler"]["mode"] == "unknown"
+    assert any("could not probe for a pooler" in w for w in report["warnings"])
+    assert report["budget"]["usable"] == 0
+    assert any("no connection slot is left" in p for p in report["problems"])

@@ -40,10 +40,17 @@ from typing import Any, Final, TextIO
 import psycopg
 from psycopg.pq import DiagnosticField, ExecStatus
 
-from ._budget import Budget, BudgetUnavailable, compute_budget, read_server_limits
+from ._budget import (
+    Budget,
+    BudgetUnavailable,
+    _reason,
+    compute_budget,
+    read_server_limits,
+    resolve_processes,
+)
 from ._errors import ConfigurationError
 from ._guard import mask_literals
-from ._settings import Settings, parse_dsn, redact_conninfo, redact_text
+from ._settings import _TRUE, Settings, parse_dsn, redact_conninfo, redact_text
 
 __all__ = ["PoolerProbe", "diagnose", "main", "probe_pooler", "run_doctor"]
 
@@ -312,27 +319,35 @@ def diagnose(
         "problems": [],
         "warnings": [],
     }
-    probe = probe_pooler(conninfo)
-    report["pooler"] = asdict(probe)
-    if hints.get("pgbouncer") == "true" and probe.mode not in ("transaction", "statement"):
-        report["warnings"].append(
-            "the URL says pgbouncer=true but no transaction pooler was detected"
-        )
-
+    warnings: list[str] = report["warnings"]
+    processes = resolve_processes(processes)  # a bad --processes / WEB_CONCURRENCY: exit 2
+    # This connection failing means nothing can be checked (exit 2); anything failing after it
+    # is reported as a warning and the rest of the report still runs.
     with psycopg.connect(
         conninfo, autocommit=True, prepare_threshold=None, application_name=_APPLICATION_NAME
     ) as conn:
         report["server_version"] = conn.info.parameter_status("server_version") or ""
+        try:
+            probe = probe_pooler(conninfo)
+        except psycopg.Error as exc:
+            probe = PoolerProbe(evidence=[f"the probe failed: {_reason(exc)}"])
+            warnings.append(f"could not probe for a pooler: {_reason(exc)}")
         budget: Budget | None = None
         try:
             limits = read_server_limits(conn)
             budget = compute_budget(limits, max_size=max_size, processes=processes)
-            report["budget"] = budget.as_dict()
         except BudgetUnavailable as exc:
-            report["budget"] = None
-            report["warnings"].append(str(exc))
-        idle = idle_in_transaction(conn, idle_seconds)
+            warnings.append(str(exc))
+        try:
+            idle = idle_in_transaction(conn, idle_seconds)
+        except psycopg.Error as exc:
+            idle = []
+            warnings.append(f"could not list sessions idle in transaction: {_reason(exc)}")
 
+    report["pooler"] = asdict(probe)
+    report["budget"] = budget.as_dict() if budget else None
+    if hints.get("pgbouncer") in _TRUE and probe.mode not in ("transaction", "statement"):
+        warnings.append("the URL says pgbouncer=true but no transaction pooler was detected")
     report["idle_in_transaction"] = [asdict(s) for s in idle]
     report["settings"] = framework_settings(probe, budget)
     _judge(report, probe, budget, idle, idle_seconds)
