@@ -1,0 +1,360 @@
+"""``ENGINE = "poolguard.django"``: Django's PostgreSQL backend on poolguard's pool.
+
+Django keeps one ``DatabaseWrapper`` per thread (per request context under ASGI).  With this
+backend the wrapper never opens a server connection of its own: it checks one out of the
+process-wide pool ``django:<alias>`` when Django first needs it and gives it back whenever Django
+would close it, and at every request boundary whatever ``CONN_MAX_AGE`` says.  A connection then
+lives in the pool, not in a thread or a request, which is what keeps ASGI, thread pools and
+forked workers inside the connection budget.  docs/django.md describes the settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
+from django.db import DEFAULT_DB_ALIAS, connections  # type: ignore[import-untyped]
+from django.db.backends.base.base import NO_DB_ALIAS  # type: ignore[import-untyped]
+from django.db.backends.postgresql import base as pg  # type: ignore[import-untyped]
+from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-untyped]
+    get_adapters_template,
+)
+from django.utils.asyncio import async_unsafe  # type: ignore[import-untyped]
+
+import django  # type: ignore[import-untyped]
+
+from .. import _state
+from .._connection import GuardedConnection
+from .._errors import ConfigurationError
+from .._pool import GuardedPool
+from ._options import Resolved, resolve
+
+if django.VERSION < (5, 2):
+    raise ImproperlyConfigured(
+        f"poolguard.django needs Django 5.2 or newer; this is Django {django.get_version()}"
+    )
+
+logger = logging.getLogger("poolguard.django")
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+
+
+class _Observed:
+    """Tells the poolguard connection each statement (last statement, session-state guard)."""
+
+    _conn: Any
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        self._conn._pg_observe(query)
+        return super().execute(query, params, **kwargs)  # type: ignore[misc]
+
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
+        self._conn._pg_observe(query)
+        return super().executemany(query, params_seq, **kwargs)  # type: ignore[misc]
+
+
+class Cursor(_Observed, pg.Cursor):  # type: ignore[misc]
+    """Django's default cursor (client-side binding), observed."""
+
+
+class ServerBindingCursor(_Observed, pg.ServerBindingCursor):  # type: ignore[misc]
+    """Django's ``server_side_binding`` cursor, observed."""
+
+
+# alias -> (settings, pool): the pool that serves each alias now.  A DATABASES entry whose
+# connection settings change (the test runner renames NAME to the test database) gets a new
+# pool, and the old one is closed: never two live pools for one alias.
+_current: dict[str, tuple[Any, GuardedPool]] = {}
+# (alias, settings snapshot) -> Resolved: parsing runs once per distinct DATABASES entry, not
+# once per request (Django builds a new wrapper per thread and per ASGI request).
+_resolved: dict[tuple[Any, ...], Resolved] = {}
+_lock = threading.Lock()
+# Every wrapper, so a forked child can drop the connections it inherited (see _after_fork).
+_wrappers: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
+
+
+class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
+    """Django's PostgreSQL DatabaseWrapper whose connections come from poolguard's pool."""
+
+    display_name = "PostgreSQL (poolguard)"
+    connection: Any  # the psycopg connection in use, None between checkouts
+
+    def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
+        super().__init__(settings_dict, alias)
+        #: The pool the current connection came from; None for a direct connection.
+        self._pg_source: GuardedPool | None = None
+        #: Set by direct_connection(): connect around the pool, to the direct DSN if any.
+        self._pg_direct = False
+        _wrappers.add(self)
+
+    # --- settings ------------------------------------------------------------------------
+
+    def _pg_resolved(self) -> Resolved:
+        sd = self.settings_dict
+        key = (
+            self.alias, sd["NAME"], sd["USER"], sd["PASSWORD"], sd["HOST"], sd["PORT"],
+            repr(sd["OPTIONS"]), sd["CONN_MAX_AGE"], sd["CONN_HEALTH_CHECKS"],
+        )  # fmt: skip
+        found = _resolved.get(key)
+        if found is None:
+            found = resolve(self.alias, sd, self.get_connection_params())
+            if len(_resolved) > 256:  # bounded: tests build many short-lived variants
+                _resolved.clear()
+            _resolved[key] = found
+        if found.settings.mode == "transaction":
+            # A server-side cursor lives in the session; the pooler may give the next FETCH
+            # another one.  QuerySet.iterator() reads this key before it connects.
+            sd["DISABLE_SERVER_SIDE_CURSORS"] = True
+        return found
+
+    @property
+    def pool(self) -> GuardedPool | None:
+        """The poolguard pool this alias uses (None when it connects directly)."""
+        if self.alias == NO_DB_ALIAS or self._pg_direct:
+            return None
+        return self._pg_pool(self._pg_resolved())
+
+    def _pg_pool(self, resolved: Resolved) -> GuardedPool:
+        entry = _current.get(self.alias)
+        if entry is not None and entry[0] is resolved.settings and not entry[1]._closed:
+            return entry[1]
+        with _lock:
+            return self._pg_open_pool(resolved)
+
+    def _pg_open_pool(self, resolved: Resolved) -> GuardedPool:
+        settings = resolved.settings
+        name = settings.name
+        existing = _state._pools.get(name)
+        if existing is not None and not existing._closed and existing.settings != settings:
+            logger.info(
+                "pool %r: the DATABASES entry changed (%s); closing the old pool",
+                name,
+                ", ".join(existing.settings.differences(settings)),
+            )
+            existing.close()
+        try:
+            pool = _state.configure(settings.conninfo, name=name, **resolved.options)
+        except ConfigurationError as exc:
+            raise ImproperlyConfigured(f"DATABASES[{self.alias!r}]: {exc}") from None
+        if pool._inner is None:
+            pool.connect_kwargs = {
+                "autocommit": self.settings_dict["AUTOCOMMIT"],
+                "cursor_factory": ServerBindingCursor if resolved.server_side_binding else Cursor,
+                # Django's loaders (jsonb and inet as text, its range dumper, the time zone).
+                "context": get_adapters_template(django_use_tz(), self.timezone),
+            }
+        _current[self.alias] = (settings, pool)
+        return pool
+
+    def close_pool(self) -> None:
+        """Close this alias's pool (Django's test runner does, before it drops a database)."""
+        with _lock:
+            entry = _current.pop(self.alias, None)
+        if entry is not None:
+            entry[1].close()
+
+    # --- connections ---------------------------------------------------------------------
+
+    @async_unsafe  # type: ignore[untyped-decorator]
+    def get_new_connection(self, conn_params: dict[str, Any]) -> psycopg.Connection[Any]:
+        isolation = self._pg_isolation_level()
+        pool = self.pool
+        if pool is None:
+            conn = self._pg_connect_direct(conn_params)
+        else:
+            conn = pool.getconn()
+            try:
+                self._pg_prepare(conn)
+            except BaseException:
+                pool.putconn(conn)
+                raise
+            self._pg_source = pool
+        if isolation is not None:
+            conn.isolation_level = isolation
+        return conn
+
+    def _pg_isolation_level(self) -> Any:
+        """Django's isolation_level option, checked the way Django checks it."""
+        value = self.settings_dict["OPTIONS"].get("isolation_level")
+        if value is None:
+            self.isolation_level = pg.IsolationLevel.READ_COMMITTED
+            return None
+        try:
+            self.isolation_level = pg.IsolationLevel(value)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['isolation_level'] = {value!r} is not "
+                "a psycopg.IsolationLevel value"
+            ) from None
+        return self.isolation_level
+
+    def _pg_prepare(self, conn: psycopg.Connection[Any]) -> None:
+        """Make a pooled connection match this wrapper: time zone, role.
+
+        The checks are local (the server reports TimeZone on every change), so the usual cost
+        is nothing; the statements bypass poolguard's observation because PgBouncer carries
+        TimeZone across transactions and the role only exists in session mode.
+        """
+        tz = self.timezone_name
+        statements: list[tuple[Any, list[Any]]] = []
+        if tz and conn.info.parameter_status("TimeZone") != tz:
+            statements.append((self.ops.set_time_zone_sql(), [tz]))
+        role = self._pg_resolved().assume_role
+        if role:
+            statements.append((self.ops.compose_sql("SET ROLE %s", [role]), []))
+        if statements:
+            with psycopg.ClientCursor(conn) as cursor:
+                for sql, params in statements:
+                    cursor.execute(sql, params)
+            if not conn.autocommit:
+                conn.commit()
+
+    def _pg_connect_direct(self, conn_params: dict[str, Any]) -> psycopg.Connection[Any]:
+        """A connection of its own: for the no-database alias and inside direct_connection()."""
+        params = {k: v for k, v in conn_params.items() if k != "poolguard"}
+        resolved = self._pg_resolved()
+        direct = resolved.settings.direct_conninfo
+        if direct:
+            # The direct DSN says where (host, port, user); the database stays Django's, so the
+            # test runner's test database is the one migrated.
+            dbname = params.pop("dbname", None)
+            for key in ("host", "port", "user", "password", "service"):
+                params.pop(key, None)
+            params = {**params, "conninfo": direct}
+            if dbname is not None:
+                params["dbname"] = dbname
+        params["cursor_factory"] = ServerBindingCursor if resolved.server_side_binding else Cursor
+        self._pg_source = None
+        return GuardedConnection.connect(**params)
+
+    def ensure_timezone(self) -> bool:
+        # Django's own pooled backend closes the pool here; checking the one connection in
+        # hand is enough, because every checkout checks again (_pg_prepare).
+        if self.connection is None:
+            return False
+        if self._pg_source is None:
+            return bool(self._configure_timezone(self.connection))
+        before = self.connection.info.parameter_status("TimeZone")
+        self._pg_prepare(self.connection)
+        return bool(before != self.connection.info.parameter_status("TimeZone"))
+
+    def _close(self) -> None:
+        conn = self.connection
+        pool = self._pg_source
+        if conn is None or pool is None:
+            super()._close()
+            return
+        self._pg_source = None
+        self.connection = None  # back in the pool: this wrapper must not touch it again
+        if conn.isolation_level is not None and conn.info.transaction_status == _IDLE:
+            conn.isolation_level = None  # what get_new_connection set: keep the fast return
+        with self.wrap_database_errors:
+            pool.putconn(conn)
+
+    def close_if_unusable_or_obsolete(self) -> None:
+        # Called at the start and end of every request: a pooled connection goes back to the
+        # pool then, whatever CONN_MAX_AGE says (CONN_MAX_AGE is the pool's max_lifetime).
+        if self._pg_source is not None:
+            self.close()
+        else:
+            super().close_if_unusable_or_obsolete()
+
+    def close_if_health_check_failed(self) -> None:
+        # The pool checks a connection when it hands it out (health_check, from
+        # CONN_HEALTH_CHECKS), and a connection is never held across requests.
+        if self._pg_source is None:
+            super().close_if_health_check_failed()
+
+    @async_unsafe  # type: ignore[untyped-decorator]
+    def chunked_cursor(self) -> Any:
+        if self.alias != NO_DB_ALIAS and self._pg_resolved().settings.mode == "transaction":
+            return self.cursor()  # no server-side cursor behind a transaction pooler
+        return super().chunked_cursor()
+
+    def __del__(self) -> None:
+        # The thread (or ASGI request context) that owned this wrapper is gone and never closed
+        # its connection: return it, or the pool would count it as out forever.
+        pool, conn = self.__dict__.get("_pg_source"), self.__dict__.get("connection")
+        if pool is None or conn is None or sys.is_finalizing():
+            return
+        self._pg_source = self.connection = None
+        site = _site(pool, id(conn))
+        logger.warning(
+            "pool %r: a Django connection was never closed by its thread (taken at %s); "
+            "returned to the pool when its DatabaseWrapper was garbage-collected "
+            "(call django.db.connection.close() when a thread is done with the database)",
+            pool.name,
+            site,
+        )
+        try:
+            pool.putconn(conn)
+        except Exception:  # nothing useful can be raised from a finalizer
+            logger.exception("pool %r: returning a Django connection failed", pool.name)
+
+
+def _site(pool: GuardedPool, conn_id: int) -> str:
+    for record in pool.checkouts():
+        if record.conn_id == conn_id:
+            return record.site
+    return "<unknown>"
+
+
+def django_use_tz() -> bool:
+    from django.conf import settings  # type: ignore[import-untyped]
+
+    return bool(settings.USE_TZ)
+
+
+@contextmanager
+def direct_connection(using: str = DEFAULT_DB_ALIAS) -> Iterator[None]:
+    """Within the block, ``connections[using]`` bypasses the pool (``manage.py migrate`` does).
+
+    It connects to the direct DSN (``OPTIONS["poolguard"]["direct_dsn"]`` or ``DIRECT_URL``),
+    to the same database NAME: migrations want a real session, not a transaction-mode pooler.
+    Without a direct DSN it changes nothing.
+    """
+    wrapper = connections[using]
+    if (
+        not isinstance(wrapper, DatabaseWrapper)
+        or wrapper._pg_direct
+        or not wrapper._pg_resolved().settings.direct_conninfo
+    ):
+        yield  # nothing to switch to: the pool's connections are the direct ones
+        return
+    wrapper.close()
+    wrapper._pg_direct = True
+    try:
+        yield
+    finally:
+        wrapper.close()
+        wrapper._pg_direct = False
+
+
+def _after_fork() -> None:
+    """In a forked child: forget every inherited connection without touching its socket."""
+    global _lock
+    _lock = threading.Lock()
+    for wrapper in list(_wrappers):
+        if wrapper.connection is not None:
+            # Not close(): that would end the parent's session.  psycopg never closes, on
+            # garbage collection, a connection another process opened.
+            wrapper.connection = None
+            wrapper._pg_source = None
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def pool_for(using: str = DEFAULT_DB_ALIAS) -> GuardedPool:
+    """The poolguard pool behind ``DATABASES[using]``: ``.stats()``, ``.checkouts()``..."""
+    pool = connections[using].pool
+    if not isinstance(pool, GuardedPool):
+        raise ImproperlyConfigured(f"DATABASES[{using!r}] does not use ENGINE 'poolguard.django'")
+    return pool

@@ -1,0 +1,33 @@
+import threading
+
+from django.db import connection, transaction
+from django.http import HttpRequest, JsonResponse
+
+from .models import Item
+
+#: The /hold/ view parks here until the test has looked at the pool.
+release = threading.Event()
+held = threading.Event()
+
+
+def items(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"count": Item.objects.count()})
+
+
+async def aitems(request: HttpRequest) -> JsonResponse:
+    count = await Item.objects.acount()
+    return JsonResponse({"count": count})
+
+
+def hold(request: HttpRequest) -> JsonResponse:
+    with transaction.atomic():
+        count = Item.objects.select_for_update().filter(value__gte=0).count()  # HOLD-LINE
+        held.set()
+        release.wait(30)
+    return JsonResponse({"count": count})
+
+
+def backend_pid(request: HttpRequest) -> JsonResponse:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return JsonResponse({"pid": cursor.fetchone()[0]})
