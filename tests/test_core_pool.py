@@ -311,3 +311,17 @@ def test_guard_warns_in_transaction_mode_and_raises_when_asked(pg_dsn: str) -> N
     poolguard.configure(pg_dsn, name="direct", mode="session")
     with poolguard.connection("direct") as conn:  # session mode: no warning (filterwarnings=error)
         conn.execute("SET search_path = public")
+
+
+def test_returning_twice_is_refused_and_never_hands_one_connection_to_two(pg_dsn: str) -> None:
+    pool = poolguard.configure(pg_dsn, min_size=2, max_size=2)
+    conn = pool.getconn()
+    pool.putconn(conn)
+    with pytest.raises(psycopg.ProgrammingError, match="not checked out"):
+        pool.putconn(conn)
+    first, second = pool.getconn(), pool.getconn()
+    try:
+        assert first is not second
+    finally:
+        pool.putconn(first)
+        pool.putconn(second)

@@ -143,8 +143,13 @@ class _PoolCore:
                 raise psycopg.ProgrammingError(
                     f"pool {self.name!r}: putconn() got a connection no poolguard pool gave out"
                 )
-            _watchdog.returned_unknown(conn)  # reclaimed meanwhile: its slot is already free
-            return None
+            if _watchdog.returned_unknown(conn):  # reclaimed meanwhile: slot already free
+                return None
+            # Shelving it again would hand one connection to two callers.
+            raise psycopg.ProgrammingError(
+                f"pool {self.name!r}: putconn() got a connection that is not checked out "
+                "(returned twice, or taken before os.fork() in the parent process)"
+            )
         self.metrics.use_time.add(monotonic() - entry[0])
         return Checkout(id(conn), entry) if _needs_cleaning(conn) else None
 

@@ -438,8 +438,10 @@ def _log_reclaimed(pool: _PoolCore, message: str) -> None:
     logger.warning("%s; its slot is free again", message)
 
 
-def returned_unknown(conn: Tracked) -> None:
+def returned_unknown(conn: Tracked) -> bool:
     """putconn() found no ledger entry: if the watchdog took the connection, accept quietly.
+
+    Returns whether it was such a reclaimed connection (False: the caller has a bug).
 
     The watchdog has already closed it and freed its slot; clearing ``_pool`` turns the rest
     of putconn() into closing a closed connection.  The lock waits out a reclaim in progress.
@@ -449,6 +451,7 @@ def returned_unknown(conn: Tracked) -> None:
     if reclaimed:
         conn._pool = None  # type: ignore[attr-defined]
         logger.info("a reclaimed connection was returned by its holder (%s)", reclaimed)
+    return bool(reclaimed)
 
 
 # --- connections garbage-collected while checked out -----------------------------------------
