@@ -9,8 +9,9 @@ How the pooler probe works (no admin console, no SHOW pool_mode), with two clien
 A and B:
 
 1. BackendKeyData: libpq's backend pid is what the first hop announced; a pooler announces its
-   own, so it differs from ``pg_backend_pid()``. ``inet_server_port()`` differing from the port
-   dialled says the same. Either means "something in between", not yet which mode.
+   own, so it differs from ``pg_backend_pid()``: something in between, not yet which mode.
+   ``inet_server_port()`` differing from the port dialled is noted too, but a plain port
+   forward does that as well.
 2. Multiplexing: A prepares a uniquely named statement (protocol level) returning
    ``pg_backend_pid()`` and runs it; B opens a transaction and reads its server pid; A runs its
    statement again while B's transaction is open. Directly or through a session pooler, two open
@@ -169,7 +170,8 @@ def _probe_proxy(conn: psycopg.Connection[Any], probe: PoolerProbe) -> None:
         )
     dialled = conn.info.port
     if server_port is not None and dialled and int(server_port) != int(dialled):
-        probe.proxied = True
+        # Evidence only: a port forward (containers, SSH tunnels) does this too, and it
+        # changes nothing about what the connection can keep.
         probe.evidence.append(
             f"dialled port {dialled} but the server listens on {server_port}: something "
             "forwards the connection"
