@@ -43,16 +43,23 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
     parser.add_argument("--pool-size", type=int, default=4, help="server connections (both)")
     parser.add_argument("--scale", type=int, default=1)
+    parser.add_argument(
+        "--no-uvloop",
+        action="store_true",
+        help="use the standard asyncio loop even if uvloop is installed",
+    )
     opts = parser.parse_args()
 
     bindir = find_postgres_bindir()
     pg = start_postgres(max_connections=200)
     bouncer = proxy = None
+    loop_name = "asyncio"
     try:
         init = [str(bindir / "pgbench"), "-i", "-q", "-s", str(opts.scale), pg.dsn]
         subprocess.run(init, check=True, capture_output=True)
         bouncer = start_pgbouncer(pg, default_pool_size=opts.pool_size)
-        proxy = rewriter.start(pg.dsn, pool_size=opts.pool_size)
+        use_uvloop = False if opts.no_uvloop else None
+        proxy = rewriter.start(pg.dsn, pool_size=opts.pool_size, use_uvloop=use_uvloop)
         common = ["-S", "-c", str(opts.clients), "-j", str(opts.threads), "-T", str(opts.duration)]
         results = {
             "direct -M prepared": pgbench(bindir, pg, pg.password, [*common, "-M", "prepared"]),
@@ -64,6 +71,7 @@ def main() -> None:
                 bindir, proxy, proxy.password, [*common, "-M", "prepared"]
             ),
         }
+        loop_name = type(proxy._loop).__module__.split(".")[0]
     finally:
         if proxy is not None:
             proxy.stop()
@@ -73,7 +81,7 @@ def main() -> None:
 
     print(
         f"pgbench -S, {opts.clients} clients, {opts.threads} threads, {opts.duration} s, "
-        f"pool size {opts.pool_size}, {os.cpu_count()} CPUs"
+        f"pool size {opts.pool_size}, {os.cpu_count()} CPUs, rewriter loop: {loop_name}"
     )
     for name, tps in results.items():
         print(f"  {name:<22} {tps:>10.0f} tps")

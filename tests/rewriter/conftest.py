@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,11 @@ def make_rewriter(pg_dsn: str) -> Iterator[Callable[..., rewriter.RewriterHandle
 
     def factory(**kwargs: Any) -> rewriter.RewriterHandle:
         kwargs.setdefault("pool_size", 2)
+        # Default: uvloop if installed. POOLGUARD_REWRITER_UVLOOP=0/1 forces one event loop.
+        kwargs.setdefault(
+            "use_uvloop",
+            {"0": False, "1": True}.get(os.environ.get("POOLGUARD_REWRITER_UVLOOP", "")),
+        )
         handle = rewriter.start(pg_dsn, **kwargs)
         handles.append(handle)
         return handle

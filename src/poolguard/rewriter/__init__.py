@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import secrets
@@ -62,6 +63,19 @@ def _proxy(
         cleanup_timeout=cleanup_timeout,
     )
     return proxy, password
+
+
+def _new_loop(use_uvloop: bool | None) -> asyncio.AbstractEventLoop:
+    """uvloop when installed (or asked for): the proxy spends most of its time in the event
+    loop's socket calls, where uvloop is about twice as fast as the standard loop."""
+    if use_uvloop is not False:
+        try:
+            loop: asyncio.AbstractEventLoop = importlib.import_module("uvloop").new_event_loop()
+            return loop
+        except ImportError:
+            if use_uvloop:
+                raise ImportError("use_uvloop=True but uvloop is not installed") from None
+    return asyncio.new_event_loop()
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -143,6 +157,7 @@ def start(
     max_prepared: int = 500,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     cleanup_timeout: float = 10.0,
+    use_uvloop: bool | None = None,
 ) -> RewriterHandle:
     """Run the rewriter on a background thread and return once it accepts connections.
 
@@ -150,7 +165,8 @@ def start(
     connections shared by all clients; ``max_prepared`` bounds the prepared statements kept on
     each of them (least recently used are closed first). Clients log in with the upstream
     user, database and password (a random password if the upstream needs none; it is in
-    ``handle.dsn``). Raises UpstreamError if the upstream cannot be reached.
+    ``handle.dsn``). ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
+    if the upstream cannot be reached.
     """
     proxy, password = _proxy(
         upstream_dsn,
@@ -160,7 +176,7 @@ def start(
         cleanup_timeout=cleanup_timeout,
     )
     host, port = _split_listen(listen)
-    loop = asyncio.new_event_loop()
+    loop = _new_loop(use_uvloop)
     started: asyncio.Future[None] = loop.create_future()
 
     async def boot() -> None:
@@ -252,8 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "upstream's password, so include one (or set PGPASSWORD)"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    loop = _new_loop(None)
     try:
-        asyncio.run(
+        loop.run_until_complete(
             serve(
                 args.upstream,
                 listen=args.listen,
@@ -264,4 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UpstreamError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 1
+    finally:
+        loop.close()
     return 0

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+from typing import cast
 
 from . import _protocol as p
 from ._auth import ScramVerifier
@@ -105,8 +106,7 @@ class Proxy:
             transport, _ = await asyncio.wait_for(
                 self.pool.upstream.open(asyncio.Protocol), self.pool.upstream.connect_timeout
             )
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(p.build_cancel(pid, key))
+            cast(asyncio.WriteTransport, transport).write(p.build_cancel(pid, key))
         except (OSError, asyncio.TimeoutError) as exc:
             logger.warning("could not forward a cancel request upstream: %s", exc)
         finally:

@@ -14,7 +14,7 @@ import logging
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from . import _auth
 from . import _protocol as p
@@ -34,6 +34,7 @@ _COPY_MSGS = (p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL)
 _MISSING = b"poolguard: no such statement"
 _PROBE = p.build_bind(b"", _MISSING, b"\0\0\0\0\0\0")
 _CACHED_PLAN = "cached plan must not change result type"
+_WAIT_BUFFER = 256 * 1024
 _RESERVED_STARTUP = {"user", "database", "replication", "options"}
 # Settings the server reports with ParameterStatus that a client may change: each client's
 # values are re-applied with SET whenever it gets a backend whose values differ.
@@ -116,6 +117,7 @@ class Session(asyncio.Protocol):
         self.unnamed: _Unnamed | None = None
         self.backend: Backend | None = None
         self.waiting = False  # asked the pool for a backend, not attached yet
+        self.paused = False  # stopped reading from the client while waiting
         self.stalled: list[tuple[bytes, bytes]] = []
         self.pending: deque[_Pending] = deque()
         self.skipping = False  # the server is discarding messages until the next Sync
@@ -133,7 +135,7 @@ class Session(asyncio.Protocol):
     # --- client side: asyncio.Protocol --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass it
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
@@ -277,15 +279,17 @@ class Session(asyncio.Protocol):
 
     def _client_messages(self) -> None:
         if self.waiting:
+            # Buffer while waiting for a backend; stop reading only if the client keeps
+            # sending (pausing costs two epoll calls, and nearly every request waits briefly).
+            if len(self.buf) > _WAIT_BUFFER and self.transport is not None:
+                self.transport.pause_reading()
+                self.paused = True
             return
         msgs, used = p.split_messages(self.buf, self.proxy.max_message_size)
         del self.buf[:used]
         for i, (kind, body) in enumerate(msgs):
             if not self._handle(kind, body):
-                # Waiting for a backend: keep the rest in order and stop reading meanwhile.
-                self.stalled = msgs[i:]
-                if self.transport is not None:
-                    self.transport.pause_reading()
+                self.stalled = msgs[i:]  # keep the rest in order until a backend is free
                 return
 
     def attach(self, backend: Backend) -> None:
@@ -302,7 +306,8 @@ class Session(asyncio.Protocol):
                 if not self._handle(kind, body):
                     self.stalled = stalled[i:]
                     return
-            if self.transport is not None:
+            if self.paused and self.transport is not None:
+                self.paused = False
                 self.transport.resume_reading()
             self._client_messages()
         except p.ProtocolError as exc:
