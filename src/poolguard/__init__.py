@@ -23,23 +23,29 @@ from ._errors import (
     PoolGuardWarning,
 )
 from ._pool import AsyncGuardedPool, GuardedPool, _AsyncCheckout, _Checkout
+from ._report import Report, report, report_on_signal
 from ._settings import Settings
 from ._state import configure, get_async_pool, get_pool, reset
+from ._watchdog import ConnectionLeakWarning
 
 __all__ = [
     "AsyncGuardedPool",
     "ConfigurationError",
+    "ConnectionLeakWarning",
     "ConnectionReclaimed",
     "GuardedPool",
     "PoolConnectError",
     "PoolExhausted",
     "PoolGuardWarning",
+    "Report",
     "Settings",
     "aconnection",
     "configure",
     "connection",
     "get_async_pool",
     "get_pool",
+    "report",
+    "report_on_signal",
     "reset",
     "stats",
 ]
@@ -68,5 +74,5 @@ def stats(name: str = "default") -> dict[str, Any]:
     return pool.stats()
 
 
-for _cls in (AsyncGuardedPool, GuardedPool, Settings):
+for _cls in (AsyncGuardedPool, GuardedPool, Report, Settings):
     _cls.__module__ = "poolguard"

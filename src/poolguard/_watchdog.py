@@ -151,7 +151,7 @@ def _guarded(fn: Any, *args: Any) -> None:
 def _check_pool(pool: _PoolCore, now: float) -> None:
     s = pool.settings
     memory = _memory.setdefault(pool, {})
-    owners = _Owners(pool)
+    owners = Owners(pool)
     items = list(pool.ledger.out.items())  # a copy: the hot path adds and removes meanwhile
     for conn_id, entry in items:
         conn = entry[5]()
@@ -197,7 +197,7 @@ def _check_pool(pool: _PoolCore, now: float) -> None:
                 )
 
 
-class _Owners:
+class Owners:
     """Who is alive right now: threads (sync pools) or the event loop's tasks (async pools)."""
 
     def __init__(self, pool: _PoolCore) -> None:
@@ -255,7 +255,7 @@ def _coroutine_stack(coro: Any) -> list[str]:
     return traceback.StackSummary.extract(frames).format()
 
 
-def _owner_is_gone(owners: _Owners, owner: int, seen: _Seen, conn: Tracked, now: float) -> bool:
+def _owner_is_gone(owners: Owners, owner: int, seen: _Seen, conn: Tracked, now: float) -> bool:
     if owners.alive(owner):
         seen.owner_gone = None
         return False
@@ -296,7 +296,7 @@ def state_of(conn: Tracked) -> str:
     return _STATES.get(conn.pgconn.transaction_status, "unknown")  # type: ignore[attr-defined]
 
 
-def _describe(pool: _PoolCore, conn: Tracked, entry: Entry, owners: _Owners) -> str:
+def _describe(pool: _PoolCore, conn: Tracked, entry: Entry, owners: Owners) -> str:
     stack = owners.stack(entry[1])
     where_now = ("; its owner is now at:\n" + "".join(stack[-8:]).rstrip()) if stack else ""
     return (
@@ -306,7 +306,7 @@ def _describe(pool: _PoolCore, conn: Tracked, entry: Entry, owners: _Owners) -> 
     )
 
 
-def _warn_leak(pool: _PoolCore, conn: Tracked, entry: Entry, owners: _Owners, age: float) -> None:
+def _warn_leak(pool: _PoolCore, conn: Tracked, entry: Entry, owners: Owners, age: float) -> None:
     logger.warning(
         "pool %r: connection not returned after %.1f s (leak_threshold=%g s), %s",
         pool.name,
@@ -317,7 +317,7 @@ def _warn_leak(pool: _PoolCore, conn: Tracked, entry: Entry, owners: _Owners, ag
 
 
 def _warn_idle_in_transaction(
-    pool: _PoolCore, conn: Tracked, entry: Entry, owners: _Owners, idle: float, status: int
+    pool: _PoolCore, conn: Tracked, entry: Entry, owners: Owners, idle: float, status: int
 ) -> None:
     kind = "a failed transaction" if status == TransactionStatus.INERROR else "a transaction"
     logger.warning(

@@ -1,0 +1,160 @@
+"""poolguard.report(): who holds the pool's connections right now, printable and as data.
+
+For each connection out of its pool: how long it has been out, what it is doing (active, idle
+in transaction, idle), who took it and where, what that owner is executing now, and the last
+statement it sent.  Nothing here runs on the hot path; a report reads the ledgers, and only
+``server=True`` opens a short-lived connection to ask pg_stat_activity.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from time import monotonic
+from typing import IO, TYPE_CHECKING, Any
+
+from ._ledger import Entry, format_site
+from ._watchdog import Owners, last_statement, server_activity, state_of
+
+if TYPE_CHECKING:
+    from ._pool import _PoolCore
+
+
+@dataclass(frozen=True)
+class CheckoutReport:
+    """One checked-out connection."""
+
+    pool: str
+    #: Seconds since it was taken.
+    age: float
+    #: "active", "idle in transaction", "idle in transaction (aborted)", "idle" or "closed".
+    state: str
+    #: "thread 'name'" or "task 'name'", "(ended)" / "(finished)" when it is gone.
+    owner: str
+    owner_alive: bool
+    #: The app's line that took it: "path/file.py:88 in view".
+    taken_at: str
+    backend_pid: int
+    #: Text of the last statement on this connection, parameters never included.
+    last_statement: str
+    #: Seconds since the last statement was sent (or since checkout, if none was).
+    idle_for: float
+    #: The owner's current stack, outermost first, formatted like a traceback.
+    stack: tuple[str, ...] = ()
+    #: What pg_stat_activity says about the backend (report(server=True) only).
+    server: dict[str, Any] | None = field(default=None)
+
+    def __str__(self) -> str:
+        server = ""
+        if self.server:
+            server = f", server: {self.server['state']}"
+        lines = [
+            f"pool {self.pool!r}: {self.state} for {self.idle_for:.1f} s, "
+            f"out for {self.age:.1f} s, taken at {self.taken_at} by {self.owner}, "
+            f"backend pid {self.backend_pid}{server}",
+            f"  last statement: {self.last_statement}",
+        ]
+        if self.stack:
+            lines.append("  owner now at:")
+            lines.extend("  " + line for frame in self.stack for line in frame.rstrip().split("\n"))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Every connection checked out right now, oldest first."""
+
+    checkouts: tuple[CheckoutReport, ...]
+
+    def __str__(self) -> str:
+        if not self.checkouts:
+            return "poolguard: no connection is checked out"
+        head = f"poolguard: {len(self.checkouts)} connection(s) checked out"
+        return "\n".join([head, *(str(c) for c in self.checkouts)])
+
+    def __iter__(self) -> Iterator[CheckoutReport]:
+        return iter(self.checkouts)
+
+    def __len__(self) -> int:
+        return len(self.checkouts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serializable): {"checkouts": [{...}, ...]}."""
+        return {"checkouts": [asdict(c) for c in self.checkouts]}
+
+
+def _pools(name: str | None) -> list[_PoolCore]:
+    from ._state import pools
+
+    return [p for p in pools() if name is None or p.name == name]
+
+
+def describe(
+    pool: _PoolCore, entries: list[Entry], *, owners: Owners | None = None, server: bool = False
+) -> list[CheckoutReport]:
+    """Reports for some ledger entries of ``pool``."""
+    owners = owners or Owners(pool)
+    now = monotonic()
+    activity = server_activity(pool.settings, [e[4] for e in entries]) if server else {}
+    found = []
+    for entry in entries:
+        conn = entry[5]()
+        if conn is None:
+            continue
+        found.append(
+            CheckoutReport(
+                pool=pool.name,
+                age=now - entry[0],
+                state=state_of(conn),
+                owner=owners.describe(entry[1]),
+                owner_alive=owners.alive(entry[1]),
+                taken_at=format_site(entry[2], entry[3]),
+                backend_pid=entry[4],
+                last_statement=last_statement(conn),
+                idle_for=now - max(conn._pg_last_active, entry[0]),
+                stack=tuple(owners.stack(entry[1])),
+                server=activity.get(entry[4]),
+            )
+        )
+    return found
+
+
+def report(name: str | None = None, *, server: bool = False) -> Report:
+    """Every connection checked out now (of the pool ``name``, or of all pools), oldest first.
+
+    ``print(poolguard.report())`` for people, ``poolguard.report().as_dict()`` for machines.
+    ``server=True`` adds what pg_stat_activity says about each backend (one short connection).
+    """
+    found: list[CheckoutReport] = []
+    for pool in _pools(name):
+        found += describe(pool, list(pool.ledger.out.values()), server=server)
+    return Report(tuple(sorted(found, key=lambda c: -c.age)))
+
+
+def report_on_signal(signum: int = signal.SIGUSR1, file: IO[str] | None = None) -> Any:
+    """Print report() to ``file`` (stderr) whenever the process receives ``signum``.
+
+    Off unless called; call it from the main thread.  Returns the previous handler.
+    ``kill -USR1 <pid>`` then shows who holds the connections of a stuck process.
+    """
+
+    def dump(signum: int, frame: Any) -> None:
+        print(report(), file=file or sys.stderr, flush=True)
+
+    return signal.signal(signum, dump)
+
+
+def checkouts_now() -> set[int]:
+    """Identities of every ledger entry now, to compare with later (see leftovers)."""
+    return {id(entry) for pool in _pools(None) for entry in list(pool.ledger.out.values())}
+
+
+def leftovers(before: set[int]) -> list[CheckoutReport]:
+    """Checkouts made since ``before = checkouts_now()`` and still out."""
+    found: list[CheckoutReport] = []
+    for pool in _pools(None):
+        fresh = [e for e in list(pool.ledger.out.values()) if id(e) not in before]
+        found += describe(pool, fresh)
+    return found
