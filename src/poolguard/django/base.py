@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -277,33 +276,6 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
         if self.alias != NO_DB_ALIAS and self._pg_resolved().settings.mode == "transaction":
             return self.cursor()  # no server-side cursor behind a transaction pooler
         return super().chunked_cursor()
-
-    def __del__(self) -> None:
-        # The thread (or ASGI request context) that owned this wrapper is gone and never closed
-        # its connection: return it, or the pool would count it as out forever.
-        pool, conn = self.__dict__.get("_pg_source"), self.__dict__.get("connection")
-        if pool is None or conn is None or sys.is_finalizing():
-            return
-        self._pg_source = self.connection = None
-        site = _site(pool, id(conn))
-        logger.warning(
-            "pool %r: a Django connection was never closed by its thread (taken at %s); "
-            "returned to the pool when its DatabaseWrapper was garbage-collected "
-            "(call django.db.connection.close() when a thread is done with the database)",
-            pool.name,
-            site,
-        )
-        try:
-            pool.putconn(conn)
-        except Exception:  # nothing useful can be raised from a finalizer
-            logger.exception("pool %r: returning a Django connection failed", pool.name)
-
-
-def _site(pool: GuardedPool, conn_id: int) -> str:
-    for record in pool.checkouts():
-        if record.conn_id == conn_id:
-            return record.site
-    return "<unknown>"
 
 
 def django_use_tz() -> bool:

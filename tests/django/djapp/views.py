@@ -20,8 +20,8 @@ async def aitems(request: HttpRequest) -> JsonResponse:
 
 
 def hold(request: HttpRequest) -> JsonResponse:
-    with transaction.atomic():
-        count = Item.objects.select_for_update().filter(value__gte=0).count()  # HOLD-LINE
+    with transaction.atomic():  # HOLD-LINE: atomic() takes the connection
+        count = Item.objects.select_for_update().filter(value__gte=0).count()
         held.set()
         release.wait(30)
     return JsonResponse({"count": count})

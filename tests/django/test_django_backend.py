@@ -1,0 +1,295 @@
+"""ENGINE "poolguard.django" in this process: settings, ORM, transactions, request boundaries."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from poolguard.testing import PostgresServer
+
+pytestmark = pytest.mark.usefixtures("django_databases")
+
+
+def entry(**options: Any) -> dict[str, Any]:
+    settings = {
+        "ENGINE": "poolguard.django",
+        "NAME": "app",
+        "USER": "u",
+        "PASSWORD": "s3cret-pw",
+        "HOST": "127.0.0.1",
+        "PORT": "5432",
+        "OPTIONS": options,
+        "CONN_MAX_AGE": 0,
+        "CONN_HEALTH_CHECKS": False,
+        "AUTOCOMMIT": True,
+        "TIME_ZONE": None,
+        "ATOMIC_REQUESTS": False,
+        "TEST": {},
+    }
+    return settings
+
+
+def resolved(settings: dict[str, Any], alias: str = "cfg") -> Any:
+    from poolguard.django.base import DatabaseWrapper
+
+    return DatabaseWrapper(settings, alias)._pg_resolved()
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        ({"poolguard": {"max_size": 0}}, ["['OPTIONS']['poolguard']", "max_size"]),
+        ({"poolguard": {"max_sise": 3}}, ["'max_sise'", "did you mean 'max_size'"]),
+        ({"poolguard": {"mode": "statement"}}, ["mode"]),
+        ({"poolguard": 4}, ["['OPTIONS']['poolguard'] must be a dict"]),
+        ({"poolguard": {"name": "x"}}, ["['poolguard']['name']", "django:cfg"]),
+        ({"pool": True, "poolguard": {"max_size": 2}}, ["both 'pool'", "'poolguard'"]),
+        ({"pool": {"max_size": 2, "num_workers": 3}}, ["['pool']['num_workers']"]),
+        ({"assume_role": "owner"}, ["['assume_role']", "mode'] = 'session'"]),
+        ({"sslmod": "require"}, ["DATABASES['cfg']['OPTIONS']", "sslmod"]),
+        ({"cursor_factory": object}, ["['cursor_factory']"]),
+    ],
+)
+def test_bad_options_name_the_key(options: dict[str, Any], names: list[str]) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured) as info:
+        resolved(entry(**options))
+    message = str(info.value)
+    for name in names:
+        assert name in message
+    assert "s3cret-pw" not in message
+
+
+def test_options_and_django_settings_mapped() -> None:
+    r = resolved(entry(poolguard={"max_size": 3, "mode": "session"}, connect_timeout="7"))
+    assert (r.settings.max_size, r.settings.mode, r.settings.connect_timeout) == (3, "session", 7)
+    assert r.settings.name == "django:cfg"
+    assert "s3cret-pw" not in repr(r.settings)
+    # Django's own pool sizes carry over, so switching ENGINE is the whole change.
+    assert resolved(entry(pool={"min_size": 0, "max_size": 2})).settings.max_size == 2
+    aged = {**entry(), "CONN_MAX_AGE": 45, "CONN_HEALTH_CHECKS": True}
+    assert (resolved(aged).settings.max_lifetime, resolved(aged).settings.health_check) == (
+        45,
+        True,
+    )
+    explicit = {**entry(poolguard={"max_lifetime": 600}), "CONN_MAX_AGE": 45}
+    assert resolved(explicit).settings.max_lifetime == 600
+
+
+def test_transaction_mode_forces_client_side_cursors() -> None:
+    from poolguard.django.base import DatabaseWrapper
+
+    settings = entry()
+    settings["DISABLE_SERVER_SIDE_CURSORS"] = False
+    wrapper = DatabaseWrapper(settings, "cfg")
+    assert wrapper._pg_resolved().settings.mode == "transaction"  # poolguard's default
+    assert settings["DISABLE_SERVER_SIDE_CURSORS"] is True
+    session = {**entry(poolguard={"mode": "session"}), "DISABLE_SERVER_SIDE_CURSORS": False}
+    DatabaseWrapper(session, "cfg2")._pg_resolved()
+    assert session["DISABLE_SERVER_SIDE_CURSORS"] is False
+
+
+# --- the ORM through the pool --------------------------------------------------------------
+
+
+def test_orm_atomic_select_for_update_and_return_to_pool() -> None:
+    from django.db import connection, transaction
+    from djapp.models import Item
+
+    from poolguard.django import pool_for
+
+    connection.close()
+    pool = pool_for("default")
+    item = Item.objects.create(name="orm", data={"k": [1, 2]})
+    assert type(connection.connection).__name__ == "GuardedConnection"
+    with transaction.atomic():
+        locked = Item.objects.select_for_update().get(pk=item.pk)
+        locked.value = 7
+        locked.save()
+        with pytest.raises(RuntimeError), transaction.atomic():  # a savepoint, rolled back
+            Item.objects.filter(pk=item.pk).update(value=99)
+            raise RuntimeError
+    again = Item.objects.get(pk=item.pk)
+    assert (again.value, again.data, again.created.tzinfo is not None) == (7, {"k": [1, 2]}, True)
+    assert connection.connection._pg_last_sql.startswith("SELECT")  # statements are observed
+    assert pool.stats()["db.client.connection.count"]["used"] == 1
+    connection.close()
+    stats = pool.stats()
+    assert stats["db.client.connection.count"]["used"] == 0
+    # Autocommit, cursor class and isolation level matched the pool's defaults: no reset work.
+    assert stats["poolguard.connection.session_resets"] == 0
+    assert stats["poolguard.connection.rollbacks_on_return"] == 0
+
+
+def test_request_boundary_returns_connection_whatever_conn_max_age() -> None:
+    from django.core.signals import request_finished, request_started
+    from django.db import connections
+    from djapp.models import Item
+
+    for alias, kept in (("aged", False), ("stock", True), ("default", False)):
+        wrapper = connections[alias]
+        request_started.send(sender=None)
+        Item.objects.using(alias).count()
+        request_finished.send(sender=None)
+        assert (wrapper.connection is not None) is kept, alias
+    connections["stock"].close()
+    assert connections["aged"].pool.settings.max_lifetime == 60  # CONN_MAX_AGE's new meaning
+
+
+def test_checkout_site_is_the_view_line() -> None:
+    from django.db import connections
+    from django.test import Client
+    from djapp import views
+
+    from poolguard.django import pool_for
+
+    view_file = Path(views.__file__)
+    line = next(
+        n for n, text in enumerate(view_file.read_text().splitlines(), 1) if "HOLD-LINE" in text
+    )
+    views.held.clear()
+    views.release.clear()
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            assert Client().get("/hold/").status_code == 200
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=request, name="hold-request")
+    thread.start()
+    try:
+        assert views.held.wait(10)
+        (record,) = pool_for("default").checkouts()
+        assert record.site.endswith(f"djapp{__import__('os').sep}views.py:{line} in hold")
+        assert record.owner_name() == "hold-request"
+    finally:
+        views.release.set()
+        thread.join(10)
+    assert not errors
+    assert pool_for("default").checkouts() == []
+
+
+def test_thread_that_never_closes_is_reported_at_its_line() -> None:
+    import gc
+
+    from djapp.models import Item
+
+    from poolguard import ConnectionLeakWarning
+    from poolguard.django import pool_for
+
+    def forgetful() -> None:
+        Item.objects.count()  # FORGETFUL-LINE: no connection.close() before the thread ends
+
+    line = next(
+        n
+        for n, text in enumerate(Path(__file__).read_text().splitlines(), 1)
+        if "FORGETFUL-LINE: no" in text
+    )
+    pool = pool_for("default")
+    with pytest.warns(ConnectionLeakWarning, match=rf"test_django_backend.py:{line} in forgetful"):
+        thread = threading.Thread(target=forgetful)
+        thread.start()
+        thread.join(10)
+        del thread
+        gc.collect()
+    assert pool.checkouts() == []
+
+
+def test_fork_child_never_uses_the_parents_socket() -> None:
+    import os
+
+    from django.db import connections
+
+    def backend_pid(alias: str) -> int:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            return int(cursor.fetchone()[0])
+
+    parents = {alias: backend_pid(alias) for alias in ("default", "stock")}
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            inherited = connections["default"].connection is None
+            pids = {alias: backend_pid(alias) for alias in ("default", "stock")}
+            connections["default"].close()
+            os.write(write_end, f"{inherited},{pids['default']},{pids['stock']}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    inherited, default_pid, stock_pid = os.read(read_end, 200).decode().split(",")
+    os.close(read_end)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert inherited == "True"
+    assert int(default_pid) != parents["default"]
+    # The stock backend's child talked over the parent's socket (Django ticket 36957): the
+    # comparison shows what the test would catch.
+    assert int(stock_pid) == parents["stock"]
+    connections["stock"].close()  # its protocol state is not to be trusted any more
+    assert backend_pid("default") == parents["default"]  # the parent's session is intact
+    connections["default"].close()
+
+
+# --- transaction mode through PgBouncer ----------------------------------------------------
+
+
+@pytest.fixture
+def bouncer(django_databases: dict[str, Any]) -> str:
+    if "bouncer" not in django_databases:
+        pytest.skip("pgbouncer is not installed")
+    return "bouncer"
+
+
+@pytest.mark.pgbouncer
+def test_transaction_mode_through_pgbouncer(bouncer: str, postgres_server: PostgresServer) -> None:
+    from django.db import connections, transaction
+    from djapp.models import Item
+
+    wrapper = connections[bouncer]
+    Item.objects.using(bouncer).bulk_create(Item(name=f"b{i}") for i in range(30))
+    with transaction.atomic(using=bouncer):
+        locked = list(Item.objects.using(bouncer).select_for_update().filter(name="b1"))
+        assert len(locked) == 1
+    with wrapper.cursor():
+        pass
+    assert not isinstance(wrapper.chunked_cursor().cursor, psycopg.ServerCursor)
+    names = [i.name for i in Item.objects.using(bouncer).filter(name__startswith="b").iterator()]
+    assert len(names) == 30
+    assert wrapper.connection.info.port != postgres_server.port  # through PgBouncer
+    wrapper.close()
+
+
+@pytest.mark.pgbouncer
+def test_migrate_runs_on_the_direct_dsn(bouncer: str, postgres_server: PostgresServer) -> None:
+    from django.core.management import call_command
+    from django.db import connections
+
+    from poolguard.django import direct_connection
+
+    wrapper = connections[bouncer]
+    ports: list[int] = []
+    with direct_connection(bouncer):
+        with wrapper.cursor():
+            ports.append(wrapper.connection.info.port)
+        assert wrapper.pool is None
+    assert ports == [postgres_server.port]
+    call_command("migrate", database=bouncer, run_syncdb=True, verbosity=0)
+    assert wrapper.connection is None  # migrate's direct connection is closed afterwards
+    with wrapper.cursor():
+        assert wrapper.connection.info.port != postgres_server.port
+    wrapper.close()
