@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._budget import BudgetUnavailable, BudgetWarning
 from ._errors import (
     ConfigurationError,
     ConnectionReclaimed,
@@ -22,6 +23,7 @@ from ._errors import (
     PoolExhausted,
     PoolGuardWarning,
 )
+from ._guard import SessionStateError, SessionStateWarning
 from ._pool import AsyncGuardedPool, GuardedPool, _AsyncCheckout, _Checkout
 from ._report import Report, report, report_on_signal
 from ._settings import Settings
@@ -30,6 +32,8 @@ from ._watchdog import ConnectionLeakWarning
 
 __all__ = [
     "AsyncGuardedPool",
+    "BudgetUnavailable",
+    "BudgetWarning",
     "ConfigurationError",
     "ConnectionLeakWarning",
     "ConnectionReclaimed",
@@ -38,6 +42,8 @@ __all__ = [
     "PoolExhausted",
     "PoolGuardWarning",
     "Report",
+    "SessionStateError",
+    "SessionStateWarning",
     "Settings",
     "aconnection",
     "configure",

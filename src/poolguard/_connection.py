@@ -77,13 +77,27 @@ class Tracked:
         if not isinstance(query, (str, bytes)):
             query = query.as_string(self)  # psycopg.sql.Composable: rare, not cached
         guard = self._pg_guard
-        if guard is not None:
-            in_transaction = not self.autocommit or (  # type: ignore[attr-defined]
-                self.pgconn.transaction_status != _IDLE  # type: ignore[attr-defined]
-            )
-            guard.check(query, in_transaction=in_transaction)
-        if leaves_session_state(query):
+        if guard is None:
+            dirty = leaves_session_state(query)
+        else:  # one cached lookup answers both "report it?" and "reset on return?"
+            dirty = guard.observe(query, in_transaction=self._pg_in_transaction())
+        if dirty:
             self._pg_session_dirty = True
+
+    def _pg_observe_server_cursor(self, name: str, withhold: bool) -> None:
+        """A named (server-side) cursor is about to be declared."""
+        guard = self._pg_guard
+        if guard is not None:
+            in_transaction = self._pg_in_transaction()
+            guard.check_server_cursor(name, in_transaction=in_transaction, withhold=withhold)
+        if withhold:  # it outlives the transaction, so it is session state
+            self._pg_session_dirty = True
+
+    def _pg_in_transaction(self) -> bool:
+        """Will the next statement run inside a transaction block?"""
+        return not self.autocommit or (  # type: ignore[attr-defined]
+            self.pgconn.transaction_status != _IDLE  # type: ignore[attr-defined]
+        )
 
     def _pg_needs_reset(self) -> bool:
         return self._pg_session_dirty or self._pg_client_state() != self._pg_client_defaults
@@ -151,6 +165,28 @@ class AsyncGuardedCursor(psycopg.AsyncCursor[Row]):
         return await super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[arg-type, misc]
 
 
+class GuardedServerCursor(psycopg.ServerCursor[Row]):
+    """psycopg's named cursor, checked by the guard before it is declared."""
+
+    def execute(
+        self, query: Query, params: Params | None = None, *, binary: bool | None = None, **kw: Any
+    ) -> Self:
+        self._conn._pg_observe_server_cursor(self.name, self.withhold)  # type: ignore[attr-defined]
+        self._conn._pg_observe(query)  # type: ignore[attr-defined]
+        return super().execute(query, params, binary=binary, **kw)
+
+
+class AsyncGuardedServerCursor(psycopg.AsyncServerCursor[Row]):
+    """psycopg's async named cursor, checked by the guard before it is declared."""
+
+    async def execute(
+        self, query: Query, params: Params | None = None, *, binary: bool | None = None, **kw: Any
+    ) -> Self:
+        self._conn._pg_observe_server_cursor(self.name, self.withhold)  # type: ignore[attr-defined]
+        self._conn._pg_observe(query)  # type: ignore[attr-defined]
+        return await super().execute(query, params, binary=binary, **kw)
+
+
 class GuardedConnection(Tracked, psycopg.Connection[Any]):
     """A psycopg connection owned by a GuardedPool."""
 
@@ -159,6 +195,7 @@ class GuardedConnection(Tracked, psycopg.Connection[Any]):
         started = monotonic()
         kwargs.setdefault("cursor_factory", GuardedCursor)
         conn = super().connect(conninfo, **kwargs)
+        conn.server_cursor_factory = GuardedServerCursor
         conn._pg_connect_seconds = monotonic() - started
         return conn
 
@@ -183,6 +220,7 @@ class AsyncGuardedConnection(Tracked, psycopg.AsyncConnection[Any]):
         started = monotonic()
         kwargs.setdefault("cursor_factory", AsyncGuardedCursor)
         conn = await super().connect(conninfo, **kwargs)
+        conn.server_cursor_factory = AsyncGuardedServerCursor
         conn._pg_connect_seconds = monotonic() - started
         return conn
 

@@ -15,14 +15,11 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(sys.stdout, users=args.users, requests=args.requests)
 
 
-def _delegate(module: str, function: str) -> object:
-    """A subcommand whose implementation lives in (and is parsed by) another module."""
-
-    def run(args: argparse.Namespace) -> int:
-        main = getattr(importlib.import_module(module, __package__), function)
-        return int(main(args.rest))
-
-    return run
+# Subcommands implemented (and parsed) by other modules: (module, function, help).
+DELEGATED = {
+    "doctor": ("._doctor", "main", "check a database's connection budget and pooler"),
+    "proxy": (".rewriter", "main", "run the statement-name rewriter as a sidecar"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,17 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=5, help="requests per user")
     demo.set_defaults(run=_demo)
 
-    for name, module, function, text in (
-        ("doctor", "._doctor", "main", "check a database's connection budget and pooler"),
-        ("proxy", ".rewriter", "main", "run the statement-name rewriter as a sidecar"),
-    ):
-        sub = commands.add_parser(name, help=text, add_help=False)
-        sub.add_argument("rest", nargs=argparse.REMAINDER)
-        sub.set_defaults(run=_delegate(module, function))
+    for name, (_, _, text) in DELEGATED.items():
+        commands.add_parser(name, help=text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:  # the whole rest of the line is theirs, options first too
+        module, function, _ = DELEGATED[argv[0]]
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        run = getattr(importlib.import_module(module, __package__), function)
+        return int(run(argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
