@@ -476,3 +476,47 @@ if pytest is not None:
             yield dsn
         finally:
             postgres_server.drop_database(name)
+
+    # Leak checks for users' test suites: the marker (or the ini option, for every test) fails
+    # a test whose body leaves a poolguard connection checked out, naming where it was taken.
+    # It wraps the call phase only, so connections that fixtures hold are not counted.
+
+    def pytest_addoption(parser: pytest.Parser) -> None:
+        parser.addini(
+            "poolguard_no_leaks",
+            "fail every test that leaves a poolguard connection checked out",
+            type="bool",
+            default=False,
+        )
+
+    def pytest_configure(config: pytest.Config) -> None:
+        config.addinivalue_line(
+            "markers",
+            "poolguard_no_leaks: fail the test if it leaves a poolguard connection checked out "
+            "or inside an open transaction; the failure names where it was taken",
+        )
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+        if not (
+            item.get_closest_marker("poolguard_no_leaks")
+            or item.config.getini("poolguard_no_leaks")
+        ):
+            return (yield)
+        from ._report import checkouts_now, leftovers
+
+        before = checkouts_now()
+        result = yield
+        found = leftovers(before)
+        if found:
+            lines = [
+                f"  pool {c.pool!r}: taken at {c.taken_at} by {c.owner}, {c.state}"
+                f"{' (an open transaction)' if 'transaction' in c.state else ''}, "
+                f"last statement: {c.last_statement}"
+                for c in found
+            ]
+            pytest.fail(
+                f"test left {len(found)} poolguard connection(s) checked out:\n" + "\n".join(lines),
+                pytrace=False,
+            )
+        return result
