@@ -415,3 +415,12 @@ def test_behind_pgbouncer_the_refused_options_parameter_is_dropped(
     with pool.connection() as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert any("refuses the options startup parameter" in r.getMessage() for r in caplog.records)
+
+
+def test_leak_scene_for_the_demo_pins_the_handlers_line(pg_dsn: str) -> None:
+    from poolguard._report import leak_scene
+
+    text = leak_scene(pg_dsn, threshold=0.2)
+    assert "taken at demo_app/views.py:2 in handle_order" in text
+    assert "last statement: SELECT 'order 42 shipped'" in text
+    assert len(poolguard.get_pool("leak-demo").ledger) == 0  # it cleaned up after itself

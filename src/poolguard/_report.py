@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from time import monotonic
+from time import monotonic, sleep
 from typing import IO, TYPE_CHECKING, Any
 
 from ._ledger import Entry, format_site
@@ -158,3 +158,65 @@ def leftovers(before: set[int]) -> list[CheckoutReport]:
         fresh = [e for e in list(pool.ledger.out.values()) if id(e) not in before]
         found += describe(pool, fresh)
     return found
+
+
+# --- the leak scene of `poolguard demo` -------------------------------------------------------
+
+# An app's request handler with the classic leak: it stashes its connection and never returns
+# it.  Compiled under an app-like file name, because frames inside poolguard's own folder are
+# never "where it was taken".
+_SCENE_FILE = "demo_app/views.py"
+_SCENE_SOURCE = """\
+def handle_order(request, pool):
+    conn = pool.getconn()
+    request["db"] = conn  # "for later": nothing ever calls pool.putconn(conn)
+    return conn.execute("SELECT 'order 42 shipped'").fetchone()[0]
+"""
+
+
+def leak_scene(dsn: str, *, threshold: float = 0.5, name: str = "leak-demo") -> str:
+    """Run a leaking handler against ``dsn`` and return what poolguard found, pinned to its line.
+
+    Takes about ``threshold`` + 0.1 s; uses its own pool ``name`` and closes it afterwards.
+    """
+    import logging
+
+    from ._state import configure
+
+    namespace: dict[str, Any] = {}
+    exec(compile(_SCENE_SOURCE, _SCENE_FILE, "exec"), namespace)
+    found: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found.append(record.getMessage().split("; its owner is now at:")[0])
+
+    leaks = logging.getLogger("poolguard.leaks")
+    capture = Capture(logging.WARNING)
+    leaks.addHandler(capture)
+    pool = configure(
+        dsn, name=name, min_size=0, max_size=2, leak_threshold=threshold,
+        idle_in_transaction_threshold=0, watchdog_interval=0.1,
+    )  # fmt: skip
+    request: dict[str, Any] = {}
+    try:
+        answer = namespace["handle_order"](request, pool)
+        deadline = monotonic() + threshold + 5
+        while not found and monotonic() < deadline:
+            sleep(0.05)
+    finally:
+        leaks.removeHandler(capture)
+        if "db" in request:  # end the scene quietly: roll back, then give it back
+            conn = request.pop("db")
+            conn.rollback()
+            pool.putconn(conn)
+        pool.close()
+    listing = "\n".join(
+        f"  {number:3d}  {text}" for number, text in enumerate(_SCENE_SOURCE.splitlines(), 1)
+    )
+    finding = found[0] if found else "(no report: is the watchdog running?)"
+    return (
+        f"{_SCENE_FILE}, a handler that keeps its connection:\n{listing}\n"
+        f"The handler answered {answer!r}, and {threshold:g} s later poolguard.leaks said:\n"
+        f"  {finding}"
+    )
