@@ -24,8 +24,9 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import django
+import django  # type: ignore[import-untyped]
 from poolguard.testing import PostgresServer, start_postgres
 
 DEFAULT_MODULES = ["backends", "transactions", "basic"]
@@ -66,8 +67,8 @@ def django_tests(cache: Path) -> Path:
     return next(root.glob("*/tests"))
 
 
-def databases(server: PostgresServer, engine: str, mode: str) -> dict[str, object]:
-    def entry(name: str) -> dict[str, object]:
+def databases(server: PostgresServer, engine: str, mode: str) -> dict[str, Any]:
+    def entry(name: str) -> dict[str, Any]:
         db: dict[str, object] = {
             "ENGINE": ENGINES[engine],
             "NAME": name,
@@ -76,14 +77,14 @@ def databases(server: PostgresServer, engine: str, mode: str) -> dict[str, objec
             "HOST": server.host,
             "PORT": server.port,
         }
-        if engine == "poolguard":
-            db["OPTIONS"] = {"poolguard": {"mode": mode}}
         return db
 
     return {"default": entry(f"{engine}_default"), "other": entry(f"{engine}_other")}
 
 
-def run(tests: Path, server: PostgresServer, engine: str, mode: str, labels: list[str]) -> dict:
+def run(
+    tests: Path, server: PostgresServer, engine: str, mode: str, max_size: int, labels: list[str]
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="poolguard-suite-") as tmp:
         Path(tmp, "poolguard_suite_settings.py").write_text(SETTINGS)
         env = {
@@ -91,6 +92,9 @@ def run(tests: Path, server: PostgresServer, engine: str, mode: str, labels: lis
             "PYTHONPATH": os.pathsep.join([tmp, os.environ.get("PYTHONPATH", "")]),
             "POOLGUARD_SUITE_DATABASES": json.dumps(databases(server, engine, mode)),
             "PYTHONWARNINGS": "ignore",
+            # poolguard's settings from the environment: DATABASES stays exactly the stock one.
+            "POOLGUARD_MODE": mode,
+            "POOLGUARD_MAX_SIZE": str(max_size),
         }
         started = time.monotonic()
         proc = subprocess.run(
@@ -123,6 +127,9 @@ def main() -> int:
         "--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", "~/.cache"))
         .expanduser() / "poolguard" / "django-suite",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-size", type=int, default=10, help="poolguard max_size (some tests hold 5 at once)"
+    )
     parser.add_argument("--log-dir", type=Path, help="write each run's full output here")
     parser.add_argument("labels", nargs="*", default=DEFAULT_MODULES)
     args = parser.parse_args()
@@ -130,7 +137,9 @@ def main() -> int:
     tests = django_tests(args.cache)
     server = start_postgres(max_connections=100)
     try:
-        results = [run(tests, server, e, args.mode, args.labels) for e in args.engines]
+        results = [
+            run(tests, server, e, args.mode, args.max_size, args.labels) for e in args.engines
+        ]
     finally:
         server.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,6 @@ def resolved(settings: dict[str, Any], alias: str = "cfg") -> Any:
         ({"pool": {"max_size": 2, "num_workers": 3}}, ["['pool']['num_workers']"]),
         ({"assume_role": "owner"}, ["['assume_role']", "mode'] = 'session'"]),
         ({"sslmod": "require"}, ["DATABASES['cfg']['OPTIONS']", "sslmod"]),
-        ({"cursor_factory": object}, ["['cursor_factory']"]),
     ],
 )
 def test_bad_options_name_the_key(options: dict[str, Any], names: list[str]) -> None:
@@ -82,6 +82,21 @@ def test_options_and_django_settings_mapped() -> None:
     )
     explicit = {**entry(poolguard={"max_lifetime": 600}), "CONN_MAX_AGE": 45}
     assert resolved(explicit).settings.max_lifetime == 600
+
+
+def test_cursor_classes_are_djangos_observed() -> None:
+    from django.db.backends.postgresql import base as pg
+
+    class MyCursor(pg.Cursor):  # type: ignore[misc]
+        pass
+
+    assert issubclass(resolved(entry()).cursor_class, pg.Cursor)
+    assert issubclass(
+        resolved(entry(server_side_binding=True)).cursor_class, pg.ServerBindingCursor
+    )
+    custom = resolved(entry(cursor_factory=MyCursor)).cursor_class
+    assert issubclass(custom, MyCursor)
+    assert custom.execute is not MyCursor.execute
 
 
 def test_transaction_mode_forces_client_side_cursors() -> None:
@@ -204,7 +219,10 @@ def test_thread_that_never_closes_is_reported_at_its_line() -> None:
         thread.join(10)
         del thread
         gc.collect()
-    assert pool.checkouts() == []
+    deadline = time.monotonic() + 5  # the watchdog frees the slot on its next round
+    while pool.checkouts() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [c.site for c in pool.checkouts()] == []
 
 
 def test_fork_child_never_uses_the_parents_socket() -> None:

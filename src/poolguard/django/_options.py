@@ -20,6 +20,7 @@ from psycopg.conninfo import make_conninfo
 
 from .._errors import ConfigurationError
 from .._settings import Settings, build_settings
+from ._cursors import Cursor, ServerBindingCursor, observed
 
 #: Keys of Django's ``OPTIONS["pool"]`` (psycopg_pool arguments) that mean the same in poolguard.
 POOL_KEYS = frozenset(
@@ -40,7 +41,8 @@ class Resolved:
     settings: Settings
     #: The keyword arguments that give ``settings`` to poolguard.configure().
     options: Mapping[str, Any]
-    server_side_binding: bool
+    #: The connections' cursor_factory: Django's (or OPTIONS["cursor_factory"]), observed.
+    cursor_class: type
     assume_role: str | None
 
 
@@ -63,11 +65,6 @@ def resolve(alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, A
         raise ImproperlyConfigured(
             f"{where}['poolguard']['name'] cannot be set: the backend names the pool "
             f"{pool_name(alias)!r} after the alias"
-        )
-    if "cursor_factory" in options:
-        raise ImproperlyConfigured(
-            f"{where}['cursor_factory'] is not supported by poolguard.django: its cursors "
-            "report each statement to poolguard (use server_side_binding to pick the binding)"
         )
     _translate_django_pool(where, options.get("pool"), ours)
     for key in (*_SHARED_KEYS, "prepare_threshold"):
@@ -97,7 +94,7 @@ def resolve(alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, A
     return Resolved(
         settings=settings,
         options=ours,
-        server_side_binding=options.get("server_side_binding") is True,
+        cursor_class=_cursor_class(options),
         assume_role=role,
     )
 
@@ -121,6 +118,12 @@ def _translate_django_pool(where: str, pool: Any, ours: dict[str, Any]) -> None:
                 f"{', '.join(sorted(POOL_KEYS))}; other settings go in {where}['poolguard'])"
             )
         ours[key] = value
+
+
+def _cursor_class(options: Mapping[str, Any]) -> type:
+    if options.get("cursor_factory") is not None:
+        return observed(options["cursor_factory"])
+    return ServerBindingCursor if options.get("server_side_binding") is True else Cursor
 
 
 def _number(value: Any) -> Any:

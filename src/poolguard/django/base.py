@@ -45,29 +45,7 @@ logger = logging.getLogger("poolguard.django")
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
-class _Observed:
-    """Tells the poolguard connection each statement (last statement, session-state guard)."""
-
-    _conn: Any
-
-    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        self._conn._pg_observe(query)
-        return super().execute(query, params, **kwargs)  # type: ignore[misc]
-
-    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
-        self._conn._pg_observe(query)
-        return super().executemany(query, params_seq, **kwargs)  # type: ignore[misc]
-
-
-class Cursor(_Observed, pg.Cursor):  # type: ignore[misc]
-    """Django's default cursor (client-side binding), observed."""
-
-
-class ServerBindingCursor(_Observed, pg.ServerBindingCursor):  # type: ignore[misc]
-    """Django's ``server_side_binding`` cursor, observed."""
-
-
-# alias -> (settings, pool): the pool that serves each alias now.  A DATABASES entry whose
+# alias -> (resolved settings, pool): the pool that serves each alias now.  A DATABASES entry whose
 # connection settings change (the test runner renames NAME to the test database) gets a new
 # pool, and the old one is closed: never two live pools for one alias.
 _current: dict[str, tuple[Any, GuardedPool]] = {}
@@ -82,7 +60,6 @@ _wrappers: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
 class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
     """Django's PostgreSQL DatabaseWrapper whose connections come from poolguard's pool."""
 
-    display_name = "PostgreSQL (poolguard)"
     connection: Any  # the psycopg connection in use, None between checkouts
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
@@ -99,7 +76,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
         sd = self.settings_dict
         key = (
             self.alias, sd["NAME"], sd["USER"], sd["PASSWORD"], sd["HOST"], sd["PORT"],
-            repr(sd["OPTIONS"]), sd["CONN_MAX_AGE"], sd["CONN_HEALTH_CHECKS"],
+            repr(sd["OPTIONS"]), sd["CONN_MAX_AGE"], sd["CONN_HEALTH_CHECKS"], sd["AUTOCOMMIT"],
         )  # fmt: skip
         found = _resolved.get(key)
         if found is None:
@@ -122,7 +99,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
 
     def _pg_pool(self, resolved: Resolved) -> GuardedPool:
         entry = _current.get(self.alias)
-        if entry is not None and entry[0] is resolved.settings and not entry[1]._closed:
+        if entry is not None and entry[0] is resolved and not entry[1]._closed:
             return entry[1]
         with _lock:
             return self._pg_open_pool(resolved)
@@ -130,26 +107,31 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
     def _pg_open_pool(self, resolved: Resolved) -> GuardedPool:
         settings = resolved.settings
         name = settings.name
+        wanted = {
+            "autocommit": self.settings_dict["AUTOCOMMIT"],
+            "cursor_factory": resolved.cursor_class,
+        }
         existing = _state._pools.get(name)
-        if existing is not None and not existing._closed and existing.settings != settings:
-            logger.info(
-                "pool %r: the DATABASES entry changed (%s); closing the old pool",
-                name,
-                ", ".join(existing.settings.differences(settings)),
-            )
-            existing.close()
+        if existing is not None and not existing._closed:
+            changed = existing.settings.differences(settings) + [
+                key for key, value in wanted.items() if existing.connect_kwargs.get(key) != value
+            ]
+            if changed:
+                logger.info(
+                    "pool %r: the DATABASES entry changed (%s); closing the old pool",
+                    name,
+                    ", ".join(changed),
+                )
+                existing.close()
         try:
             pool = _state.configure(settings.conninfo, name=name, **resolved.options)
         except ConfigurationError as exc:
             raise ImproperlyConfigured(f"DATABASES[{self.alias!r}]: {exc}") from None
         if pool._inner is None:
-            pool.connect_kwargs = {
-                "autocommit": self.settings_dict["AUTOCOMMIT"],
-                "cursor_factory": ServerBindingCursor if resolved.server_side_binding else Cursor,
-                # Django's loaders (jsonb and inet as text, its range dumper, the time zone).
-                "context": get_adapters_template(django_use_tz(), self.timezone),
-            }
-        _current[self.alias] = (settings, pool)
+            # Django's loaders (jsonb and inet as text, its range dumper, the time zone).
+            context = get_adapters_template(django_use_tz(), self.timezone)
+            pool.connect_kwargs = {**wanted, "context": context}
+        _current[self.alias] = (resolved, pool)
         return pool
 
     def close_pool(self) -> None:
@@ -189,8 +171,8 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             self.isolation_level = pg.IsolationLevel(value)
         except ValueError:
             raise ImproperlyConfigured(
-                f"DATABASES[{self.alias!r}]['OPTIONS']['isolation_level'] = {value!r} is not "
-                "a psycopg.IsolationLevel value"
+                f"DATABASES[{self.alias!r}]['OPTIONS']['isolation_level']: Invalid transaction "
+                f"isolation level {value} specified. Use one of the psycopg.IsolationLevel values."
             ) from None
         return self.isolation_level
 
@@ -207,13 +189,19 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             statements.append((self.ops.set_time_zone_sql(), [tz]))
         role = self._pg_resolved().assume_role
         if role:
-            statements.append((self.ops.compose_sql("SET ROLE %s", [role]), []))
+            # Not ops.compose_sql(): it would ask this wrapper for a connection, and there is
+            # none yet (this runs inside get_new_connection).
+            statements.append(("SET ROLE %s", [role]))
         if statements:
             with psycopg.ClientCursor(conn) as cursor:
                 for sql, params in statements:
                     cursor.execute(sql, params)
             if not conn.autocommit:
                 conn.commit()
+            if role:
+                # Other wrappers of this alias may want another role or none: the pool runs
+                # DISCARD ALL on return, and the next checkout sets the role again.
+                conn._pg_session_dirty = True  # type: ignore[attr-defined]
 
     def _pg_connect_direct(self, conn_params: dict[str, Any]) -> psycopg.Connection[Any]:
         """A connection of its own: for the no-database alias and inside direct_connection()."""
@@ -229,7 +217,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             params = {**params, "conninfo": direct}
             if dbname is not None:
                 params["dbname"] = dbname
-        params["cursor_factory"] = ServerBindingCursor if resolved.server_side_binding else Cursor
+        params["cursor_factory"] = resolved.cursor_class
         self._pg_source = None
         return GuardedConnection.connect(**params)
 
