@@ -424,3 +424,18 @@ def test_leak_scene_for_the_demo_pins_the_handlers_line(pg_dsn: str) -> None:
     assert "taken at demo_app/views.py:2 in handle_order" in text
     assert "last statement: SELECT 'order 42 shipped'" in text
     assert len(poolguard.get_pool("leak-demo").ledger) == 0  # it cleaned up after itself
+
+
+def test_a_leak_reported_then_reclaimed_counts_once(
+    pg_dsn: str, leaks_log: pytest.LogCaptureFixture
+) -> None:
+    pool = configure(pg_dsn, leak_threshold=0.1, leak_reclaim_after=0.3)
+    conn = pool.getconn()
+    wait_for(lambda: conn.closed)
+    stats = pool.stats()
+    assert (stats["poolguard.connection.leaks"], stats["poolguard.connection.reclaimed"]) == (1, 1)
+    messages = leak_records(leaks_log)
+    assert "not returned after" in messages[0] and "reclaimed by poolguard" in messages[1]
+    pool.putconn(conn)
+    time.sleep(3 * TICK)
+    assert not any("was returned after" in m for m in leak_records(leaks_log, logging.INFO))

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("poolguard.leaks")
 
 _ACTIVE = TransactionStatus.ACTIVE
-_IN_TRANSACTION = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+_INERROR = TransactionStatus.INERROR
+_IN_TRANSACTION = (TransactionStatus.INTRANS, _INERROR)
 _STATES = {
     TransactionStatus.IDLE: "idle",
     TransactionStatus.ACTIVE: "active",
@@ -153,6 +154,9 @@ def _check_pool(pool: _PoolCore, now: float) -> None:
     memory = _memory.setdefault(pool, {})
     owners = Owners(pool)
     items = list(pool.ledger.out.items())  # a copy: the hot path adds and removes meanwhile
+    # (headline, conn, entry) of this tick's warnings: logged together after one look at
+    # pg_stat_activity, so a burst of leaks costs one short connection, not one each.
+    warn: list[tuple[str, Tracked, Entry]] = []
     for conn_id, entry in items:
         conn = entry[5]()
         if conn is None:  # being collected: adopt_lost() has it
@@ -166,15 +170,23 @@ def _check_pool(pool: _PoolCore, now: float) -> None:
         age = now - entry[0]
         if _owner_is_gone(owners, entry[1], seen, conn, now):
             what = owners.describe(entry[1])
-            _reclaim(pool, conn, entry, f"its owner ({what}) ended without returning it")
+            _reclaim(pool, conn, entry, f"its owner ({what}) ended without returning it", seen)
             continue
         if s.leak_reclaim_after and age >= s.leak_reclaim_after:
-            _reclaim(pool, conn, entry, f"held past leak_reclaim_after={s.leak_reclaim_after:g} s")
+            why = f"held past leak_reclaim_after={s.leak_reclaim_after:g} s"
+            _reclaim(pool, conn, entry, why, seen)
             continue
         if s.leak_threshold and age >= s.leak_threshold and not seen.leak_reported:
             seen.leak_reported = True
             pool.metrics.leaks += 1
-            _warn_leak(pool, conn, entry, owners, age)
+            warn.append(
+                (
+                    f"connection not returned after {age:.1f} s "
+                    f"(leak_threshold={s.leak_threshold:g} s)",
+                    conn,
+                    entry,
+                )
+            )
         if (
             s.idle_in_transaction_threshold
             and status in _IN_TRANSACTION
@@ -183,7 +195,21 @@ def _check_pool(pool: _PoolCore, now: float) -> None:
             idle = now - max(seen.busy_at, seen.last_active, entry[0])
             if idle >= s.idle_in_transaction_threshold:
                 seen.idle_reported = seen.last_active
-                _warn_idle_in_transaction(pool, conn, entry, owners, idle, status)
+                kind = "a failed transaction" if status == _INERROR else "a transaction"
+                warn.append(
+                    (
+                        f"connection idle in {kind} for {idle:.1f} s "
+                        f"(idle_in_transaction_threshold={s.idle_in_transaction_threshold:g} s)",
+                        conn,
+                        entry,
+                    )
+                )
+    if warn:
+        server = server_activity(s, [entry[4] for _, _, entry in warn])
+        for headline, conn, entry in warn:
+            logger.warning(
+                "pool %r: %s, %s", pool.name, headline, _describe(conn, entry, owners, server)
+            )
     for conn_id, seen in list(memory.items()):
         if pool.ledger.out.get(conn_id) is not seen.entry:
             del memory[conn_id]
@@ -296,37 +322,20 @@ def state_of(conn: Tracked) -> str:
     return _STATES.get(conn.pgconn.transaction_status, "unknown")  # type: ignore[attr-defined]
 
 
-def _describe(pool: _PoolCore, conn: Tracked, entry: Entry, owners: Owners) -> str:
+def _describe(
+    conn: Tracked, entry: Entry, owners: Owners, server: dict[int, dict[str, Any]]
+) -> str:
     stack = owners.stack(entry[1])
     where_now = ("; its owner is now at:\n" + "".join(stack[-8:]).rstrip()) if stack else ""
+    row = server.get(entry[4])
+    seen_by_server = ""
+    if row is not None:
+        since = f" for {row['state_age']:.1f} s" if row["state_age"] is not None else ""
+        seen_by_server = f"; server: {row['state']}{since}"
     return (
         f"taken at {format_site(entry[2], entry[3])} by {owners.describe(entry[1])}, "
         f"backend pid {entry[4]}, last statement: {last_statement(conn)}"
-        f"{_server_note(pool, entry[4])}{where_now}"
-    )
-
-
-def _warn_leak(pool: _PoolCore, conn: Tracked, entry: Entry, owners: Owners, age: float) -> None:
-    logger.warning(
-        "pool %r: connection not returned after %.1f s (leak_threshold=%g s), %s",
-        pool.name,
-        age,
-        pool.settings.leak_threshold,
-        _describe(pool, conn, entry, owners),
-    )
-
-
-def _warn_idle_in_transaction(
-    pool: _PoolCore, conn: Tracked, entry: Entry, owners: Owners, idle: float, status: int
-) -> None:
-    kind = "a failed transaction" if status == TransactionStatus.INERROR else "a transaction"
-    logger.warning(
-        "pool %r: connection idle in %s for %.1f s (idle_in_transaction_threshold=%g s), %s",
-        pool.name,
-        kind,
-        idle,
-        pool.settings.idle_in_transaction_threshold,
-        _describe(pool, conn, entry, owners),
+        f"{seen_by_server}{where_now}"
     )
 
 
@@ -367,33 +376,25 @@ def server_activity(settings: Settings, pids: list[int]) -> dict[int, dict[str, 
     }
 
 
-def _server_note(pool: _PoolCore, pid: int) -> str:
-    row = server_activity(pool.settings, [pid]).get(pid)
-    if row is None:
-        return ""
-    since = f" for {row['state_age']:.1f} s" if row["state_age"] is not None else ""
-    return f"; server: {row['state']}{since}"
-
-
 # --- taking connections back ----------------------------------------------------------------
 
 
-def _reclaim(pool: _PoolCore, conn: Tracked, entry: Entry, why: str) -> None:
+def _reclaim(pool: _PoolCore, conn: Tracked, entry: Entry, why: str, seen: _Seen) -> None:
     """Close a checked-out connection and free its slot, unless its holder returns it first."""
     message = (
         f"connection reclaimed by poolguard after {monotonic() - entry[0]:.1f} s: {why} "
-        f"(taken at {format_site(entry[2], entry[3])}, pool {pool.name!r})"
+        f"(taken at {format_site(entry[2], entry[3])})"
     )
     loop: asyncio.AbstractEventLoop | None = getattr(pool, "_loop", None)
     if hasattr(pool, "_loop"):
         if loop is not None and not loop.is_closed():
-            asyncio.run_coroutine_threadsafe(_areclaim(pool, conn, entry, message), loop)
+            asyncio.run_coroutine_threadsafe(_areclaim(pool, conn, entry, message, seen), loop)
         return
     lock: threading.Lock = conn.lock  # type: ignore[attr-defined]
     if not lock.acquire(blocking=False):
         return  # a statement is running: not idle after all, look again next tick
     try:
-        if not _claim(pool, conn, entry, message):
+        if not _claim(pool, conn, entry, message, seen):
             return
         conn.close()  # type: ignore[attr-defined]
         inner = pool._inner_pool()
@@ -401,21 +402,23 @@ def _reclaim(pool: _PoolCore, conn: Tracked, entry: Entry, why: str) -> None:
             inner.putconn(conn)  # closed: psycopg_pool replaces it
     finally:
         lock.release()
-    _log_reclaimed(pool, message)
+    _log_reclaimed(pool, message, seen)
 
 
-async def _areclaim(pool: _PoolCore, conn: Tracked, entry: Entry, message: str) -> None:
+async def _areclaim(
+    pool: _PoolCore, conn: Tracked, entry: Entry, message: str, seen: _Seen
+) -> None:
     # On the pool's event loop: nothing else runs between the checks and the close.
-    if conn.lock.locked() or not _claim(pool, conn, entry, message):  # type: ignore[attr-defined]
+    if conn.lock.locked() or not _claim(pool, conn, entry, message, seen):  # type: ignore[attr-defined]
         return
     await conn.close()  # type: ignore[attr-defined]
     inner = pool._inner_pool()
     if inner is not None and conn._pool is inner:  # type: ignore[attr-defined]
         await inner.putconn(conn)  # type: ignore[misc]
-    _log_reclaimed(pool, message)
+    _log_reclaimed(pool, message, seen)
 
 
-def _claim(pool: _PoolCore, conn: Tracked, entry: Entry, message: str) -> bool:
+def _claim(pool: _PoolCore, conn: Tracked, entry: Entry, message: str, seen: _Seen) -> bool:
     """Take the ledger entry from under the holder: exactly one of us and putconn() wins."""
     if conn.pgconn.transaction_status == _ACTIVE:  # type: ignore[attr-defined]
         return False
@@ -426,16 +429,15 @@ def _claim(pool: _PoolCore, conn: Tracked, entry: Entry, message: str) -> bool:
             return False  # returned (and maybe taken again) meanwhile
         del pool.ledger.out[id(conn)]
         mark_reclaimed(conn, message)
-    seen = _memory.get(pool, {}).get(id(conn))
-    if seen is not None:
-        seen.reclaimed = True
+    seen.reclaimed = True
     return True
 
 
-def _log_reclaimed(pool: _PoolCore, message: str) -> None:
+def _log_reclaimed(pool: _PoolCore, message: str, seen: _Seen) -> None:
     pool.metrics.reclaimed += 1
-    pool.metrics.leaks += 1
-    logger.warning("%s; its slot is free again", message)
+    if not seen.leak_reported:  # one leak, counted once
+        pool.metrics.leaks += 1
+    logger.warning("pool %r: %s; its slot is free again", pool.name, message)
 
 
 def returned_unknown(conn: Tracked) -> bool:
