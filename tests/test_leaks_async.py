@@ -208,3 +208,21 @@ def test_server_timeout_kills_idle_transaction_and_pool_keeps_serving(pg_dsn: st
             assert await cur.fetchone() == (1,)
 
     run(main())
+
+
+def test_watchdog_stops_once_the_async_pools_loop_is_gone(pg_dsn: str) -> None:
+    from poolguard import _watchdog
+
+    pool = async_pool(pg_dsn)
+
+    async def main() -> None:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+        assert _watchdog.running()
+
+    run(main())
+    poolguard.reset()  # forgets async pools without closing them: their loop is closed
+    deadline = time.monotonic() + 2
+    while _watchdog.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _watchdog.running()

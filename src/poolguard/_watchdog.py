@@ -109,7 +109,15 @@ def running() -> bool:
 
 
 def _open_pools() -> list[_PoolCore]:
-    return [p for p in list(_watched) if not p._closed and p._inner_pool() is not None]
+    return [
+        p for p in list(_watched) if not p._closed and p._inner_pool() is not None and _alive(p)
+    ]
+
+
+def _alive(pool: _PoolCore) -> bool:
+    """An async pool whose event loop is closed is dead: nothing can run its I/O any more."""
+    loop: asyncio.AbstractEventLoop | None = getattr(pool, "_loop", None)
+    return loop is None or not loop.is_closed()
 
 
 def _run() -> None:
