@@ -18,21 +18,30 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import URL, Engine, make_url
+
+import sqlalchemy
 
 from .. import _state
 from .._errors import ConfigurationError
 from .._pool import GuardedPool
 from .._settings import Settings, parse_dsn
 from ._asyncpg import AsyncpgPool, asyncpg_pool
+from ._asyncpg import _pools as _asyncpg_pools
 from ._pool import AsyncSource, SharedPool, Source
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["AsyncpgPool", "SharedPool", "create_async_engine", "create_engine", "direct_url"]
+__all__ = [
+    "AsyncpgPool",
+    "SharedPool",
+    "aclose",
+    "create_async_engine",
+    "create_engine",
+    "direct_url",
+]
 
 # SQLAlchemy arguments that would configure a second pool, and what to set instead.
 _REFUSED = {
@@ -70,9 +79,9 @@ def create_engine(url: str | URL | None = None, *, name: str = "default", **kw: 
     poolguard setting to use) and ``pool_pre_ping``, ``pool_reset_on_return``, ``echo_pool``,
     ``pool_logging_name``, which keep their meaning.
     """
-    sa_url, pool = _resolve(url, name, ("", "psycopg"), "create_engine")
+    sa_url, pool, dsn = _resolve(url, name, ("", "psycopg"), "create_engine")
     _check_psycopg_args(kw, pool.settings)
-    shared = SharedPool(Source(pool), **_pool_args(kw, pool.settings))
+    shared = SharedPool(Source(name, dsn), **_pool_args(kw, pool.settings))
     return sqlalchemy.create_engine(sa_url, pool=shared, **_engine_args(kw))
 
 
@@ -94,15 +103,14 @@ def create_async_engine(
     """
     from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
-    sa_url, pool = _resolve(
+    sa_url, pool, dsn = _resolve(
         url, name, ("", "psycopg", "psycopg_async", "asyncpg"), "create_async_engine"
     )
     settings = pool.settings
-    source: AsyncSource
-    if sa_url.get_driver_name() == "asyncpg":
-        source = AsyncSource(
-            asyncpg_pool(settings), _asyncpg_adapter_args(kw, settings, prepared_statements)
-        )
+    asyncpg = sa_url.get_driver_name() == "asyncpg"
+    if asyncpg:
+        asyncpg_pool(settings)  # the DSN must suit asyncpg: fail now rather than on first use
+        adapter_kwargs = _asyncpg_adapter_args(kw, settings, prepared_statements)
     else:
         if prepared_statements is not None:
             raise ConfigurationError(
@@ -110,9 +118,25 @@ def create_async_engine(
                 f"follow pool {name!r}'s prepare_threshold setting"
             )
         _check_psycopg_args(kw, settings)
-        source = AsyncSource(_state.get_async_pool(name))
+        adapter_kwargs = {}
+    source = AsyncSource(name, dsn, asyncpg=asyncpg, adapter_kwargs=adapter_kwargs)
     shared = SharedPool(source, **_pool_args(kw, settings))
     return sa_create_async_engine(sa_url, pool=shared, **_engine_args(kw))
+
+
+async def aclose(name: str = "default") -> None:
+    """Close the event-loop-bound pools of ``name`` (psycopg async and asyncpg).
+
+    Their connections belong to the loop that opened them: call this before that loop ends
+    (an app's shutdown hook, the end of ``asyncio.run()``).  ``AsyncEngine.dispose()`` does not
+    close them, because other engines and code of the process share them.
+    """
+    twin = _state._async_pools.get(name)
+    if twin is not None:
+        await twin.close()
+    pool = _asyncpg_pools.get(name)
+    if pool is not None:
+        await pool.close()
 
 
 def direct_url(name: str = "default", driver: str = "psycopg") -> URL:
@@ -132,12 +156,13 @@ def direct_url(name: str = "default", driver: str = "psycopg") -> URL:
 
 def _resolve(
     url: str | URL | None, name: str, drivers: tuple[str, ...], caller: str
-) -> tuple[URL, GuardedPool]:
-    """The engine's URL (no password) and the poolguard pool behind it, configured if new."""
+) -> tuple[URL, GuardedPool, str | None]:
+    """The engine's URL (no password), the poolguard pool behind it (configured if new), and
+    the DSN to configure it again from after a reset (None: the configured pool's)."""
     if url is None:
         pool = _state.get_pool(name)
         driver = drivers[1]
-        return _url_from_conninfo(pool.settings.conninfo, f"postgresql+{driver}"), pool
+        return _url_from_conninfo(pool.settings.conninfo, f"postgresql+{driver}"), pool, None
     sa_url = make_url(url)
     driver = sa_url.get_driver_name() if "+" in sa_url.drivername else ""
     if sa_url.get_backend_name() != "postgresql" or driver not in drivers:
@@ -160,7 +185,7 @@ def _resolve(
         pool = existing
     else:
         pool = _state.configure(dsn, name=name)
-    return sa_url.set(password=None), pool
+    return sa_url.set(password=None), pool, dsn
 
 
 def _url_from_conninfo(conninfo: str, drivername: str, *, password: bool = False) -> URL:

@@ -19,8 +19,9 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 from sqlalchemy.util import concurrency
 
+from .. import _state
 from .._pool import AsyncGuardedPool, GuardedPool, _PoolCore
-from ._asyncpg import AsyncpgPool
+from ._asyncpg import AsyncpgPool, asyncpg_pool
 
 logger = logging.getLogger("poolguard")
 
@@ -32,18 +33,38 @@ _shared_pools: weakref.WeakSet[SharedPool] = weakref.WeakSet()
 
 
 class Source:
-    """Where a SharedPool's connections come from: a sync poolguard pool."""
+    """Where a SharedPool's connections come from: the sync poolguard pool called ``name``.
 
-    pool: _PoolCore
+    The pool is looked up on each checkout, so an engine made at import time keeps working
+    after ``poolguard.reset()`` (tests) or a closed pool (it is configured again from ``dsn``).
+    Each connection goes back to the pool it came from.
+    """
 
-    def __init__(self, pool: GuardedPool) -> None:
-        self.pool = self._sync = pool
+    def __init__(self, name: str, dsn: str | None) -> None:
+        self.name = name
+        self._dsn = dsn
 
-    def take(self) -> Any:
-        return self._sync.getconn()
+    def sync_pool(self) -> GuardedPool:
+        pool = _state._pools.get(self.name)
+        if pool is None or pool._closed:
+            pool = (
+                _state.configure(self._dsn, name=self.name)
+                if self._dsn
+                else _state.get_pool(self.name)
+            )
+        return pool
 
-    def give(self, raw: Any) -> None:
-        self._sync.putconn(raw)
+    @property
+    def pool(self) -> _PoolCore:
+        """The pool that checkouts use now."""
+        return self.sync_pool()
+
+    def take(self) -> tuple[Any, Any]:
+        pool = self.sync_pool()
+        return pool.getconn(), pool
+
+    def give(self, raw: Any, pool: Any) -> None:
+        pool.putconn(raw)
 
     def wrap(self, dialect: Any, raw: Any) -> Any:
         """The DBAPI connection SQLAlchemy uses for ``raw``."""
@@ -51,31 +72,39 @@ class Source:
 
 
 class AsyncSource(Source):
-    """An asyncio poolguard pool, driven from SQLAlchemy's greenlet-run sync code."""
+    """The psycopg async twin or the asyncpg pool of ``name``, driven from SQLAlchemy's
+    greenlet-run sync code."""
 
     def __init__(
-        self, pool: AsyncGuardedPool | AsyncpgPool, adapter_kwargs: dict[str, Any] | None = None
+        self, name: str, dsn: str | None, *, asyncpg: bool, adapter_kwargs: dict[str, Any]
     ) -> None:
-        self.pool = self._async = pool
-        self.adapter_kwargs = adapter_kwargs or {}
+        super().__init__(name, dsn)
+        self._asyncpg = asyncpg
+        self.adapter_kwargs = adapter_kwargs
         self._pending: set[asyncio.Future[None]] = set()
 
-    def take(self) -> Any:
-        return concurrency.await_(self._async.getconn())
+    @property
+    def pool(self) -> AsyncGuardedPool | AsyncpgPool:
+        settings = self.sync_pool().settings
+        return asyncpg_pool(settings) if self._asyncpg else _state.get_async_pool(self.name)
 
-    def give(self, raw: Any) -> None:
+    def take(self) -> tuple[Any, Any]:
+        pool = self.pool
+        return concurrency.await_(pool.getconn()), pool
+
+    def give(self, raw: Any, pool: Any) -> None:
         if concurrency.in_greenlet():
-            concurrency.await_(self._async.putconn(raw))
+            concurrency.await_(pool.putconn(raw))
             return
         # The garbage collector returned a connection that was never closed: no greenlet to
         # await in, so hand it back on the pool's loop.
-        loop = self._async._loop
+        loop = pool._loop
         if loop is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(self._give_later, raw)
+        loop.call_soon_threadsafe(self._give_later, raw, pool)
 
-    def _give_later(self, raw: Any) -> None:
-        task = asyncio.ensure_future(self._async.putconn(raw))
+    def _give_later(self, raw: Any, pool: Any) -> None:
+        task = asyncio.ensure_future(pool.putconn(raw))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -99,56 +128,57 @@ class SharedPool(Pool):
 
     def _creator_for(self, record: ConnectionPoolEntry) -> Any:
         """SQLAlchemy's creator: the connection _do_get() took, or a replacement."""
-        raw = getattr(self._handoff, "raw", None)
-        if raw is not None:
-            self._handoff.raw = None
+        taken = getattr(self._handoff, "taken", None)
+        if taken is not None:
+            self._handoff.taken = None
         else:
             # The record is reconnecting while checked out (pre-ping failed, or it was
             # invalidated): its old connection is closed by now; poolguard discards it.
             old = _info(record).pop(_RAW, None)
             if old is not None:
-                self._records.pop(id(old), None)
-                self.source.give(old)
-            raw = self.source.take()
-            self._records[id(raw)] = record
-        _info(record)[_RAW] = raw
-        return self.source.wrap(self._dialect, raw)
+                self._records.pop(id(old[0]), None)
+                self.source.give(*old)
+            taken = self.source.take()
+            self._records[id(taken[0])] = record
+        _info(record)[_RAW] = taken
+        return self.source.wrap(self._dialect, taken[0])
 
     def _do_get(self) -> ConnectionPoolEntry:
         if self._generation != _generation:
             self._records.clear()
             self._generation = _generation
-        raw = self.source.take()
-        record = self._records.get(id(raw))
-        if record is not None and _info(record).get(_RAW) is raw:
+        taken = self.source.take()
+        record = self._records.get(id(taken[0]))
+        if record is not None and _info(record).get(_RAW) == taken:
             return record
         self._forget_closed()
-        self._handoff.raw = raw
+        self._handoff.taken = taken
         try:
             record = self._create_connection()
         except BaseException:
-            self._handoff.raw = None
-            self.source.give(raw)
+            self._handoff.taken = None
+            self.source.give(*taken)
             raise
-        self._records[id(raw)] = record
+        self._records[id(taken[0])] = record
         return record
 
     def _forget_closed(self) -> None:
         """Drop records whose connection poolguard closed (max_lifetime, max_idle)."""
         for key, record in list(self._records.items()):
-            if _is_closed(_info(record).get(_RAW)):
+            taken = _info(record).get(_RAW)
+            if taken is None or _is_closed(taken[0]):
                 del self._records[key]
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        raw = _info(record).get(_RAW)
-        if raw is None:
+        taken = _info(record).get(_RAW)
+        if taken is None:
             return
         if self._generation != _generation:
             return  # the parent process's connection: never touch it
         if record.dbapi_connection is None:  # invalidated: closed, and poolguard discards it
             _info(record).pop(_RAW, None)
-            self._records.pop(id(raw), None)
-        self.source.give(raw)
+            self._records.pop(id(taken[0]), None)
+        self.source.give(*taken)
 
     def dispose(self) -> None:
         """Forget this engine's per-connection state; poolguard's connections stay open."""
@@ -169,7 +199,7 @@ class SharedPool(Pool):
     def status(self) -> str:
         pool = self.source.pool
         return (
-            f"SharedPool over poolguard pool {pool.name!r}: "
+            f"SharedPool over poolguard pool {self.source.name!r}: "
             f"{len(pool.ledger)}/{pool.settings.max_size} in use"
         )
 
@@ -181,8 +211,6 @@ def _info(record: ConnectionPoolEntry) -> dict[Any, Any]:
 
 
 def _is_closed(raw: Any) -> bool:
-    if raw is None:
-        return True
     if isinstance(raw, asyncpg.Connection):
         return bool(raw.is_closed())
     return bool(raw.closed)
