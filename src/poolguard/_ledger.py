@@ -38,6 +38,9 @@ _internal_dirs: tuple[str, ...] = (
         for d in map(_package_dir, ("psycopg", "psycopg_pool", "django", "sqlalchemy", "asgiref"))
         if d
     ),
+    # SQLAlchemy compiles some wrappers at run time (Session._connection_for_bind among them);
+    # their code objects carry this pseudo file name, not a path under sqlalchemy/.
+    "<sqlalchemy generated ",
 )
 _internal_files: tuple[str, ...] = ("contextlib.py",)
 
