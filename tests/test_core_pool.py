@@ -331,12 +331,15 @@ def test_with_hold_server_cursor_is_flagged_and_reset(pg_dsn: str) -> None:
     from poolguard._guard import SessionStateWarning
 
     pool = poolguard.configure(pg_dsn, min_size=1, max_size=1)
-    with pytest.warns(SessionStateWarning), pool.connection() as conn:
-        with conn.cursor("held", withhold=True) as cur:
-            cur.execute("SELECT generate_series(1, 3)")
-            assert cur.fetchone() == (1,)
-    with pool.connection() as conn:  # a plain named cursor in a transaction: no warning
-        with conn.cursor("plain") as cur:
-            cur.execute("SELECT 1")
-            assert cur.fetchall() == [(1,)]
+    with (
+        pytest.warns(SessionStateWarning),
+        pool.connection() as conn,
+        conn.cursor("held", withhold=True) as cur,
+    ):
+        cur.execute("SELECT generate_series(1, 3)")
+        assert cur.fetchone() == (1,)
+    # A plain named cursor inside a transaction: no warning (filterwarnings=error).
+    with pool.connection() as conn, conn.cursor("plain") as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchall() == [(1,)]
     assert poolguard.stats()["poolguard.connection.session_resets"] == 1
