@@ -9,7 +9,7 @@ stays true, so Django, SQLAlchemy and user code see nothing unusual.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from operator import attrgetter
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -192,9 +192,18 @@ class GuardedConnection(Tracked, psycopg.Connection[Any]):
 
     @classmethod
     def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
-        started = monotonic()
+        """psycopg's connect; ``_pg_on_refused`` (the pool's) may wait out a full server, retry."""
+        on_refused: Callable[[psycopg.OperationalError], bool] | None
+        on_refused = kwargs.pop("_pg_on_refused", None)
         kwargs.setdefault("cursor_factory", GuardedCursor)
-        conn = super().connect(conninfo, **kwargs)
+        while True:
+            started = monotonic()
+            try:
+                conn = super().connect(conninfo, **kwargs)
+                break
+            except psycopg.OperationalError as exc:
+                if on_refused is None or not on_refused(exc):
+                    raise
         conn.server_cursor_factory = GuardedServerCursor
         conn._pg_connect_seconds = monotonic() - started
         return conn
@@ -217,9 +226,18 @@ class AsyncGuardedConnection(Tracked, psycopg.AsyncConnection[Any]):
 
     @classmethod
     async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
-        started = monotonic()
+        """psycopg's connect; ``_pg_on_refused`` (the pool's) may wait out a full server, retry."""
+        on_refused: Callable[[psycopg.OperationalError], Awaitable[bool]] | None
+        on_refused = kwargs.pop("_pg_on_refused", None)
         kwargs.setdefault("cursor_factory", AsyncGuardedCursor)
-        conn = await super().connect(conninfo, **kwargs)
+        while True:
+            started = monotonic()
+            try:
+                conn = await super().connect(conninfo, **kwargs)
+                break
+            except psycopg.OperationalError as exc:
+                if on_refused is None or not await on_refused(exc):
+                    raise
         conn.server_cursor_factory = AsyncGuardedServerCursor
         conn._pg_connect_seconds = monotonic() - started
         return conn

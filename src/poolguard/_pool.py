@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import monotonic
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -21,12 +21,14 @@ import psycopg_pool
 from psycopg.pq import TransactionStatus
 
 from . import _watchdog
+from ._budget import check_budget_on_open
 from ._connection import AsyncGuardedConnection, GuardedConnection, Tracked, _needs_cleaning
 from ._errors import PoolConnectError, PoolExhausted
 from ._guard import SessionStateGuard
 from ._ledger import Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
 from ._settings import Settings, redact_text
+from ._toomany import Backoff, Step, is_too_many_connections, limit_text, refusal_text
 
 logger = logging.getLogger("poolguard")
 
@@ -55,6 +57,7 @@ class _PoolCore:
         self.ledger = Ledger()
         self.metrics = PoolMetrics()
         self._closed = False
+        self._full = Backoff(self.name, settings.max_size)
         self._guard = (
             SessionStateGuard(settings.guard)
             if settings.mode == "transaction" and settings.guard != "off"
@@ -82,11 +85,18 @@ class _PoolCore:
         """
         self.ledger = Ledger()
         self.metrics = PoolMetrics()
+        self._full = Backoff(self.name, self.settings.max_size)
 
-    def _inner_options(self) -> dict[str, Any]:
+    def _inner_options(self, on_refused: Callable[..., Any]) -> dict[str, Any]:
         s = self.settings
         return {
-            "kwargs": {**self._connect_args(), **self.connect_kwargs},
+            # _pg_on_refused: GuardedConnection.connect hands a refused attempt to the pool
+            # (see _server_full); it never reaches libpq.
+            "kwargs": {
+                **self._connect_args(),
+                **self.connect_kwargs,
+                "_pg_on_refused": on_refused,
+            },
             "min_size": s.min_size,
             "max_size": s.max_size,
             "timeout": s.timeout,
@@ -121,14 +131,69 @@ class _PoolCore:
         return True
 
     def _connect_error(self, exc: Exception) -> PoolConnectError:
+        if is_too_many_connections(exc):
+            return PoolConnectError(
+                f"pool {self.name!r} cannot connect to {self.settings.target}: the server has no "
+                f"connection slot left (SQLSTATE 53300, {limit_text(self._full.limits)}: "
+                f"{refusal_text(exc)}); close idle connections elsewhere, lower max_size x "
+                "processes, raise max_connections, or put PgBouncer in front (`poolguard "
+                "doctor` shows the budget)"
+            )
         message = redact_text(str(exc).strip(), self.settings.conninfo)
         return PoolConnectError(
             f"pool {self.name!r} cannot connect to {self.settings.target}: {message} "
             "(check the host, port, user, password and database in the DSN)"
         )
 
+    def _probe_now(self, *, check_budget: bool = False) -> None:
+        """Connect once outside the pool; raise PoolConnectError with the server's reason.
+
+        At open (`check_budget`) the same connection checks the connection budget, before
+        the pool opens any connection of its own.  Sync only: the async pool runs it in a
+        thread, once per open.
+        """
+        try:
+            conn = psycopg.connect(self.settings.conninfo, **self._connect_args())
+        except psycopg.OperationalError as exc:
+            if self._options_refused(exc):
+                return self._probe_now(check_budget=check_budget)
+            raise self._connect_error(exc) from None
+        try:
+            if check_budget:
+                s = self.settings
+                budget = check_budget_on_open(
+                    conn,
+                    pool_name=self.name,
+                    max_size=s.max_size,
+                    processes=s.processes,
+                    application_name=s.application_name,
+                    action=s.budget,
+                )
+                if budget is not None:  # kept to name the limit if the server refuses later
+                    self._full.limits = budget.limits
+        finally:
+            conn.close()
+
+    def _refused(
+        self,
+        exc: psycopg.OperationalError,
+        inner: psycopg_pool.ConnectionPool[Any] | psycopg_pool.AsyncConnectionPool[Any] | None,
+    ) -> Step | None:
+        """A pool connect failed: the back-off step if the server is full (53300), else None."""
+        if inner is None or self._closed or not is_too_many_connections(exc):
+            return None
+        live = inner.get_stats().get("pool_available", 0) + len(self.ledger)
+        return self._full.refused(exc, live, monotonic())
+
+    def _closed_while_full(self) -> psycopg_pool.PoolClosed:
+        # psycopg_pool logs it once (the attempt in flight at close), instead of the refusal.
+        return psycopg_pool.PoolClosed(
+            f"pool {self.name!r} was closed while it waited for a free server slot"
+        )
+
     def _on_connect(self, conn: Tracked) -> None:
         conn._pg_attach(self.metrics, self._guard)
+        self._full.connected()
 
     def _record_checkout(self, conn: Tracked, started: float, depth: int, owner: int) -> None:
         now = monotonic()
@@ -193,14 +258,16 @@ class _PoolCore:
         inner = self._inner_pool()
         raw = inner.get_stats() if inner is not None else {}
         used = len(self.ledger)
-        return self.metrics.snapshot(
+        snapshot = self.metrics.snapshot(
             name=self.name,
             idle=raw.get("pool_available", 0),
             used=used,
-            max_size=self.settings.max_size,
+            max_size=self._full.cap or self.settings.max_size,  # lower while the server is full
             min_size=self.settings.min_size,
             pending=raw.get("requests_waiting", 0),
         )
+        snapshot["poolguard.connection.capped"] = self._full.caps
+        return snapshot
 
     def checkouts(self) -> list[Checkout]:
         """The connections out of the pool right now, oldest first."""
@@ -248,6 +315,8 @@ class GuardedPool(_PoolCore):
         super().__init__(settings)
         self._inner: psycopg_pool.ConnectionPool[Any] | None = None
         self._open_lock = threading.Lock()
+        #: Set by close(): ends a back-off wait at once (see _server_full).
+        self._closing = threading.Event()
 
     def _inner_pool(self) -> psycopg_pool.ConnectionPool[Any] | None:
         return self._inner
@@ -257,6 +326,7 @@ class GuardedPool(_PoolCore):
         _inherited.append(self._inner)
         self._inner = None
         self._open_lock = threading.Lock()
+        self._closing = threading.Event()
 
     def open(self) -> None:
         """Connect now instead of on first use; raises PoolConnectError if the server refuses."""
@@ -269,7 +339,7 @@ class GuardedPool(_PoolCore):
             if self._inner is None:
                 # One direct attempt first, so a wrong password or an unreachable host is an
                 # immediate, precise error instead of a checkout timeout later.
-                self._probe()
+                self._probe_now(check_budget=True)
                 inner: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
                     self.settings.conninfo,
                     connection_class=GuardedConnection,
@@ -277,21 +347,31 @@ class GuardedPool(_PoolCore):
                     check=psycopg_pool.ConnectionPool.check_connection
                     if self.settings.health_check
                     else None,
-                    **self._inner_options(),
+                    **self._inner_options(self._server_full),
                 )
                 inner.open(wait=False)
                 self._inner = inner
                 _watchdog.watch(self)
             return self._inner
 
-    def _probe(self) -> None:
-        """Connect once outside the pool; raise PoolConnectError with the server's reason."""
-        try:
-            psycopg.connect(self.settings.conninfo, **self._connect_args()).close()
-        except psycopg.OperationalError as exc:
-            if self._options_refused(exc):
-                return self._probe()
-            raise self._connect_error(exc) from None
+    def _server_full(self, exc: psycopg.OperationalError) -> bool:
+        """A pool worker's connect was refused: wait out a full server; True to retry now.
+
+        Runs in the psycopg_pool worker that was growing the pool (or replacing a
+        connection), which keeps that worker busy for the back-off: while it waits, psycopg_pool
+        starts no other growth and callers queue for the connections the pool has.
+        """
+        inner = self._inner
+        step = self._refused(exc, inner)
+        if step is None or inner is None:
+            return False
+        if step.cap is not None:
+            inner.resize(min(self.settings.min_size, step.cap), step.cap)
+        if self._closing.wait(step.delay):
+            raise self._closed_while_full()
+        if self._full.lift(step):
+            inner.resize(self.settings.min_size, self.settings.max_size)
+        return True
 
     def connection(self, timeout: float | None = None) -> _Checkout:
         """``with pool.connection() as conn:`` commits on success and rolls back on error."""
@@ -306,7 +386,7 @@ class GuardedPool(_PoolCore):
         except psycopg_pool.PoolTimeout:
             raw = inner.get_stats()
             if not raw.get("pool_size"):  # not one connection: the server is the problem
-                self._probe()
+                self._probe_now()
             raise self._exhausted(self._timeout(timeout), raw.get("requests_waiting", 0)) from None
         self._record_checkout(conn, started, _depth + 1, threading.get_ident())
         return conn
@@ -351,6 +431,7 @@ class GuardedPool(_PoolCore):
         with self._open_lock:
             self._closed = True
             inner, self._inner = self._inner, None
+        self._closing.set()
         if inner is not None:
             inner.close(timeout)
 
@@ -395,6 +476,8 @@ class AsyncGuardedPool(_PoolCore):
         self._inner: psycopg_pool.AsyncConnectionPool[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open_lock = threading.Lock()
+        #: Set by close(): ends a back-off wait at once; made with each inner pool, on its loop.
+        self._closing: asyncio.Event | None = None
 
     def _inner_pool(self) -> psycopg_pool.AsyncConnectionPool[Any] | None:
         return self._inner
@@ -422,7 +505,7 @@ class AsyncGuardedPool(_PoolCore):
                 )
             self._inner = None  # its loop is gone, and its connections with it
         if self._inner is None:
-            await self._probe()
+            await asyncio.to_thread(self._probe_now, check_budget=True)
             if self._inner is None:  # another task may have opened it while we awaited
                 inner: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
                     self.settings.conninfo,
@@ -431,24 +514,31 @@ class AsyncGuardedPool(_PoolCore):
                     check=psycopg_pool.AsyncConnectionPool.check_connection
                     if self.settings.health_check
                     else None,
-                    **self._inner_options(),
+                    **self._inner_options(self._server_full),
                 )
+                self._closing = asyncio.Event()
                 await inner.open(wait=False)
                 self._inner, self._loop = inner, loop
                 _watchdog.watch(self)
         return self._inner
 
-    async def _probe(self) -> None:
-        """Connect once outside the pool; raise PoolConnectError with the server's reason."""
+    async def _server_full(self, exc: psycopg.OperationalError) -> bool:
+        """The async twin of GuardedPool._server_full."""
+        inner, closing = self._inner, self._closing
+        step = self._refused(exc, inner)
+        if step is None or inner is None or closing is None:
+            return False
+        if step.cap is not None:
+            await inner.resize(min(self.settings.min_size, step.cap), step.cap)
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self.settings.conninfo, **self._connect_args()
-            )
-            await conn.close()
-        except psycopg.OperationalError as exc:
-            if self._options_refused(exc):
-                return await self._probe()
-            raise self._connect_error(exc) from None
+            await asyncio.wait_for(closing.wait(), step.delay)
+        except TimeoutError:
+            pass
+        else:
+            raise self._closed_while_full()
+        if self._full.lift(step):
+            await inner.resize(self.settings.min_size, self.settings.max_size)
+        return True
 
     async def _on_connect_async(self, conn: AsyncGuardedConnection) -> None:
         self._on_connect(conn)
@@ -470,7 +560,7 @@ class AsyncGuardedPool(_PoolCore):
         except psycopg_pool.PoolTimeout:
             raw = inner.get_stats()
             if not raw.get("pool_size"):  # not one connection: the server is the problem
-                await self._probe()
+                await asyncio.to_thread(self._probe_now)
             raise self._exhausted(self._timeout(timeout), raw.get("requests_waiting", 0)) from None
         self._record_checkout(conn, started, _depth + 1, id(asyncio.current_task()))
         return conn
@@ -514,6 +604,8 @@ class AsyncGuardedPool(_PoolCore):
         """Close every connection; connections still checked out are closed when returned."""
         self._closed = True
         inner, self._inner = self._inner, None
+        if self._closing is not None:
+            self._closing.set()
         if inner is not None:
             await inner.close(timeout)
 

@@ -23,6 +23,7 @@ from ._errors import ConfigurationError
 
 Mode = Literal["transaction", "session"]
 GuardAction = Literal["warn", "raise", "off"]
+BudgetAction = Literal["warn", "raise", "off"]
 
 # Query parameters that poolguard reads from a URL and libpq must never see.
 _URL_HINTS = ("pgbouncer",)
@@ -67,6 +68,14 @@ class Settings:
     direct_conninfo: str = field(default="", repr=False)
     #: Run a round trip on checkout to catch dead connections before the caller does.
     health_check: bool = False
+    #: Worker processes that each open this pool, for the connection budget at open.  None:
+    #: $WEB_CONCURRENCY (what Gunicorn, Uvicorn and PaaS buildpacks set), else 1.  A process
+    #: cannot see its siblings, so the budget trusts what the deployment declares.
+    processes: int | None = None
+    #: What to do at open when max_size x processes does not fit the server's free slots.
+    #: "warn": the figures are a snapshot (a deploy may be about to free connections), so
+    #: refusing to start would turn a risk into an outage; "raise" is for CI and strict deploys.
+    budget: BudgetAction = "warn"
     #: Seconds a connection may stay checked out before one WARNING on ``poolguard.leaks``
     #: (0: off).  30 s is past any sane web request (proxies give up at 30-60 s) and still
     #: short enough to be seen before a small pool starves.
@@ -242,10 +251,11 @@ def _from_env(key: str, raw: str) -> Any:
         if raw.lower() in _TRUE | _FALSE:
             return raw.lower() in _TRUE
         raise ConfigurationError(f"{variable}={raw!r}: expected true or false")
-    if key == "prepare_threshold" and raw.lower() in {"", "none"}:
+    optional_int = key in ("prepare_threshold", "processes")
+    if optional_int and raw.lower() in {"", "none"}:
         return None
     try:
-        if isinstance(default, int) or key == "prepare_threshold":
+        if isinstance(default, int) or optional_int:
             return int(raw)
         if isinstance(default, float):
             return float(raw)
@@ -286,6 +296,12 @@ def _validate(s: Settings) -> None:
     check(s.mode in ("transaction", "session"), "mode", "'transaction' or 'session'")
     check(s.guard in ("warn", "raise", "off"), "guard", "'warn', 'raise' or 'off'")
     check(isinstance(s.health_check, bool), "health_check", "True or False")
+    check(
+        s.processes is None or (is_int(s.processes) and s.processes >= 1),
+        "processes",
+        "None ($WEB_CONCURRENCY, else 1) or an integer >= 1",
+    )
+    check(s.budget in ("warn", "raise", "off"), "budget", "'warn', 'raise' or 'off'")
     for setting in (
         "leak_threshold",
         "leak_reclaim_after",
