@@ -7,55 +7,23 @@ at least once, or the test proves nothing; poolguard's defaults must fail zero t
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
-from typing import Any
+from collections.abc import Iterator
 
-import psycopg
 import psycopg_pool
 import pytest
 
 import poolguard
+from poolguard._trap import QUERIES, THREADS, Checkout, run_workload
 from poolguard.testing import PgBouncerServer
-
-THREADS = 8
-QUERIES = 200
-# A few distinct statements, each repeated past psycopg's prepare_threshold (5).
-STATEMENTS = [
-    "SELECT %s::int + 1",
-    "SELECT count(*) FROM generate_series(1, %s::int)",
-    "SELECT %s::text || 'x'",
-]
 
 pytestmark = [pytest.mark.pgbouncer, pytest.mark.slow]
 
-Checkout = Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
 
-
-def run_workload(checkout: Checkout) -> tuple[int, list[str]]:
-    """Run the workload; return the number of failed queries and their distinct messages."""
-    failures: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(THREADS)
-
-    def worker(seed: int) -> None:
-        start.wait()
-        for i in range(QUERIES):
-            sql = STATEMENTS[(seed + i) % len(STATEMENTS)]
-            try:
-                with checkout() as conn:
-                    conn.execute(sql, (i + 1,)).fetchone()
-            except psycopg.Error as exc:
-                with lock:
-                    failures.append(str(exc).splitlines()[0])
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(failures), sorted(set(failures))
+def failed_and_messages(checkout: Checkout) -> tuple[int, list[str]]:
+    """Run the shared workload; return the number of failed queries and their messages."""
+    result = run_workload(checkout)
+    assert result.ok + len(result.failures) == THREADS * QUERIES
+    return len(result.failures), result.messages
 
 
 @pytest.fixture
@@ -81,12 +49,12 @@ def guarded(pgbouncer_server: PgBouncerServer) -> Iterator[str]:
 
 
 def test_psycopg_defaults_fall_into_the_trap(plain_pool: psycopg_pool.ConnectionPool) -> None:
-    failed, messages = run_workload(plain_pool.connection)
+    failed, messages = failed_and_messages(plain_pool.connection)
     assert failed >= 1, "the trap did not trigger: the comparison below would prove nothing"
     assert any("prepared statement" in m for m in messages), messages
     print(f"psycopg_pool defaults: {failed}/{THREADS * QUERIES} failed, e.g. {messages[:2]}")
 
 
 def test_poolguard_defaults_do_not(guarded: str) -> None:
-    failed, messages = run_workload(lambda: poolguard.connection(guarded))
+    failed, messages = failed_and_messages(lambda: poolguard.connection(guarded))
     assert (failed, messages) == (0, [])

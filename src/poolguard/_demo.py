@@ -2,13 +2,15 @@
 
 With no DATABASE_URL it starts a private PostgreSQL with a small max_connections (as on a small
 managed plan), then runs the same crowd of simulated users twice: each opening its own
-connection per request, then all of them sharing one poolguard pool.  Later scenes (leaks, the
-PgBouncer trap) are added by the modules that own them.
+connection per request, then all of them sharing one poolguard pool.  When PgBouncer is
+installed, a second scene runs the prepared-statement trap through it.  Later scenes (leaks)
+are added by the modules that own them.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,12 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import psycopg
+import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict
 
+from . import testing
 from ._budget import compute_budget, read_server_limits
 from ._settings import redact_conninfo
 from ._state import configure, reset
+from ._trap import QUERIES, STATEMENTS, THREADS, TrapResult, run_workload
 
-#: (title, scene(dsn, out) -> None); scenes owned by other modules register here.
+#: (title, scene(dsn, out) -> None), shown as "Scene <n>: <title>"; scenes owned by other
+#: modules register here.
 SCENES: list[tuple[str, Callable[[str, TextIO], None]]] = []
 
 
@@ -168,10 +175,97 @@ def _table(out: TextIO, runs: list[Run]) -> None:
             out.write(f"  first error ({run.label}): {run.first_error}\n")
 
 
+def pgbouncer_scene(dsn: str, out: TextIO) -> None:
+    """The prepared-statement trap through PgBouncer in transaction mode, then poolguard."""
+    upstream = _upstream(dsn)
+    if upstream is None:
+        out.write("  skipped: PgBouncer needs a TCP DSN with a password to reach the server\n")
+        return
+    bouncer = testing.start_pgbouncer(upstream)
+    try:
+        out.write(
+            f"{_pgbouncer_version()} in transaction mode (default_pool_size="
+            f"{bouncer.default_pool_size}) in front of the same server: {THREADS} threads x "
+            f"{QUERIES} queries, {len(STATEMENTS)} distinct statements\n"
+        )
+        plain = psycopg_pool.ConnectionPool(
+            bouncer.dsn, min_size=THREADS, max_size=THREADS, open=False
+        )
+        plain.open(wait=True)
+        trapped = Run("")
+        try:
+            with _count_server_connections(dsn, trapped):
+                result = run_workload(plain.connection)
+        finally:
+            plain.close()
+        trapped = _from_trap("psycopg_pool + psycopg defaults", result, trapped)
+        pool = configure(bouncer.url, name="demo-pgbouncer", max_size=THREADS)
+        guarded = Run("")
+        try:
+            with _count_server_connections(dsn, guarded):
+                result = run_workload(pool.connection)
+        finally:
+            reset()
+        guarded = _from_trap("poolguard defaults", result, guarded)
+    finally:
+        bouncer.stop()
+    _table(out, [trapped, guarded])
+    out.write(
+        "\npsycopg prepares a statement the 5th time a connection runs it (prepare_threshold=5);"
+        "\nPgBouncer runs the next transaction on another server connection, where that name is"
+        "\nmissing or taken.  poolguard's mode='transaction' sends no prepared statements.\n"
+    )
+
+
+def _upstream(dsn: str) -> testing.PostgresServer | None:
+    """The server behind `dsn`, as start_pgbouncer() needs it (TCP and a password)."""
+    params = conninfo_to_dict(dsn)
+    host, password = str(params.get("host") or ""), params.get("password")
+    if not host or host.startswith("/") or "," in host or not password:
+        return None
+    return testing.PostgresServer(
+        host=host,
+        port=int(params.get("port") or 5432),
+        user=str(params.get("user") or ""),
+        password=str(password),
+        dbname=str(params.get("dbname") or ""),
+    )
+
+
+def _pgbouncer_version() -> str:
+    binary = testing.find_pgbouncer()
+    try:
+        found = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        found = ""
+    return found.splitlines()[0] if found.strip() else "PgBouncer"
+
+
+def _from_trap(label: str, result: TrapResult, sampled: Run) -> Run:
+    return Run(
+        label,
+        ok=result.ok,
+        failed=len(result.failures),
+        seconds=result.seconds,
+        latencies=result.latencies,
+        first_error=result.failures[0] if result.failures else "",
+        peak_connections=sampled.peak_connections,
+    )
+
+
+if testing.find_pgbouncer() is not None:
+    SCENES.append(
+        (
+            "the prepared-statement trap behind PgBouncer (transaction mode)",
+            pgbouncer_scene,
+        )
+    )
+
+
 def run_demo(out: TextIO, *, users: int = 200, requests: int = 5) -> int:
     """Run every scene against DATABASE_URL, or a private server with max_connections=20."""
-    from . import testing
-
     dsn = os.environ.get("DATABASE_URL") or os.environ.get("POOLGUARD_DSN")
     server = None
     if not dsn:
@@ -183,8 +277,8 @@ def run_demo(out: TextIO, *, users: int = 200, requests: int = 5) -> int:
             version = conn.execute("SHOW server_version").fetchone()
         out.write(f"PostgreSQL {version[0] if version else '?'} at {redact_conninfo(dsn)}\n\n")
         crowd_scene(dsn, out, users=users, requests=requests)
-        for title, scene in SCENES:
-            out.write(f"\n{title}\n")
+        for number, (title, scene) in enumerate(SCENES, start=2):  # crowd_scene is 1
+            out.write(f"\nScene {number}: {title}\n")
             scene(dsn, out)
     finally:
         if server is not None:
