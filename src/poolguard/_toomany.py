@@ -106,10 +106,13 @@ class Backoff:
                 return Step(self._until - now, None, self._generation)
             if live < 1:
                 return None
-            self._delay = min(MAX_BACKOFF, self._delay * 2) if self._delay else FIRST_BACKOFF
-            self._until = now + self._delay
+            self._delay = delay = (
+                min(MAX_BACKOFF, self._delay * 2) if self._delay else FIRST_BACKOFF
+            )
+            self._until = now + delay
             self._generation += 1
-            self.cap = cap = min(live, self.max_size)
+            step = Step(delay, min(live, self.max_size), self._generation)
+            self.cap = step.cap
             self.caps += 1
             first, self._warned = not self._warned, True
         logger.log(
@@ -120,15 +123,15 @@ class Backoff:
             self.name,
             refusal_text(exc),
             limit_text(self.limits),
-            cap,
+            step.cap,
             self.max_size,
             self.max_size,
-            self._delay,
+            delay,
             " (lower max_size x processes to fit: `poolguard doctor` shows the budget)"
             if first
             else "",
         )
-        return Step(self._delay, cap, self._generation)
+        return step
 
     def lift(self, step: Step) -> bool:
         """The back-off of `step` is over: True if its owner should restore max_size now."""
