@@ -118,8 +118,10 @@ class _PoolCore:
 
     def _options_refused(self, exc: Exception) -> bool:
         """The probe met a pooler that rejects ``options``: go on without it (docs/leaks.md)."""
-        if not self._startup or not _watchdog.options_rejected(exc):
+        if self._startup is None or not _watchdog.options_rejected(exc):
             return False
+        if not self._startup:  # a concurrent probe (async first use) already switched it off
+            return True
         self._startup = {}
         logger.info(
             "pool %r: %s refuses the options startup parameter (PgBouncer before 1.20), so "
