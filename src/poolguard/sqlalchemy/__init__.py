@@ -72,8 +72,9 @@ _ASYNCPG_ADAPTER_ARGS = ("prepared_statement_cache_size", "prepared_statement_na
 def create_engine(url: str | URL | None = None, *, name: str = "default", **kw: Any) -> Engine:
     """A SQLAlchemy Engine over the poolguard pool called ``name`` (psycopg 3 driver).
 
-    ``url``: the database, as for ``sqlalchemy.create_engine``; None uses the pool that
-    ``poolguard.configure()`` (or POOLGUARD_DSN / DATABASE_URL) set up.  The first engine for a
+    ``url``: the database, as for ``sqlalchemy.create_engine``; None (or a URL with only a
+    driver, ``"postgresql+asyncpg://"``) uses the pool that ``poolguard.configure()`` (or
+    POOLGUARD_DSN / DATABASE_URL) set up.  The first engine for a
     name configures its pool from the URL; later ones must name the same database.  Other
     keyword arguments go to ``sqlalchemy.create_engine``, except pool arguments (refused with the
     poolguard setting to use) and ``pool_pre_ping``, ``pool_reset_on_return``, ``echo_pool``,
@@ -159,11 +160,7 @@ def _resolve(
 ) -> tuple[URL, GuardedPool, str | None]:
     """The engine's URL (no password), the poolguard pool behind it (configured if new), and
     the DSN to configure it again from after a reset (None: the configured pool's)."""
-    if url is None:
-        pool = _state.get_pool(name)
-        driver = drivers[1]
-        return _url_from_conninfo(pool.settings.conninfo, f"postgresql+{driver}"), pool, None
-    sa_url = make_url(url)
+    sa_url = make_url(url if url is not None else "postgresql://")
     driver = sa_url.get_driver_name() if "+" in sa_url.drivername else ""
     if sa_url.get_backend_name() != "postgresql" or driver not in drivers:
         allowed = ", ".join(f"postgresql+{d}://" for d in drivers if d)
@@ -171,8 +168,11 @@ def _resolve(
             f"poolguard.sqlalchemy.{caller}() needs a PostgreSQL URL for a driver poolguard "
             f"pools ({allowed}), got {sa_url.drivername}://"
         )
-    if not driver or driver == "psycopg_async":
-        sa_url = sa_url.set(drivername="postgresql+psycopg")
+    drivername = f"postgresql+{driver if driver in ('psycopg', 'asyncpg') else 'psycopg'}"
+    if not (sa_url.host or sa_url.database or sa_url.query):  # a driver alone: the pool's URL
+        pool = _state.get_pool(name)
+        return _url_from_conninfo(pool.settings.conninfo, drivername), pool, None
+    sa_url = sa_url.set(drivername=drivername)
     dsn = sa_url.set(drivername="postgresql").render_as_string(hide_password=False)
     existing = _state._pools.get(name)
     if existing is not None and not existing._closed:

@@ -1,0 +1,71 @@
+"""The examples run as a user would run them: as scripts, configured by the environment.
+
+The Alembic one (alembic from PyPI, a test dependency) migrates through DIRECT_URL while
+DATABASE_URL points at the real PgBouncer; the ORM script and the asyncio service then use the
+table it made.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from poolguard.testing import PgBouncerServer, PostgresServer
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def run(argv: list[str], **env: str) -> str:
+    done = subprocess.run(
+        argv,
+        env={**os.environ, "PYTHONWARNINGS": "error", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.pgbouncer
+def test_alembic_migrates_through_the_direct_url_then_the_apps_run(
+    pg_dsn: str, pgbouncer_server: PgBouncerServer, postgres_server: PostgresServer
+) -> None:
+    pytest.importorskip("alembic")
+    dbname = str(conninfo_to_dict(pg_dsn)["dbname"])
+    pooled = make_conninfo(pgbouncer_server.dsn, dbname=dbname)
+    ini = str(EXAMPLES / "sqlalchemy_alembic" / "alembic.ini")
+    alembic = [sys.executable, "-m", "alembic", "-c", ini]
+    run([*alembic, "upgrade", "head"], DATABASE_URL=pooled, DIRECT_URL=pg_dsn)
+    with postgres_server.connect(dbname) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+        assert conn.execute("SELECT to_regclass('example_notes') IS NOT NULL").fetchone() == (True,)
+
+    out = run([sys.executable, str(EXAMPLES / "sqlalchemy_orm" / "notes.py")], DATABASE_URL=pooled)
+    assert "3 notes" in out and "psycopg sees 3 notes" in out
+    assert "checked out now: 0" in out
+    service = str(EXAMPLES / "sqlalchemy_async" / "service.py")
+    for driver in ("asyncpg", "psycopg"):
+        out = run([sys.executable, service, "--driver", driver], DATABASE_URL=pooled)
+        assert "20 requests served, sum 380" in out, out
+
+
+def test_alembic_without_a_direct_url_says_what_to_set(pg_dsn: str) -> None:
+    pytest.importorskip("alembic")
+    ini = str(EXAMPLES / "sqlalchemy_alembic" / "alembic.ini")
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", ini, "upgrade", "head"],
+        env={**os.environ, "DATABASE_URL": pg_dsn},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "DIRECT_URL" in done.stderr
