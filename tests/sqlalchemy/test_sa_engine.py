@@ -7,6 +7,7 @@ Every engine here takes its connections from poolguard's pool, so the tests look
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -329,3 +330,32 @@ def test_session_idle_in_transaction_is_reported_with_the_apps_line(
     assert messages, "the watchdog did not report the idle transaction"
     assert "idle in a transaction" in messages[0]
     assert f"test_sa_engine.py:{line} in " in messages[0]
+
+
+def test_disconnect_without_pre_ping_fails_once_then_the_engine_recovers(
+    pg_dsn: str, postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    poolguard.configure(pg_dsn, max_size=1, min_size=1)
+    engine = create_engine(sa_url(pg_dsn))
+    dead = backend_pid(engine)
+    with postgres_server.connect() as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (dead,))
+    time.sleep(0.2)
+    with caplog.at_level(logging.WARNING, logger="poolguard"):
+        with pytest.raises(sqlalchemy.exc.OperationalError) as info:
+            backend_pid(engine)
+        assert info.value.connection_invalidated
+        assert backend_pid(engine) not in (dead, 0)
+    assert poolguard.stats()["poolguard.connection.discarded_on_return"] == 1
+    assert any("closed or broken" in r.getMessage() for r in caplog.records)
+
+
+def test_connection_dropped_without_close_goes_back_to_poolguard(pg_dsn: str) -> None:
+    engine = create_engine(sa_url(pg_dsn))
+    conn = engine.connect()
+    conn.execute(text("SELECT 1"))
+    assert len(poolguard.get_pool().checkouts()) == 1
+    del conn
+    gc.collect()
+    assert poolguard.get_pool().checkouts() == []
+    assert backend_pid(engine) > 0
