@@ -97,7 +97,7 @@ class AsyncpgPool(_PoolCore):
         if self._closed:
             raise psycopg_pool.PoolClosed(f"pool {self.name!r} is closed")
         if self._slots is None or self._loop is not loop:
-            if self._loop is not None and not self._loop.is_closed() and self.ledger.out:
+            if self._loop is not None and not self._loop.is_closed():
                 raise psycopg.InterfaceError(
                     f"asyncpg pool {self.name!r} belongs to another running event loop: use it "
                     "from that loop, or give each loop its own pool name"

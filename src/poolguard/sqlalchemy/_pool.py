@@ -167,7 +167,7 @@ class SharedPool(Pool):
         for key, record in list(self._records.items()):
             taken = _info(record).get(_RAW)
             if taken is None or _is_closed(taken[0]):
-                del self._records[key]
+                self._records.pop(key, None)  # another thread may have dropped it already
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         taken = _info(record).get(_RAW)
