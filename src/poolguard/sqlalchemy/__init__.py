@@ -73,9 +73,9 @@ def create_engine(url: str | URL | None = None, *, name: str = "default", **kw: 
     """A SQLAlchemy Engine over the poolguard pool called ``name`` (psycopg 3 driver).
 
     ``url``: the database, as for ``sqlalchemy.create_engine``; None (or a URL with only a
-    driver, ``"postgresql+asyncpg://"``) uses the pool that ``poolguard.configure()`` (or
-    POOLGUARD_DSN / DATABASE_URL) set up.  The first engine for a
-    name configures its pool from the URL; later ones must name the same database.  Other
+    driver, ``"postgresql+psycopg://"``) uses the pool that ``poolguard.configure()`` (or
+    POOLGUARD_DSN / DATABASE_URL) set up.  The first engine for a name configures its pool
+    from the URL; later ones must name the same database.  Other
     keyword arguments go to ``sqlalchemy.create_engine``, except pool arguments (refused with the
     poolguard setting to use) and ``pool_pre_ping``, ``pool_reset_on_return``, ``echo_pool``,
     ``pool_logging_name``, which keep their meaning.
