@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 import poolguard
 from poolguard import ConfigurationError
@@ -76,10 +77,14 @@ def test_reload_of_user_module_keeps_the_pool(
         sys.modules.pop("user_app_settings", None)
 
 
-def _parent_backends(server: PostgresServer) -> set[int]:
+def _parent_backends(server: PostgresServer, dsn: str) -> set[int]:
+    """Backends of the default pool in this test's own database (other tests share the server)."""
+    dbname = conninfo_to_dict(dsn)["dbname"]
     with server.connect() as admin:
         rows = admin.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'poolguard:default'"
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE application_name = 'poolguard:default' AND datname = %s",
+            (dbname,),
         ).fetchall()
     return {row[0] for row in rows}
 
@@ -94,7 +99,7 @@ def test_forked_child_gets_fresh_connections_and_parent_keeps_working(
     parent = {conn.info.backend_pid for conn in held}
     for conn in held:
         pool.putconn(conn)
-    assert _parent_backends(postgres_server) == parent
+    assert _parent_backends(postgres_server, pg_dsn) == parent
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # the child: report its backend pids, then exit without cleanup handlers
@@ -118,7 +123,7 @@ def test_forked_child_gets_fresh_connections_and_parent_keeps_working(
     assert os.waitstatus_to_exitcode(status) == 0
     assert child_pids and not child_pids & parent
     # Every backend of the parent survived the child, and each still answers the parent.
-    assert parent <= _parent_backends(postgres_server)
+    assert parent <= _parent_backends(postgres_server, pg_dsn)
     held = [pool.getconn(), pool.getconn()]
     try:
         answered = {c.execute("SELECT pg_backend_pid()").fetchone()[0] for c in held}  # type: ignore[index]
