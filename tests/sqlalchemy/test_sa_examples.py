@@ -23,7 +23,14 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def run(argv: list[str], **env: str) -> str:
     done = subprocess.run(
         argv,
-        env={**os.environ, "PYTHONWARNINGS": "error", **env},
+        # PgBouncer's server connections keep the last application_name they were given, and
+        # other tests count the server's 'poolguard:default' backends.
+        env={
+            **os.environ,
+            "PYTHONWARNINGS": "error",
+            "POOLGUARD_APPLICATION_NAME": "sa-examples-test",
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=120,

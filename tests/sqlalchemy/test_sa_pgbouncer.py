@@ -75,7 +75,11 @@ def test_sqlalchemy_defaults_fail_behind_pgbouncer(pgbouncer_server: PgBouncerSe
 def test_poolguard_factory_does_not_fail_behind_pgbouncer(
     pgbouncer_server: PgBouncerServer,
 ) -> None:
-    poolguard.configure(pgbouncer_server.dsn, max_size=CLIENTS, timeout=30)
+    # Its own application_name: PgBouncer's server connections keep the last one they were given,
+    # and other tests count the server's 'poolguard:default' backends.
+    poolguard.configure(
+        pgbouncer_server.dsn, max_size=CLIENTS, timeout=30, application_name="sa-pgbouncer-test"
+    )
     engine = create_async_engine(sa_url(pgbouncer_server.dsn, "asyncpg"))
 
     async def body() -> list[str]:

@@ -11,7 +11,6 @@ one name through both psycopg and asyncpg may hold max_size of each (docs/sqlalc
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import weakref
 from collections import deque
@@ -27,8 +26,6 @@ from .._errors import ConfigurationError
 from .._ledger import Checkout, caller_site
 from .._pool import _PoolCore
 from .._settings import Settings, redact_text
-
-logger = logging.getLogger("poolguard")
 
 # libpq parameters asyncpg's connect() takes under the same name.
 _ASYNCPG_PARAMS = {"host", "port", "user", "password", "dbname", "passfile"}

@@ -9,10 +9,8 @@ connection, so the dialect's one-time setup runs once per server connection, not
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import threading
-import weakref
 from typing import Any, cast
 
 import asyncpg  # type: ignore[import-untyped]
@@ -23,13 +21,10 @@ from .. import _state
 from .._pool import AsyncGuardedPool, GuardedPool, _PoolCore
 from ._asyncpg import AsyncpgPool, asyncpg_pool
 
-logger = logging.getLogger("poolguard")
-
 # Where a record keeps the physical connection it wraps (record_info outlives reconnects).
 _RAW = "poolguard.connection"
 # Bumped in a forked child: records from before the fork wrap the parent's connections.
 _generation = 0
-_shared_pools: weakref.WeakSet[SharedPool] = weakref.WeakSet()
 
 
 class Source:
@@ -124,7 +119,6 @@ class SharedPool(Pool):
         self._records: dict[int, ConnectionPoolEntry] = {}
         self._handoff = threading.local()
         self._generation = _generation
-        _shared_pools.add(self)
 
     def _creator_for(self, record: ConnectionPoolEntry) -> Any:
         """SQLAlchemy's creator: the connection _do_get() took, or a replacement."""
