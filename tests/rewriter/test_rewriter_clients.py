@@ -280,3 +280,41 @@ def test_client_disconnecting_mid_request_leaves_no_dirty_connection(
     time.sleep(0.1)
     c.sock.close()  # no Terminate: the connection just drops
     _assert_clean(proxy)
+
+
+def test_unix_socket_in_a_private_folder_trusts_clients(
+    make_rewriter: Callable[..., RewriterHandle], tmp_path: Path
+) -> None:
+    folder = tmp_path / "sock"
+    proxy = make_rewriter(listen=f"{folder}:6543")
+    assert folder.stat().st_mode & 0o777 == 0o700
+    conninfo = f"host={folder} port=6543 user={proxy.user} dbname={proxy.dbname}"
+    with psycopg.connect(conninfo, prepare_threshold=0) as conn:  # no password
+        assert conn.execute("select %s::int", (3,)).fetchone() == (3,)
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    with pytest.raises(ValueError, match="mode 0700"):
+        make_rewriter(listen=str(loose))
+
+
+def test_server_connection_killed_by_the_server(
+    make_rewriter: Callable[..., RewriterHandle], pg_dsn: str
+) -> None:
+    proxy = make_rewriter(pool_size=1)
+    with psycopg.connect(proxy.dsn, autocommit=True) as victim:
+        pid = victim.execute("select pg_backend_pid()").fetchone()
+        victim.execute("begin")
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(%s)", pid)
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("select 1")
+    # The pool replaces the dead connection for the next client.
+    with psycopg.connect(proxy.dsn, autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+        idle_pid = conn.execute("select pg_backend_pid()").fetchone()
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:  # now kill it while idle in the pool
+        admin.execute("select pg_terminate_backend(%s)", idle_pid)
+    time.sleep(0.2)
+    with psycopg.connect(proxy.dsn, autocommit=True) as conn:
+        assert conn.execute("select 2").fetchone() == (2,)

@@ -79,9 +79,17 @@ def _new_loop(use_uvloop: bool | None) -> asyncio.AbstractEventLoop:
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
+    if listen.startswith("/"):  # a private folder for a unix socket, optionally :PORT
+        folder, sep, port = listen.rpartition(":")
+        if sep and port.isdigit():
+            return folder, int(port)
+        return listen, 0
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"listen must be HOST:PORT (like 127.0.0.1:6432), got {listen!r}")
+        raise ValueError(
+            "listen must be HOST:PORT (like 127.0.0.1:6432) or a private folder for a unix "
+            f"socket (like /run/app/pg or /run/app/pg:6432), got {listen!r}"
+        )
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -115,6 +123,11 @@ class RewriterHandle:
 
     @property
     def url(self) -> str:
+        if self.host.startswith("/"):
+            return (
+                f"postgresql://{quote(self.user, safe='')}:{quote(self._password, safe='')}@"
+                f"/{quote(self.dbname, safe='')}?host={quote(self.host, safe='')}&port={self.port}"
+            )
         return (
             f"postgresql://{quote(self.user, safe='')}:{quote(self._password, safe='')}"
             f"@{self.host}:{self.port}/{quote(self.dbname, safe='')}"
@@ -161,7 +174,9 @@ def start(
 ) -> RewriterHandle:
     """Run the rewriter on a background thread and return once it accepts connections.
 
-    ``listen`` is HOST:PORT (port 0 picks a free one). ``pool_size`` is the number of server
+    ``listen`` is HOST:PORT (port 0 picks a free one), or the path of a folder (created with
+    mode 0700, or already private) for a unix socket whose clients are trusted without a
+    password. ``pool_size`` is the number of server
     connections shared by all clients; ``max_prepared`` bounds the prepared statements kept on
     each of them (least recently used are closed first). Clients log in with the upstream
     user, database and password (a random password if the upstream needs none; it is in
@@ -183,6 +198,7 @@ def start(
         try:
             await proxy.start(host, port)
         except BaseException as exc:
+            await proxy.stop()  # the upstream check may have left a connection open
             started.set_exception(exc)
         else:
             started.set_result(None)
@@ -254,7 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("POOLGUARD_UPSTREAM") or os.environ.get("DATABASE_URL"),
         help="upstream PostgreSQL URL or conninfo (default: $POOLGUARD_UPSTREAM, $DATABASE_URL)",
     )
-    parser.add_argument("--listen", default="127.0.0.1:6432", help="HOST:PORT to listen on")
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:6432",
+        help="HOST:PORT, or a private folder (mode 0700) for a unix socket with trusted clients",
+    )
     parser.add_argument("--pool-size", type=int, default=4, help="server connections (4)")
     parser.add_argument(
         "--max-prepared", type=int, default=500, help="prepared statements per server connection"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import os
 import secrets
+import stat
 from typing import cast
 
 from . import _protocol as p
@@ -43,23 +46,38 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self.host = ""
         self.port = 0
+        self.socket_path = ""
 
     async def start(self, host: str, port: int) -> None:
         """Check the upstream with one real connection, then listen."""
         first = await self.pool.connect()
         self.server_params = {k: v for k, v in first.params.items() if k not in _PER_BACKEND}
         self.pool.release(first)
-        if not _is_loopback(host):
-            logger.warning(
-                "rewriter listening on non-loopback address %s: clients authenticate with "
-                "SCRAM over plain TCP (no TLS)",
-                host,
+        loop = asyncio.get_running_loop()
+        if host.startswith("/"):
+            # Clients on this socket are trusted without a password, so the folder must be one
+            # only this user can enter; libpq finds the socket as host=<folder> port=<port>.
+            port = port or 6432
+            _check_private_dir(host)
+            self.socket_path = os.path.join(host, f".s.PGSQL.{port}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+            self._server = await loop.create_unix_server(
+                lambda: Session(self, trusted=True), self.socket_path
             )
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: Session(self), host, port, reuse_address=True
-        )
-        sock = self._server.sockets[0].getsockname()
-        self.host, self.port = sock[0], sock[1]
+            self.host, self.port = host, port
+        else:
+            if not _is_loopback(host):
+                logger.warning(
+                    "rewriter listening on non-loopback address %s: clients authenticate with "
+                    "SCRAM over plain TCP (no TLS)",
+                    host,
+                )
+            self._server = await loop.create_server(
+                lambda: Session(self), host, port, reuse_address=True
+            )
+            sock = self._server.sockets[0].getsockname()
+            self.host, self.port = sock[0], sock[1]
         logger.info(
             "rewriter listening on %s:%d for upstream %s (pool_size=%d)",
             self.host,
@@ -77,6 +95,9 @@ class Proxy:
         self.pool.close()
         if self._server is not None:
             await self._server.wait_closed()
+        if self.socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
         # Let transports run their connection_lost callbacks before the loop goes away.
         await asyncio.sleep(0)
 
@@ -112,6 +133,18 @@ class Proxy:
         finally:
             if transport is not None:
                 transport.close()
+
+
+def _check_private_dir(path: str) -> None:
+    """Create ``path`` with mode 0700, or accept it only if it already is private and ours."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ValueError(
+            f"unix socket folder {path} must be a directory owned by this user with mode 0700 "
+            "(clients there are trusted without a password): chmod 700 it or pick a new path"
+        )
 
 
 def _is_loopback(host: str) -> bool:

@@ -105,8 +105,9 @@ class _Unnamed:
 
 
 class Session(asyncio.Protocol):
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, *, trusted: bool = False) -> None:
         self.proxy = proxy
+        self.trusted = trusted  # on a unix socket in a private folder: no password asked
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.state = "startup"
@@ -243,6 +244,10 @@ class Session(asyncio.Protocol):
             if name == "client_encoding" and value.lower().replace("-", "") in ("utf8", "unicode"):
                 value = "UTF8"  # what the server would report back
             self.wanted[name] = value
+        if self.trusted:
+            self._send(p.AUTH_OK)
+            self._logged_in()
+            return
         self.scram = _auth.ScramServer(proxy.verifier)
         self._send(p.frame(b"R", struct.pack("!i", 10) + _auth.MECHANISM + b"\0\0"))
         self.state = "auth"
@@ -264,6 +269,11 @@ class Session(asyncio.Protocol):
         reply = self.scram.final(body)
         self._send(p.frame(b"R", struct.pack("!i", 12) + reply))
         self._send(p.AUTH_OK)
+        self.scram = None
+        self._logged_in()
+
+    def _logged_in(self) -> None:
+        """Tell the client the session settings, its cancel key, and that it may send queries."""
         self.params.update(self.proxy.server_params)
         self.params.update(self.wanted)
         for name, value in self.params.items():
@@ -272,7 +282,6 @@ class Session(asyncio.Protocol):
         self.pid, self.key = self.proxy.register_session(self)
         self._send(p.backend_key_data(self.pid, self.key))
         self._send(p.ready_for_query(b"I"))
-        self.scram = None
         self.state = "ready"
 
     # --- client messages ----------------------------------------------------------------
