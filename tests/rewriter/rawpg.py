@@ -17,13 +17,15 @@ Msg = tuple[bytes, bytes]
 
 
 class RawClient:
-    def __init__(self, dsn: str, **params: str) -> None:
+    def __init__(self, dsn: str, *, after_password: bytes = b"", **params: str) -> None:
+        """``after_password`` is sent in the same packet as the last SCRAM message."""
         info: dict[str, Any] = conninfo_to_dict(dsn)
         self.user = str(info["user"])
         self.password = str(info.get("password") or "")
         self.sock = socket.create_connection((str(info["host"]), int(info["port"])), timeout=15)
         self.buf = bytearray()
         self.status = b""
+        self.after_password = after_password
         startup = {"user": self.user, "database": str(info["dbname"]), **params}
         self.sock.sendall(p.build_startup(startup))
         self.startup = self._authenticate()
@@ -42,7 +44,7 @@ class RawClient:
                     self.send(p.frame(b"p", payload))
                 elif code == 11:
                     assert scram is not None
-                    self.send(p.frame(b"p", scram.final(body[4:])))
+                    self.send(p.frame(b"p", scram.final(body[4:])), self.after_password)
                 elif code == 12:
                     assert scram is not None
                     scram.verify(body[4:])

@@ -318,3 +318,9 @@ def test_server_connection_killed_by_the_server(
     time.sleep(0.2)
     with psycopg.connect(proxy.dsn, autocommit=True) as conn:
         assert conn.execute("select 2").fetchone() == (2,)
+
+
+def test_queries_pipelined_behind_the_password_are_answered(proxy: RewriterHandle) -> None:
+    extra = parse(b"s", b"select 7") + bind(b"s") + execute() + SYNC + query(b"select 8")
+    with RawClient(proxy.dsn, after_password=extra) as c:
+        assert rows(c.until_ready(2)) == [["7"], ["8"]]

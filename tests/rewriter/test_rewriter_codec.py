@@ -27,6 +27,15 @@ def test_split_messages_returns_complete_messages_and_leaves_the_partial_tail() 
     assert used == len(data) - 4
 
 
+def test_next_message_takes_one_message_at_a_time() -> None:
+    data = bytearray(p.frame(b"p", b"abc") + p.SYNC_MSG[:3])
+    assert p.next_message(data, 1024) == (b"p", b"abc")
+    assert data == bytearray(p.SYNC_MSG[:3])
+    assert p.next_message(data, 1024) is None
+    with pytest.raises(p.ProtocolError):
+        p.next_message(bytearray(b"p\x7f\0\0\0"), 1024)
+
+
 @pytest.mark.parametrize(("length", "sqlstate"), [(3, "08P01"), (-1, "08P01"), (2048, "54000")])
 def test_split_messages_rejects_lengths_outside_the_limit(length: int, sqlstate: str) -> None:
     data = bytearray(b"Q" + struct.pack("!i", length))

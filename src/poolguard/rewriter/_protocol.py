@@ -40,6 +40,16 @@ def frame(kind: bytes, body: bytes = b"") -> bytes:
     return _HDR.pack(kind, len(body) + 4) + body
 
 
+def _checked_length(length: int, max_size: int) -> int:
+    if length < 4 or length > max_size:
+        raise ProtocolError(
+            f"message of {length} bytes is outside the allowed range 4..{max_size} "
+            "(raise max_message_size if your client sends larger messages)",
+            sqlstate="08P01" if length < 4 else "54000",
+        )
+    return length
+
+
 def split_messages(buf: bytearray, max_size: int) -> tuple[list[tuple[bytes, bytes]], int]:
     """Complete typed messages at the start of ``buf`` and how many bytes they used.
 
@@ -49,19 +59,24 @@ def split_messages(buf: bytearray, max_size: int) -> tuple[list[tuple[bytes, byt
     out: list[tuple[bytes, bytes]] = []
     pos, n = 0, len(buf)
     while n - pos >= 5:
-        length = _I32.unpack_from(buf, pos + 1)[0]
-        if length < 4 or length > max_size:
-            raise ProtocolError(
-                f"message of {length} bytes is outside the allowed range 4..{max_size} "
-                "(raise max_message_size if your client sends larger messages)",
-                sqlstate="08P01" if length < 4 else "54000",
-            )
-        end = pos + 1 + length
+        end = pos + 1 + _checked_length(_I32.unpack_from(buf, pos + 1)[0], max_size)
         if end > n:
             break
         out.append((bytes(buf[pos : pos + 1]), bytes(buf[pos + 5 : end])))
         pos = end
     return out, pos
+
+
+def next_message(buf: bytearray, max_size: int) -> tuple[bytes, bytes] | None:
+    """Remove and return the first complete message of ``buf``, if there is one."""
+    if len(buf) < 5:
+        return None
+    end = 1 + _checked_length(_I32.unpack_from(buf, 1)[0], max_size)
+    if len(buf) < end:
+        return None
+    kind, body = bytes(buf[:1]), bytes(buf[5:end])
+    del buf[:end]
+    return kind, body
 
 
 def read_startup(buf: bytearray) -> tuple[bytes, int] | None:

@@ -35,6 +35,7 @@ _MISSING = b"poolguard: no such statement"
 _PROBE = p.build_bind(b"", _MISSING, b"\0\0\0\0\0\0")
 _CACHED_PLAN = "cached plan must not change result type"
 _WAIT_BUFFER = 256 * 1024
+_SYNC_ENDS = b"Z"  # ReadyForQuery completes a Sync, a simple Query or a FunctionCall
 _RESERVED_STARTUP = {"user", "database", "replication", "options"}
 # Settings the server reports with ParameterStatus that a client may change: each client's
 # values are re-applied with SET whenever it gets a backend whose values differ.
@@ -81,7 +82,7 @@ class _Pending:
     ) -> None:
         self.ends = ends  # message types that complete this request
         self.extended = extended  # an error here makes the server skip to the next Sync
-        self.hidden = hidden  # added by the proxy: the client must not see its replies
+        self.hidden = hidden  # added by the proxy: only its errors reach the client
         self.stmt = stmt
         self.error = error  # replaces the server's 26000 error (a probe)
         self.undo = undo  # the request failed or was skipped: forget its effects
@@ -89,9 +90,6 @@ class _Pending:
         self.synth = synth  # reply to deliver when this reaches the head, no server involved
         self.sync = sync  # a Sync: where skipping after an error stops
         self.copying = False  # the server answered with CopyInResponse
-
-
-_SYNC_ENDS = b"Z"
 
 
 class _Unnamed:
@@ -140,6 +138,8 @@ class Session(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.state == "closed":
+            return
         self.buf += data
         try:
             if self.state == "ready":
@@ -198,15 +198,16 @@ class Session(asyncio.Protocol):
                 self._send(b"N")  # no TLS here: the client may go on in plain text or give up
                 continue
             self._begin_auth(startup.params)
-        msgs, used = p.split_messages(self.buf, p.MAX_STARTUP_SIZE)
-        del self.buf[:used]
-        for kind, body in msgs:
-            if self.state == "ready":  # a pipelined query right after the password message
-                self._handle(kind, body)
-                continue
+        while self.state in ("auth", "auth2"):
+            msg = p.next_message(self.buf, p.MAX_STARTUP_SIZE)
+            if msg is None:
+                return
+            kind, body = msg
             if kind != b"p" or self.scram is None:
                 raise p.ProtocolError(f"expected a password message, got {kind!r}")
             self._auth_message(body)
+        if self.state == "ready" and self.buf:  # queries sent right behind the password
+            self._client_messages()
 
     def _begin_auth(self, params: dict[str, str]) -> None:
         proxy = self.proxy
@@ -743,6 +744,7 @@ class Session(asyncio.Protocol):
 
     def _detach(self, backend: Backend) -> None:
         self.backend = None
+        self.resume_client()  # in case the backend's backpressure paused the client
         if self._cleanup_timer is not None:
             self._cleanup_timer.cancel()
             self._cleanup_timer = None
@@ -775,6 +777,8 @@ class Session(asyncio.Protocol):
         if backend is None or self._cleanup_timer is not None:
             return
         self.client_out.clear()
+        if backend.transport is not None:
+            backend.transport.resume_reading()  # the client may have paused it; drain now
         q = self.pending
         if q and q[0].copying:
             self._to_server(p.frame(p.COPY_FAIL, b"client disconnected\0"))
