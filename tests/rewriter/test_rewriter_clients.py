@@ -324,3 +324,15 @@ def test_queries_pipelined_behind_the_password_are_answered(proxy: RewriterHandl
     extra = parse(b"s", b"select 7") + bind(b"s") + execute() + SYNC + query(b"select 8")
     with RawClient(proxy.dsn, after_password=extra) as c:
         assert rows(c.until_ready(2)) == [["7"], ["8"]]
+
+
+def test_a_startup_setting_the_server_rejects_is_dropped_with_a_warning(
+    proxy: RewriterHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="poolguard.rewriter")
+    with RawClient(proxy.dsn, TimeZone="No/Such_Zone", DateStyle="German") as c:
+        got = c.run(query(b"show datestyle"))
+        assert kinds(got).replace("S", "") == "TDCZ"  # no error; S: DateStyle's canonical form
+        assert rows(got) == [["German, DMY"]]
+        assert rows(c.run(query(b"select 1"))) == [["1"]]
+    assert "could not apply client setting TimeZone='No/Such_Zone'" in caplog.text

@@ -340,17 +340,23 @@ class Session(asyncio.Protocol):
         return self.backend
 
     def _sync_settings(self, backend: Backend) -> None:
-        sets = [
-            f"SET {name} TO '{value.replace(chr(39), chr(39) * 2)}'"
-            for name, value in self.wanted.items()
-            if backend.params.get(name) != value
-        ]
-        if sets:
-            self._to_server(p.frame(p.QUERY, ";".join(sets).encode() + b"\0"))
-            self.pending.append(_Pending(_SYNC_ENDS, extended=False, hidden=True))
+        """Re-apply the client's settings where this backend's differ (one hidden SET each)."""
+        for name, value in self.wanted.items():
+            if backend.params.get(name) == value:
+                continue
+            sql = f"SET {name} TO '{value.replace(chr(39), chr(39) * 2)}'"
+            self._to_server(p.frame(p.QUERY, sql.encode() + b"\0"))
+            backend.params[name] = value
             backend.unnamed = None  # a simple Query drops the unnamed statement
-            for name, value in self.wanted.items():
-                backend.params[name] = value
+
+            def failed(name: str = name, value: str = value) -> None:
+                # PostgreSQL would have refused this at login; don't retry it on every backend.
+                logger.warning("could not apply client setting %s=%r on the server", name, value)
+                backend.params.pop(name, None)
+                if self.wanted.get(name) == value:
+                    del self.wanted[name]
+
+            self.pending.append(_Pending(_SYNC_ENDS, extended=False, hidden=True, undo=failed))
 
     def _handle(self, kind: bytes, body: bytes) -> bool:
         """Route one client message; False if it has to wait for a backend."""
@@ -721,9 +727,14 @@ class Session(asyncio.Protocol):
             # The server statement is unusable now; the next Parse of this SQL gets a fresh one.
             self.proxy.registry.retire(head.stmt)
             backend.statements.discard(head.stmt)
+        if not head.extended:  # a simple Query or Sync: ReadyForQuery follows
+            if head.hidden:  # the proxy's own SET or ROLLBACK: the client asked for neither
+                if head.undo is not None:
+                    head.undo()
+            else:
+                self.client_out.append(msg)
+            return
         self.client_out.append(msg)
-        if not head.extended:
-            return  # a simple Query or Sync: ReadyForQuery follows
         q.popleft()
         if head.undo is not None:
             head.undo()
