@@ -6,6 +6,7 @@ and through the rewriter and the replies compared.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -26,6 +27,7 @@ from rawpg import (
 )
 
 from poolguard.rewriter import RewriterHandle
+from poolguard.rewriter import _protocol as p
 
 INT4, INT8, TEXT = 23, 20, 25
 
@@ -36,6 +38,23 @@ def both(pg_dsn: str, proxy: RewriterHandle, *steps: tuple[bytes, ...]) -> None:
         for batch in steps:
             want, got = direct.run(*batch), via.run(*batch)
             assert replies(got) == replies(want), f"batch {kinds(want)}"
+            assert_released(proxy)
+
+
+def assert_released(proxy: RewriterHandle) -> None:
+    """Every session idle outside a transaction has given its server connection back, with
+    nothing outstanding: the proxy's bookkeeping of replies matched the server's."""
+    deadline = time.monotonic() + 2
+    while True:
+        stuck = [
+            s
+            for s in list(proxy._proxy.sessions.values())
+            if s.status == b"I" and (s.backend is not None or s.pending)
+        ]
+        if not stuck or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert stuck == []
 
 
 def backend_pid(c: RawClient) -> int:
@@ -288,3 +307,51 @@ def test_unnamed_statement_across_syncs(pg_dsn: str, proxy: RewriterHandle) -> N
         (bind(b""), execute(), SYNC),
         (parse(b"", b"select 3"), close(b""), bind(b""), execute(), SYNC),
     )
+
+
+def test_portal_suspended_and_resumed(pg_dsn: str, proxy: RewriterHandle) -> None:
+    both(
+        pg_dsn,
+        proxy,
+        (query(b"begin"),),
+        (
+            parse(b"s", b"select generate_series(1, 5)"),
+            bind(b"s", portal=b"cur"),
+            execute(b"cur", 2),
+            execute(b"cur", 2),
+            execute(b"cur", 2),
+            SYNC,
+        ),
+        (query(b"commit"),),
+    )
+
+
+def _copy_in_extended(c: RawClient) -> list[tuple[str, object]]:
+    # libpq's order for COPY FROM STDIN over the extended protocol: a Sync right after Execute
+    # (ignored by the server while the copy runs), then the data, CopyDone and another Sync.
+    c.send(parse(b"", b"copy ci from stdin"), bind(b""), execute(), SYNC)
+    got = []
+    while True:
+        kind, body = c.read()
+        got.append((kind, body))
+        if kind == b"G":
+            break
+    c.send(p.frame(b"d", b"1\n2\n"), p.frame(b"c"), SYNC)
+    got += c.until_ready()
+    got += c.run(query(b"select count(*) from ci"))
+    return replies(got)
+
+
+def test_copy_in_over_the_extended_protocol(
+    pg_dsn: str, make_rewriter: Callable[..., RewriterHandle]
+) -> None:
+    proxy = make_rewriter(pool_size=1)
+    with RawClient(pg_dsn) as d:
+        d.run(query(b"create table ci (a int)"))
+        want = _copy_in_extended(d)
+        d.run(query(b"truncate ci"))
+    with RawClient(proxy.dsn) as c, RawClient(proxy.dsn) as other:
+        assert _copy_in_extended(c) == want
+        # The only server connection went back to the pool: the proxy saw the copy end.
+        other.sock.settimeout(5)
+        assert rows(other.run(query(b"select 1"))) == [["1"]]
