@@ -336,3 +336,47 @@ def test_a_startup_setting_the_server_rejects_is_dropped_with_a_warning(
         assert rows(got) == [["German, DMY"]]
         assert rows(c.run(query(b"select 1"))) == [["1"]]
     assert "could not apply client setting TimeZone='No/Such_Zone'" in caplog.text
+
+
+def test_psycopg_pipeline_mode_and_statement_cache_eviction(proxy: RewriterHandle) -> None:
+    # prepared_max=2 makes psycopg close statements it evicts from its own cache.
+    with psycopg.connect(proxy.dsn, prepare_threshold=0, autocommit=True) as conn:
+        conn.prepared_max = 2
+        conn.execute("create table pl (id int primary key, v int)")
+        with conn.pipeline():
+            conn.cursor().executemany(
+                "insert into pl values (%s, %s)", [(i, i * i) for i in range(50)]
+            )
+            cur = conn.execute("select count(*) from pl")
+        assert cur.fetchone() == (50,)
+        for i in range(20):  # five statements cycling through a cache of two
+            sql = ["select v from pl where id = %s", "select %s::int", "select -%s::int"][i % 3]
+            assert conn.execute(sql, (i % 5,)).fetchone() is not None
+            assert conn.execute("select v + %s from pl where id = 1", (i,)).fetchone() == (1 + i,)
+            assert conn.execute("select %s::text", (str(i),)).fetchone() == (str(i),)
+        with pytest.raises(psycopg.errors.UniqueViolation), conn.pipeline():
+            conn.execute("insert into pl values (%s, %s)", (1, 1))
+            conn.execute("select 1")
+        assert conn.execute("select count(*) from pl").fetchone() == (50,)
+
+
+def test_asyncpg_small_statement_cache_closes_and_reprepares(
+    make_rewriter: Callable[..., RewriterHandle],
+) -> None:
+    proxy = make_rewriter(pool_size=2, max_prepared=3)
+
+    async def main() -> None:
+        conns = [await asyncpg.connect(proxy.url, statement_cache_size=2) for _ in range(3)]
+        try:
+            for i in range(30):
+                c = conns[i % 3]
+                assert await c.fetchval(f"select $1::int + {i % 7}", i) == i + i % 7
+            async with conns[0].transaction():
+                stmt = await conns[0].prepare("select $1::int * 10")
+                assert await stmt.fetchval(4) == 40
+                assert await stmt.fetchval(5) == 50
+        finally:
+            for c in conns:
+                await c.close()
+
+    asyncio.run(main())
