@@ -39,13 +39,18 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 def _proxy(
     upstream_dsn: str,
+    listen: str,
     *,
     pool_size: int,
     max_prepared: int,
     max_message_size: int,
     cleanup_timeout: float,
-) -> tuple[Proxy, str]:
-    """Build (not start) a proxy; the client password is the upstream one, else a random one."""
+) -> tuple[Proxy, str, str, int]:
+    """Build (not start) a proxy: (proxy, client password, listen host, listen port).
+
+    The client password is the upstream one, else a random one.
+    """
+    host, port = _split_listen(listen)
     if pool_size < 1:
         raise ValueError(f"pool_size must be >= 1, got {pool_size}")
     if max_prepared < 1:
@@ -62,7 +67,7 @@ def _proxy(
         max_message_size=max_message_size,
         cleanup_timeout=cleanup_timeout,
     )
-    return proxy, password
+    return proxy, password, host, port
 
 
 def _new_loop(use_uvloop: bool | None) -> asyncio.AbstractEventLoop:
@@ -183,14 +188,14 @@ def start(
     ``handle.dsn``). ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
     if the upstream cannot be reached.
     """
-    proxy, password = _proxy(
+    proxy, password, host, port = _proxy(
         upstream_dsn,
+        listen,
         pool_size=pool_size,
         max_prepared=max_prepared,
         max_message_size=max_message_size,
         cleanup_timeout=cleanup_timeout,
     )
-    host, port = _split_listen(listen)
     loop = _new_loop(use_uvloop)
     started: asyncio.Future[None] = loop.create_future()
 
@@ -238,14 +243,14 @@ async def serve(
     cleanup_timeout: float = 10.0,
 ) -> None:
     """Run the rewriter in the current event loop until SIGINT/SIGTERM (the sidecar)."""
-    proxy, _ = _proxy(
+    proxy, _, host, port = _proxy(
         upstream_dsn,
+        listen,
         pool_size=pool_size,
         max_prepared=max_prepared,
         max_message_size=max_message_size,
         cleanup_timeout=cleanup_timeout,
     )
-    host, port = _split_listen(listen)
     await proxy.start(host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

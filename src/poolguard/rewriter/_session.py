@@ -502,12 +502,10 @@ class Session(asyncio.Protocol):
 
         self.pending.append(_Pending(b"1E", hidden=hidden, undo=failed, on_ok=ok))
 
-    def _ensure(self, backend: Backend, name: bytes) -> Statement | bool | None:
-        """The server-side target for a Bind/Describe of ``name``, parsed here first if needed.
-
-        Returns the Statement, True for the unnamed statement, None if the client has no such
-        statement.
-        """
+    def _ensure(self, backend: Backend, name: bytes) -> tuple[bytes, Statement | None] | None:
+        """The server-side name for a Bind/Describe of the client's ``name`` (and its Statement,
+        None for the unnamed one), parsed on ``backend`` first if needed; None if the client
+        has no such statement."""
         if name == b"":
             u = self.unnamed
             if u is None:
@@ -521,13 +519,13 @@ class Session(asyncio.Protocol):
                         backend.unnamed = None
 
                 self.pending.append(_Pending(b"1E", hidden=True, undo=undo))
-            return True
+            return b"", None
         stmt = self.statements.get(name)
         if stmt is None:
             return None
         if not backend.statements.touch(stmt):
             self._prepare(backend, stmt, hidden=True)
-        return stmt
+        return stmt.name, stmt
 
     def _bind(self, body: bytes) -> bool:
         backend = self._need_backend()
@@ -537,13 +535,8 @@ class Session(asyncio.Protocol):
         target = self._ensure(backend, name)
         if target is None:
             return self._probe(_missing_error(name))
-        if target is True:
-            self._to_server(p.frame(p.BIND, body))
-            self.pending.append(_Pending(b"2E"))
-        else:
-            assert isinstance(target, Statement)
-            self._to_server(p.build_bind(portal, target.name, body[rest_at:]))
-            self.pending.append(_Pending(b"2E", stmt=target))
+        self._to_server(p.build_bind(portal, target[0], body[rest_at:]))
+        self.pending.append(_Pending(b"2E", stmt=target[1]))
         return True
 
     def _describe(self, body: bytes) -> bool:
@@ -558,13 +551,8 @@ class Session(asyncio.Protocol):
         target = self._ensure(backend, name)
         if target is None:
             return self._probe(_missing_error(name))
-        if target is True:
-            self._to_server(p.frame(p.DESCRIBE, body))
-            self.pending.append(_Pending(b"TnE"))
-        else:
-            assert isinstance(target, Statement)
-            self._to_server(p.build_target(p.DESCRIBE, b"S", target.name))
-            self.pending.append(_Pending(b"TnE", stmt=target))
+        self._to_server(p.build_target(p.DESCRIBE, b"S", target[0]))
+        self.pending.append(_Pending(b"TnE", stmt=target[1]))
         return True
 
     def _close_message(self, body: bytes) -> bool:
