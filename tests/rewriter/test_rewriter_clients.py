@@ -380,3 +380,49 @@ def test_asyncpg_small_statement_cache_closes_and_reprepares(
                 await c.close()
 
     asyncio.run(main())
+
+
+def test_sidecar_cli_serves_until_sigterm(pg_dsn: str) -> None:
+    import signal
+    import sys
+
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "poolguard.rewriter", "--upstream", pg_dsn]
+    proc = subprocess.Popen(
+        [*cmd, "--listen", f"127.0.0.1:{port}", "--pool-size", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        info = conninfo_to_dict(pg_dsn)
+        dsn = make_conninfo(pg_dsn, host="127.0.0.1", port=port)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with psycopg.connect(dsn, prepare_threshold=0, connect_timeout=2) as conn:
+                    assert conn.execute("select %s::int", (5,)).fetchone() == (5,)
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert "rewriter listening on 127.0.0.1" in err
+    assert str(info["password"]) not in err
+    nopw = subprocess.run(
+        [*cmd[:-1], make_conninfo(pg_dsn, password=""), "--listen", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PGPASSWORD"},
+    )
+    assert nopw.returncode == 2 and "has no password" in nopw.stderr
