@@ -14,51 +14,15 @@ Tests that need their own process (servers, Django's test runner) use ``run_djan
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from djhelpers import DB_NAME, HERE, db_entry, django_env
 
 from poolguard.testing import PgBouncerServer, PostgresServer
-
-HERE = Path(__file__).resolve().parent
-DB_NAME = "django_inproc"
-
-
-def db_entry(
-    server: PostgresServer | PgBouncerServer,
-    name: str,
-    engine: str = "poolguard.django",
-    **poolguard: Any,
-) -> dict[str, Any]:
-    """A DATABASES entry for ``server``; keyword arguments go to OPTIONS["poolguard"]."""
-    entry: dict[str, Any] = {
-        "ENGINE": engine,
-        "NAME": name,
-        "USER": server.user,
-        "PASSWORD": server.password,
-        "HOST": server.host,
-        "PORT": server.port,
-    }
-    if engine == "poolguard.django":
-        entry["OPTIONS"] = {"poolguard": poolguard}
-    return entry
-
-
-def django_env(databases: dict[str, Any], **extra: str) -> dict[str, str]:
-    """Environment for a subprocess running the test app (tests/django/djapp)."""
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-        "DJANGO_SETTINGS_MODULE": "djapp.settings",
-        "POOLGUARD_DJANGO_DATABASES": json.dumps(databases),
-        **extra,
-    }
 
 
 @pytest.fixture

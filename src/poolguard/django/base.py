@@ -176,7 +176,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             ) from None
         return self.isolation_level
 
-    def _pg_prepare(self, conn: psycopg.Connection[Any]) -> None:
+    def _pg_prepare(self, conn: psycopg.Connection[Any], *, fresh: bool = True) -> None:
         """Make a pooled connection match this wrapper: time zone, role.
 
         The checks are local (the server reports TimeZone on every change), so the usual cost
@@ -196,7 +196,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             with psycopg.ClientCursor(conn) as cursor:
                 for sql, params in statements:
                     cursor.execute(sql, params)
-            if not conn.autocommit:
+            if fresh and not conn.autocommit:  # never commit a transaction Django has open
                 conn.commit()
             if role:
                 # Other wrappers of this alias may want another role or none: the pool runs
@@ -229,7 +229,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
         if self._pg_source is None:
             return bool(self._configure_timezone(self.connection))
         before = self.connection.info.parameter_status("TimeZone")
-        self._pg_prepare(self.connection)
+        self._pg_prepare(self.connection, fresh=False)
         return bool(before != self.connection.info.parameter_status("TimeZone"))
 
     def _close(self) -> None:
