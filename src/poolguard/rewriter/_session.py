@@ -341,6 +341,8 @@ class Session(asyncio.Protocol):
 
     def _sync_settings(self, backend: Backend) -> None:
         """Re-apply the client's settings where this backend's differ (one hidden SET each)."""
+        if self.wanted.items() <= backend.params.items():  # the usual case, checked in C
+            return
         for name, value in self.wanted.items():
             if backend.params.get(name) == value:
                 continue
