@@ -187,7 +187,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
         statements: list[tuple[Any, list[Any]]] = []
         if tz and conn.info.parameter_status("TimeZone") != tz:
             statements.append((self.ops.set_time_zone_sql(), [tz]))
-        role = self._pg_resolved().assume_role
+        role = self._pg_resolved().assume_role if fresh else None
         if role:
             # Not ops.compose_sql(): it would ask this wrapper for a connection, and there is
             # none yet (this runs inside get_new_connection).

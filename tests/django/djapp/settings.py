@@ -14,3 +14,4 @@ MIDDLEWARE: list[str] = []
 DATABASES = json.loads(os.environ.get("POOLGUARD_DJANGO_DATABASES", "{}"))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LOGGING_CONFIG = None
+STATIC_URL = "static/"

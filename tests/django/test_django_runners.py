@@ -1,0 +1,43 @@
+"""Django's test runner and pytest-django, each in its own process, on the poolguard backend."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from djhelpers import db_entry
+
+from poolguard.testing import PostgresServer
+
+pytestmark = pytest.mark.slow
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def test_django_test_runner(run_django: Run, postgres_server: PostgresServer) -> None:
+    """Test database, TestCase, TransactionTestCase, LiveServerTestCase's server thread."""
+    dbs = {"default": db_entry(postgres_server, "djrunner", max_size=3)}
+    result = run_django(["-m", "django", "test", "djapp.dj_tests", "-v", "2", "--noinput"], dbs)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Ran 4 tests" in output
+    assert "Creating test database for alias 'default'" in output
+
+
+def test_pytest_django(run_django: Run, postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """django_db, transactional_db and live_server fixtures; the test database is dropped."""
+    ini = tmp_path / "pytest.ini"
+    ini.write_text(
+        "[pytest]\nDJANGO_SETTINGS_MODULE = djapp.settings\npython_files = pt_checks.py\n"
+        "filterwarnings = error\naddopts = -p no:cacheprovider\n"
+    )
+    dbs = {"default": db_entry(postgres_server, "djpytest", max_size=3)}
+    result = run_django(["-m", "pytest", "-c", str(ini), "djapp/pt_checks.py", "-q"], dbs)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "3 passed" in output
+    with postgres_server.connect() as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'test_dj%'")
+        assert left.fetchall() == []
