@@ -41,3 +41,24 @@ def test_pytest_django(run_django: Run, postgres_server: PostgresServer, tmp_pat
     with postgres_server.connect() as conn:
         left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'test_dj%'")
         assert left.fetchall() == []
+
+
+def test_manage_py_poolguard(run_django: Run, postgres_server: PostgresServer) -> None:
+    dbs = {
+        "default": db_entry(postgres_server, postgres_server.dbname, max_size=3),
+        "plain": db_entry(postgres_server, postgres_server.dbname, "django.db.backends.postgresql"),
+    }
+    outputs = {}
+    for action in ("status", "report", "doctor"):
+        result = run_django(["-m", "django", "poolguard", action], dbs)
+        outputs[action] = result.stdout + result.stderr
+        assert result.returncode == 0, outputs[action][-3000:]
+        assert postgres_server.password not in outputs[action]
+    assert "default: pool 'django:default'" in outputs["status"]
+    assert "max_size=3" in outputs["status"]
+    assert "plain" not in outputs["status"]  # the stock alias is not poolguard's
+    assert "no connection is checked out" in outputs["report"]
+    assert "Connection budget" in outputs["doctor"]
+    refused = run_django(["-m", "django", "poolguard", "--database", "plain"], dbs)
+    assert refused.returncode == 1
+    assert "does not use poolguard.django" in refused.stderr
