@@ -160,7 +160,7 @@ def rows(msgs: list[Msg]) -> list[list[str | None]]:
         if kind != b"D":
             continue
         n = struct.unpack_from("!h", body)[0]
-        pos, row = 2, []
+        pos, row = 2, list[str | None]()
         for _ in range(n):
             length = struct.unpack_from("!i", body, pos)[0]
             pos += 4

@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import psycopg
 import pytest
 from rawpg import SYNC, RawClient, bind, execute, kinds, parse, query, rows
 
 from poolguard.rewriter import RewriterHandle, UpstreamError, start
 from poolguard.rewriter import _protocol as p
+from poolguard.testing import PostgresServer
 
 CLIENTS = 50
 
@@ -426,3 +427,25 @@ def test_sidecar_cli_serves_until_sigterm(pg_dsn: str) -> None:
         env={k: v for k, v in os.environ.items() if k != "PGPASSWORD"},
     )
     assert nopw.returncode == 2 and "has no password" in nopw.stderr
+
+
+def test_clients_wait_for_existing_connections_when_the_server_refuses_more(
+    postgres_factory: Callable[..., PostgresServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = postgres_factory(max_connections=3, settings={"superuser_reserved_connections": "0"})
+    proxy = start(server.dsn, pool_size=6)
+    try:
+
+        async def client(n: int) -> int:
+            async with await psycopg.AsyncConnection.connect(proxy.dsn, autocommit=True) as conn:
+                cur = await conn.execute("select %s::int, pg_sleep(0.05)", (n,))
+                row = await cur.fetchone()
+                return row[0] if row else -1
+
+        async def main() -> list[int]:
+            return await asyncio.gather(*(client(n) for n in range(12)))
+
+        assert asyncio.run(main()) == list(range(12))
+    finally:
+        proxy.stop()
+    assert "too many clients" in caplog.text  # the pool did try to grow past the server's limit

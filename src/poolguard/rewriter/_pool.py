@@ -258,7 +258,6 @@ class BackendPool:
         self.members: set[Backend] = set()
         self.connecting = 0
         self.closing = False
-        self.last_error: str | None = None
 
     async def connect(self) -> Backend:
         backend = Backend(self)
@@ -321,12 +320,12 @@ class BackendPool:
             backend = await self.connect()
         except UpstreamError as exc:
             self.connecting -= 1
-            self.last_error = str(exc)
             logger.error("%s", exc)
-            # Fail the waiters rather than leave them hanging on a server that refuses us.
-            waiters, self.waiters = self.waiters, deque()
-            for session in waiters:
-                session.attach_failed(str(exc))
+            if not self.members:
+                # Nothing will ever serve the waiters: fail them rather than leave them hanging.
+                waiters, self.waiters = self.waiters, deque()
+                for session in waiters:
+                    session.attach_failed(str(exc))
             return
         self.connecting -= 1
         if self.closing:

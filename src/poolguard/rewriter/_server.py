@@ -19,10 +19,6 @@ from ._statements import Registry
 
 logger = logging.getLogger("poolguard.rewriter")
 
-# ParameterStatus values a client may see from a backend that are about that one server
-# process, not the session; replaying them to every client would be wrong.
-_PER_BACKEND = {"session_authorization", "is_superuser"}
-
 
 class Proxy:
     def __init__(
@@ -51,7 +47,7 @@ class Proxy:
     async def start(self, host: str, port: int) -> None:
         """Check the upstream with one real connection, then listen."""
         first = await self.pool.connect()
-        self.server_params = {k: v for k, v in first.params.items() if k not in _PER_BACKEND}
+        self.server_params = dict(first.params)
         self.pool.release(first)
         loop = asyncio.get_running_loop()
         if host.startswith("/"):
