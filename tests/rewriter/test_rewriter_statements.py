@@ -285,6 +285,12 @@ def test_sql_deallocate_name(pg_dsn: str, proxy: RewriterHandle) -> None:
             (parse(b"", b"DEALLOCATE s"), bind(b""), describe(b"", b"P"), execute(), SYNC),
             (parse(b"s", b"select 'again'"), bind(b"s"), execute(), SYNC),
             (query(b"DEALLOCATE missing"),),
+            (parse(b"s", b"select 'again'"), SYNC),
+            (query(b"begin"),),
+            (query(b"select 1/0"),),
+            (query(b"DEALLOCATE s"),),  # refused in a failed transaction: "s" stays
+            (query(b"rollback"),),
+            (bind(b"s"), execute(), SYNC),
         )
         assert rows(other.run(bind(b"x"), execute(), SYNC)) == [["shared"]]
 

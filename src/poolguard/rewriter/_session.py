@@ -590,7 +590,12 @@ class Session(asyncio.Protocol):
         dropping = may_drop_statements(sql)
         if dropping:
             target = deallocate_target(sql)
-            if target is not None and self.statements.pop(target, None) is not None:
+            # In a failed transaction PostgreSQL refuses DEALLOCATE: the server will say so.
+            if (
+                target is not None
+                and self.status != b"E"
+                and self.statements.pop(target, None) is not None
+            ):
                 # The server statement stays for other clients; only the client's name goes.
                 self._synth(p.command_complete(b"DEALLOCATE"), None)
                 self._synth(lambda: p.ready_for_query(self.status), None)
