@@ -226,3 +226,18 @@ def test_watchdog_stops_once_the_async_pools_loop_is_gone(pg_dsn: str) -> None:
     while _watchdog.running() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not _watchdog.running()
+
+
+def test_pool_exhausted_names_the_holding_task(pg_dsn: str) -> None:
+    pool = async_pool(pg_dsn, max_size=1)
+
+    async def main() -> None:
+        conn = await pool.getconn()
+        with pytest.raises(poolguard.PoolExhausted, match=r"in main \(task holder-task\)"):
+            await pool.getconn(timeout=0.3)
+        await pool.putconn(conn)
+
+    async def outer() -> None:
+        await asyncio.create_task(main(), name="holder-task")
+
+    run(outer())

@@ -8,6 +8,7 @@ number): no frame, and so no local variable, is kept alive by the ledger.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import sys
@@ -118,7 +119,13 @@ class Checkout:
 
     def owner_name(self) -> str:
         thread = threading._active.get(self.owner)  # type: ignore[attr-defined]
-        return thread.name if thread is not None else f"owner {self.owner} (gone)"
+        if thread is not None:
+            return str(thread.name)
+        try:  # an async pool's owner is a task: id(task), looked up in the running loop
+            task = next((t for t in asyncio.all_tasks() if id(t) == self.owner), None)
+        except RuntimeError:  # no running loop in this thread
+            task = None
+        return f"task {task.get_name()}" if task else f"owner {self.owner} (gone)"
 
 
 class Ledger:
