@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, cast
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from . import _auth
@@ -33,8 +34,10 @@ logger = logging.getLogger("poolguard.rewriter")
 _MAX_SERVER_MESSAGE = 1 << 30
 
 
-class UpstreamError(Exception):
+class UpstreamError(psycopg.OperationalError):
     """The upstream server refused or dropped a connection; the message says what to check."""
+
+    __module__ = "poolguard.rewriter"
 
 
 @dataclass(frozen=True)
