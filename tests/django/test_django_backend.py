@@ -196,6 +196,36 @@ def test_checkout_site_is_the_view_line() -> None:
     assert pool_for("default").checkouts() == []
 
 
+def test_checkout_site_of_an_async_orm_call_is_the_awaiting_line() -> None:
+    """The ORM runs in a sync_to_async thread; the site is the coroutine's line, not the pool's."""
+    import asyncio
+
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+    from djapp.models import Item
+
+    from poolguard.django import pool_for
+
+    async def async_view() -> list[str]:
+        await Item.objects.acount()  # ASYNC-LINE: the checkout happens in a worker thread
+        return [c.site for c in pool_for("default").checkouts()]
+
+    async def main() -> list[str]:
+        try:
+            return await async_view()
+        finally:
+            await sync_to_async(connections.close_all)()  # same worker thread as acount()
+
+    line = next(
+        n
+        for n, text in enumerate(Path(__file__).read_text().splitlines(), 1)
+        if "ASYNC-LINE: the" in text
+    )
+    (site,) = asyncio.run(main())
+    assert site.endswith(f"test_django_backend.py:{line} in async_view")
+    assert pool_for("default").checkouts() == []
+
+
 def test_thread_that_never_closes_is_reported_at_its_line() -> None:
     import gc
 

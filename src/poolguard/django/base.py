@@ -34,6 +34,7 @@ from .. import _state
 from .._connection import GuardedConnection
 from .._errors import ConfigurationError
 from .._pool import GuardedPool
+from ._asgi import awaiting_site, needs_site
 from ._options import Resolved, resolve
 
 if django.VERSION < (5, 2):
@@ -152,6 +153,11 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
         else:
             conn = pool.getconn()
             try:
+                entry = pool.ledger.out.get(id(conn))
+                if entry is not None and needs_site(entry[2]):  # an async view's ORM call
+                    site = awaiting_site()
+                    if site is not None:
+                        pool.ledger.out[id(conn)] = (*entry[:2], *site, *entry[4:])
                 self._pg_prepare(conn)
             except BaseException:
                 pool.putconn(conn)

@@ -1,0 +1,76 @@
+"""Where an async view took its connection, seen from the thread that took it.
+
+Under ASGI, Django runs the ORM of an async view in a worker thread (asgiref's sync_to_async).
+That thread's stack ends in the thread pool, not in the view: the view's line is in a suspended
+coroutine on the event loop.  This finds the task whose ``SyncToAsync.__call__`` is waiting for
+this very thread and returns the innermost app frame of its await chain.  It runs only for a
+checkout whose recorded site is the thread pool, never on the WSGI path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from types import CodeType, FrameType
+from typing import Any
+
+from asgiref.sync import SyncToAsync
+
+from .._ledger import _classify, _is_internal
+
+_CALL = SyncToAsync.__call__.__code__
+_HANDLER = SyncToAsync.thread_handler.__code__
+# The thread pool's own frames: a site there means "taken by a sync_to_async worker".
+_POOL_FILES = ("concurrent/futures/thread.py", "threading.py")
+
+
+def needs_site(code: CodeType | None) -> bool:
+    return code is None or code.co_filename.endswith(_POOL_FILES)
+
+
+def awaiting_site() -> tuple[CodeType, int] | None:
+    """(code, line) of the app frame awaiting this sync_to_async thread, or None."""
+    loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+    handler = _own_frame(_HANDLER)
+    if loop is None or handler is None:
+        return None
+    token = handler.f_locals.get("task_context")  # also a local of the awaiting __call__
+    try:
+        tasks = asyncio.all_tasks(loop)
+    except RuntimeError:  # the loop's task set changed while it was copied: give up quietly
+        return None
+    for task in tasks:
+        frames = _await_chain(task.get_coro())
+        for i, frame in enumerate(frames):
+            if frame.f_code is _CALL and frame.f_locals.get("task_context") is token:
+                return _innermost_app_frame(frames[:i])
+    return None
+
+
+def _own_frame(code: CodeType) -> FrameType | None:
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame
+
+
+def _await_chain(coro: Any) -> list[FrameType]:
+    """The frames of a suspended coroutine and of everything it awaits, outermost first."""
+    frames = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
+
+
+def _innermost_app_frame(frames: list[FrameType]) -> tuple[CodeType, int] | None:
+    for frame in reversed(frames):
+        code = frame.f_code
+        internal = _is_internal.get(code)
+        if internal is None:
+            internal = _classify(code)
+        if not internal:
+            return code, frame.f_lineno
+    return None
