@@ -108,16 +108,21 @@ def test_sessions_fed_random_messages_do_not_hurt_others(
 
 
 @settings(
-    max_examples=60,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(st.binary(min_size=1, max_size=64))
+@given(st.binary(min_size=1, max_size=64), st.booleans())
 def test_garbage_before_login_ends_only_that_connection(
-    fuzz_proxy: RewriterHandle, caplog: pytest.LogCaptureFixture, garbage: bytes
+    fuzz_proxy: RewriterHandle,
+    caplog: pytest.LogCaptureFixture,
+    garbage: bytes,
+    after_startup: bool,
 ) -> None:
+    # Either the very first bytes, or what follows a valid startup packet (the SCRAM exchange).
+    startup = p.build_startup({"user": fuzz_proxy.user, "database": fuzz_proxy.dbname})
     with socket.create_connection((fuzz_proxy.host, fuzz_proxy.port), timeout=5) as s:
-        s.sendall(garbage)
+        s.sendall(startup + garbage if after_startup else garbage)
         s.shutdown(socket.SHUT_WR)
         s.settimeout(2)
         try:
