@@ -439,3 +439,41 @@ def test_a_leak_reported_then_reclaimed_counts_once(
     pool.putconn(conn)
     time.sleep(3 * TICK)
     assert not any("was returned after" in m for m in leak_records(leaks_log, logging.INFO))
+
+
+def test_reclaim_racing_with_returns_loses_no_slot_and_grows_nothing(pg_dsn: str) -> None:
+    pool = configure(pg_dsn, max_size=3, leak_reclaim_after=0.05, watchdog_interval=0.01)
+    dirty: list[int] = []
+    reclaimed = 0
+    lock = threading.Lock()
+
+    def user(seed: int) -> None:
+        nonlocal reclaimed
+        for i in range(30):
+            conn = pool.getconn(timeout=5)
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                dirty.append(conn.info.backend_pid)
+            try:
+                conn.execute("SELECT 1")  # opens a transaction
+                time.sleep(0.03 + 0.005 * ((seed + i) % 8))  # around leak_reclaim_after
+                conn.execute("SELECT 2")
+            except ConnectionReclaimed:
+                with lock:
+                    reclaimed += 1
+            pool.putconn(conn)
+
+    threads = [threading.Thread(target=user, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert dirty == []
+    assert reclaimed > 0  # the race was exercised
+    assert len(pool.ledger) == 0
+    inner = pool._inner
+    assert inner is not None
+    wait_for(lambda: inner.get_stats()["pool_size"] <= 3)
+    held = [pool.getconn(timeout=3) for _ in range(3)]  # every slot is usable
+    assert inner.get_stats()["pool_size"] == 3
+    for conn in held:
+        pool.putconn(conn)

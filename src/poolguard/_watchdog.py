@@ -402,12 +402,13 @@ def _reclaim(pool: _PoolCore, conn: Tracked, entry: Entry, why: str, seen: _Seen
     if not lock.acquire(blocking=False):
         return  # a statement is running: not idle after all, look again next tick
     try:
-        if not _claim(pool, conn, entry, message, seen):
-            return
-        conn.close()  # type: ignore[attr-defined]
-        inner = pool._inner_pool()
-        if inner is not None and conn._pool is inner:  # type: ignore[attr-defined]
-            inner.putconn(conn)  # closed: psycopg_pool replaces it
+        with _lock:  # held until the slot is back: a racing putconn() waits for it
+            if not _claim(pool, conn, entry, message, seen):
+                return
+            conn.close()  # type: ignore[attr-defined]
+            inner = pool._inner_pool()
+            if inner is not None and conn._pool is inner:  # type: ignore[attr-defined]
+                inner.putconn(conn)  # closed: psycopg_pool replaces it
     finally:
         lock.release()
     _log_reclaimed(pool, message, seen)
@@ -416,27 +417,32 @@ def _reclaim(pool: _PoolCore, conn: Tracked, entry: Entry, why: str, seen: _Seen
 async def _areclaim(
     pool: _PoolCore, conn: Tracked, entry: Entry, message: str, seen: _Seen
 ) -> None:
-    # On the pool's event loop: nothing else runs between the checks and the close.
-    if conn.lock.locked() or not _claim(pool, conn, entry, message, seen):  # type: ignore[attr-defined]
+    # On the pool's event loop: everything up to the first await runs without the holder.
+    if conn.lock.locked():  # type: ignore[attr-defined]
         return
-    await conn.close()  # type: ignore[attr-defined]
+    with _lock:
+        if not _claim(pool, conn, entry, message, seen):
+            return
     inner = pool._inner_pool()
-    if inner is not None and conn._pool is inner:  # type: ignore[attr-defined]
-        await inner.putconn(conn)  # type: ignore[misc]
+    give_back = inner is not None and conn._pool is inner  # type: ignore[attr-defined]
+    conn._pool = None  # type: ignore[attr-defined]  # a putconn() by the holder only closes it
+    await conn.close()  # type: ignore[attr-defined]
+    if give_back:
+        conn._pool = inner  # type: ignore[attr-defined]  # putconn() checks it before any await
+        await inner.putconn(conn)  # type: ignore[misc, union-attr]
     _log_reclaimed(pool, message, seen)
 
 
 def _claim(pool: _PoolCore, conn: Tracked, entry: Entry, message: str, seen: _Seen) -> bool:
-    """Take the ledger entry from under the holder: exactly one of us and putconn() wins."""
+    """Take the ledger entry from under the holder (``_lock`` held): putconn() or we win."""
     if conn.pgconn.transaction_status == _ACTIVE:  # type: ignore[attr-defined]
         return False
     from ._connection import mark_reclaimed  # here: _connection imports this module
 
-    with _lock:
-        if pool.ledger.out.get(id(conn)) is not entry:
-            return False  # returned (and maybe taken again) meanwhile
-        del pool.ledger.out[id(conn)]
-        mark_reclaimed(conn, message)
+    if pool.ledger.out.get(id(conn)) is not entry:
+        return False  # returned (and maybe taken again) meanwhile
+    del pool.ledger.out[id(conn)]
+    mark_reclaimed(conn, message)
     seen.reclaimed = True
     return True
 
