@@ -46,7 +46,7 @@ def test_marker_fails_a_test_that_leaves_a_connection_out(
         [
             "*test left 1 poolguard connection(s) checked out:*",
             "*pool 'default': taken at test_inner.py:13 in test_leaky by thread 'MainThread', "
-            "idle in transaction (an open transaction), last statement: SELECT 'forgotten'*",
+            "idle in transaction (an open transaction), last statement: SELECT '…'*",
         ]
     )
 

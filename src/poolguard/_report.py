@@ -37,7 +37,7 @@ class CheckoutReport:
     #: The app's line that took it: "path/file.py:88 in view".
     taken_at: str
     backend_pid: int
-    #: Text of the last statement on this connection, parameters never included.
+    #: The last statement on this connection: string literals masked, parameters never shown.
     last_statement: str
     #: Seconds since the last statement was sent (or since checkout, if none was).
     idle_for: float
@@ -170,7 +170,7 @@ _SCENE_SOURCE = """\
 def handle_order(request, pool):
     conn = pool.getconn()
     request["db"] = conn  # "for later": nothing ever calls pool.putconn(conn)
-    return conn.execute("SELECT 'order 42 shipped'").fetchone()[0]
+    return conn.execute("SELECT %s::int AS order_id", [request["order"]]).fetchone()[0]
 """
 
 
@@ -198,7 +198,7 @@ def leak_scene(dsn: str, *, threshold: float = 0.5, name: str = "leak-demo") -> 
         dsn, name=name, min_size=0, max_size=2, leak_threshold=threshold,
         idle_in_transaction_threshold=0, watchdog_interval=0.1,
     )  # fmt: skip
-    request: dict[str, Any] = {}
+    request: dict[str, Any] = {"order": 42}
     try:
         answer = namespace["handle_order"](request, pool)
         deadline = monotonic() + threshold + 5

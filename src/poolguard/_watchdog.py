@@ -35,7 +35,9 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from ._errors import PoolGuardWarning
+from ._guard import mask_literals
 from ._ledger import Entry, format_site
+from ._settings import redact_text
 
 if TYPE_CHECKING:
     from ._connection import Tracked
@@ -308,7 +310,7 @@ def _owner_is_gone(owners: Owners, owner: int, seen: _Seen, conn: Tracked, now: 
 
 
 def last_statement(conn: Tracked) -> str:
-    """The last statement's text on one line, shortened; never its parameters."""
+    """The last statement on one line, shortened, string literals masked; never parameters."""
     query = conn._pg_last_sql
     if query is None:
         return "(none)"
@@ -316,13 +318,12 @@ def last_statement(conn: Tracked) -> str:
         text = query.decode("utf-8", "replace")
     elif isinstance(query, str):
         text = query
-    else:  # psycopg.sql.Composable
+    else:  # psycopg.sql.Composable: its Literal parts become quoted literals, masked below
         try:
             text = query.as_string(conn)
         except Exception:
             text = f"<{type(query).__name__}>"
-    text = " ".join(text.split())
-    return text if len(text) <= _STATEMENT_CHARS else text[: _STATEMENT_CHARS - 3] + "..."
+    return mask_literals(" ".join(text.split()), _STATEMENT_CHARS)
 
 
 def state_of(conn: Tracked) -> str:
@@ -371,7 +372,7 @@ def server_activity(settings: Settings, pids: list[int]) -> dict[int, dict[str, 
                 [pids],
             ).fetchall()
     except psycopg.Error as exc:
-        logger.debug("pg_stat_activity cross-check failed: %s", exc)
+        logger.debug("pg_stat_activity cross-check failed: %s", redact_text(str(exc), conninfo))
         return {}
     return {
         row[0]: {
