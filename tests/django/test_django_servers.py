@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -181,3 +183,49 @@ def test_gunicorn_preload_workers_never_share_the_masters_socket(
     pids = {json.loads(body)["pid"] for _, body in responses}
     assert pids and not pids & master_pids
     assert len(pids) <= 2 * 2  # two workers, at most max_size=2 each
+
+
+def test_runserver_autoreload(small_server: PostgresServer, tmp_path: Path) -> None:
+    """runserver's reloader restarts the serving process; each generation has its own pool."""
+    shutil.copytree(
+        HERE / "djapp", tmp_path / "djapp", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    port = free_port()
+    db = db_entry(small_server, "app", max_size=2)
+    env = {**django_env({"default": db}), "PYTHONPATH": str(tmp_path)}
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+
+            def served_by() -> int:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(OSError, ValueError):
+                        status, body = asyncio.run(_get(port, "/pid/"))
+                        if status == 200:
+                            return int(json.loads(body)["process"])
+                    time.sleep(0.2)
+                log.seek(0)
+                pytest.fail(f"runserver did not answer:\n{log.read().decode()[-3000:]}")
+
+            first = served_by()
+            time.sleep(1.2)  # the stat reloader compares modification times once a second
+            (tmp_path / "djapp" / "urls.py").touch()
+            deadline = time.monotonic() + 30
+            second = first
+            while second == first and time.monotonic() < deadline:
+                time.sleep(0.3)
+                second = served_by()
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    assert second != first  # a new serving process
+    with small_server.connect("postgres") as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            ["poolguard:django:default"],
+        ).fetchone()
+    assert row == (0,)  # nothing left behind by either generation

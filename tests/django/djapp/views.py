@@ -1,3 +1,4 @@
+import os
 import threading
 
 from django.db import connection, transaction
@@ -30,4 +31,4 @@ def hold(request: HttpRequest) -> JsonResponse:
 def backend_pid(request: HttpRequest) -> JsonResponse:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
-        return JsonResponse({"pid": cursor.fetchone()[0]})
+        return JsonResponse({"pid": cursor.fetchone()[0], "process": os.getpid()})
