@@ -62,3 +62,40 @@ def test_manage_py_poolguard(run_django: Run, postgres_server: PostgresServer) -
     refused = run_django(["-m", "django", "poolguard", "--database", "plain"], dbs)
     assert refused.returncode == 1
     assert "does not use poolguard.django" in refused.stderr
+
+
+def test_example_project(postgres_server: PostgresServer) -> None:
+    """examples/django_app: migrate, a sync and an async view, the poolguard command."""
+    import os
+    import sys
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "django_app"
+    postgres_server.create_database("example_shop")
+    env = {
+        **os.environ,
+        "DATABASE_URL": postgres_server.url.rsplit("/", 1)[0] + "/example_shop",
+        "DJANGO_SETTINGS_MODULE": "shop.settings",
+    }
+    script = (
+        "import django; django.setup()\n"
+        "from django.core.management import call_command\n"
+        "call_command('migrate', verbosity=0)\n"
+        "from shop.models import Product\n"
+        "Product.objects.create(name='apple', stock=3)\n"
+        "from django.test import Client, AsyncClient\n"
+        "import asyncio\n"
+        "assert Client().get('/buy/1/').json() == {'name': 'apple', 'stock': 2}\n"
+        "r = asyncio.run(AsyncClient().get('/async/'))\n"
+        "assert r.json() == {'products': ['apple']}, r.content\n"
+        "call_command('poolguard', 'status')\n"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script], cwd=example, env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-3000:]
+        assert "pool 'django:default'" in output
+    finally:
+        postgres_server.drop_database("example_shop")
