@@ -5,6 +5,7 @@ DJANGO_SETTINGS_MODULE, so pytest-django stays inert for the rest of the suite. 
 
 - ``default``: poolguard.django, session mode, direct to PostgreSQL;
 - ``aged``: the same with ``CONN_MAX_AGE = 60``;
+- ``leaky``: the same with a 0.3 s leak threshold;
 - ``stock``: Django's own backend with ``CONN_MAX_AGE = 60``, for comparisons;
 - ``bouncer``: poolguard.django in transaction mode through PgBouncer, with a direct DSN
   (only when PgBouncer is installed).
@@ -57,6 +58,9 @@ def django_databases(
     dbs = {
         "default": db_entry(postgres_server, DB_NAME, mode="session", max_size=4),
         "aged": {**db_entry(postgres_server, DB_NAME, mode="session"), "CONN_MAX_AGE": 60},
+        "leaky": db_entry(
+            postgres_server, DB_NAME, mode="session", leak_threshold=0.3, watchdog_interval=0.05
+        ),
         "stock": {
             **db_entry(postgres_server, DB_NAME, "django.db.backends.postgresql"),
             "CONN_MAX_AGE": 60,

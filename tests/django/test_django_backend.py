@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,24 +162,27 @@ def test_request_boundary_returns_connection_whatever_conn_max_age() -> None:
     assert connections["aged"].pool.settings.max_lifetime == 60  # CONN_MAX_AGE's new meaning
 
 
-def test_checkout_site_is_the_view_line() -> None:
+def hold_line() -> int:
+    from djapp import views
+
+    text = Path(views.__file__).read_text().splitlines()
+    return next(n for n, line in enumerate(text, 1) if "HOLD-LINE" in line)
+
+
+@contextlib.contextmanager
+def holding(alias: str) -> Iterator[None]:
+    """GET /hold/?db=alias in a thread; the view holds its connection until the block ends."""
     from django.db import connections
     from django.test import Client
     from djapp import views
 
-    from poolguard.django import pool_for
-
-    view_file = Path(views.__file__)
-    line = next(
-        n for n, text in enumerate(view_file.read_text().splitlines(), 1) if "HOLD-LINE" in text
-    )
     views.held.clear()
     views.release.clear()
     errors: list[BaseException] = []
 
     def request() -> None:
         try:
-            assert Client().get("/hold/").status_code == 200
+            assert Client().get(f"/hold/?db={alias}").status_code == 200
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
         finally:
@@ -186,14 +192,37 @@ def test_checkout_site_is_the_view_line() -> None:
     thread.start()
     try:
         assert views.held.wait(10)
-        (record,) = pool_for("default").checkouts()
-        assert record.site.endswith(f"djapp{__import__('os').sep}views.py:{line} in hold")
-        assert record.owner_name() == "hold-request"
+        yield
     finally:
         views.release.set()
         thread.join(10)
     assert not errors
+
+
+def test_checkout_site_is_the_view_line() -> None:
+    from poolguard.django import pool_for
+
+    with holding("default"):
+        (record,) = pool_for("default").checkouts()
+        assert record.site.endswith(f"djapp{os.sep}views.py:{hold_line()} in hold")
+        assert record.owner_name() == "hold-request"
     assert pool_for("default").checkouts() == []
+
+
+def test_leaking_view_is_reported_with_its_line(caplog: pytest.LogCaptureFixture) -> None:
+    import poolguard
+
+    site = f"djapp{os.sep}views.py:{hold_line()} in hold"
+    with caplog.at_level("WARNING", logger="poolguard.leaks"), holding("leaky"):
+        (report,) = poolguard.report("django:leaky")
+        assert report.taken_at.endswith(site)
+        assert report.owner.startswith("thread 'hold-request'")
+        deadline = time.monotonic() + 5
+        while "leak_threshold" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    (warning,) = [r for r in caplog.records if "leak_threshold" in r.getMessage()]
+    assert site in warning.getMessage()
+    assert "django:leaky" in warning.getMessage()
 
 
 def test_checkout_site_of_an_async_orm_call_is_the_awaiting_line() -> None:

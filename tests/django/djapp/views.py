@@ -21,8 +21,9 @@ async def aitems(request: HttpRequest) -> JsonResponse:
 
 
 def hold(request: HttpRequest) -> JsonResponse:
-    with transaction.atomic():  # HOLD-LINE: atomic() takes the connection
-        count = Item.objects.select_for_update().filter(value__gte=0).count()
+    alias = request.GET.get("db", "default")
+    with transaction.atomic(using=alias):  # HOLD-LINE: atomic() takes the connection
+        count = Item.objects.using(alias).select_for_update().filter(value__gte=0).count()
         held.set()
         release.wait(30)
     return JsonResponse({"count": count})
