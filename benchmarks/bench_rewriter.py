@@ -1,6 +1,6 @@
 """pgbench -S through the rewriter (-M prepared) vs PgBouncer (-M simple) vs direct, one run.
 
-    python benchmarks/bench_rewriter.py [--clients 50] [--duration 10] [--pool-size 4]
+    python benchmarks/bench_rewriter.py [--clients 50] [--duration 10] [--rounds 3] [--no-uvloop]
 
 Starts a private PostgreSQL and PgBouncer (poolguard.testing), the rewriter in this process,
 runs pgbench against each, and prints tps with ratios. Not part of the test suite.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,12 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=4, help="server connections (both)")
     parser.add_argument("--scale", type=int, default=1)
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="runs of each target, interleaved; medians are printed (the machine may be shared)",
+    )
+    parser.add_argument(
         "--no-uvloop",
         action="store_true",
         help="use the standard asyncio loop even if uvloop is installed",
@@ -61,16 +68,16 @@ def main() -> None:
         use_uvloop = False if opts.no_uvloop else None
         proxy = rewriter.start(pg.dsn, pool_size=opts.pool_size, use_uvloop=use_uvloop)
         common = ["-S", "-c", str(opts.clients), "-j", str(opts.threads), "-T", str(opts.duration)]
-        results = {
-            "direct -M prepared": pgbench(bindir, pg, pg.password, [*common, "-M", "prepared"]),
-            "direct -M simple": pgbench(bindir, pg, pg.password, [*common, "-M", "simple"]),
-            "pgbouncer -M simple": pgbench(
-                bindir, bouncer, bouncer.password, [*common, "-M", "simple"]
-            ),
-            "rewriter -M prepared": pgbench(
-                bindir, proxy, proxy.password, [*common, "-M", "prepared"]
-            ),
+        targets = {
+            "direct -M prepared": (pg, pg.password, "prepared"),
+            "direct -M simple": (pg, pg.password, "simple"),
+            "pgbouncer -M simple": (bouncer, bouncer.password, "simple"),
+            "rewriter -M prepared": (proxy, proxy.password, "prepared"),
         }
+        runs: dict[str, list[float]] = {name: [] for name in targets}
+        for _ in range(opts.rounds):
+            for name, (target, password, mode) in targets.items():
+                runs[name].append(pgbench(bindir, target, password, [*common, "-M", mode]))
         loop_name = type(proxy._loop).__module__.split(".")[0]
     finally:
         if proxy is not None:
@@ -83,12 +90,18 @@ def main() -> None:
         f"pgbench -S, {opts.clients} clients, {opts.threads} threads, {opts.duration} s, "
         f"pool size {opts.pool_size}, {os.cpu_count()} CPUs, rewriter loop: {loop_name}"
     )
-    for name, tps in results.items():
-        print(f"  {name:<22} {tps:>10.0f} tps")
-    bouncer_tps = results["pgbouncer -M simple"]
-    mine = results["rewriter -M prepared"]
-    print(f"  rewriter / pgbouncer  {mine / bouncer_tps:>10.2f}x  (target >= 0.60x)")
-    print(f"  rewriter / direct     {mine / results['direct -M prepared']:>10.2f}x")
+    for name, tps in runs.items():
+        each = " ".join(f"{t:.0f}" for t in tps)
+        print(f"  {name:<22} {statistics.median(tps):>10.0f} tps  (runs: {each})")
+    # Ratios per round (same moment, same background load), then their median.
+    mine = runs["rewriter -M prepared"]
+    vs_bouncer = [m / b for m, b in zip(mine, runs["pgbouncer -M simple"], strict=True)]
+    vs_direct = [m / d for m, d in zip(mine, runs["direct -M prepared"], strict=True)]
+    print(
+        f"  rewriter / pgbouncer  {statistics.median(vs_bouncer):>10.2f}x  (target >= 0.60x; "
+        f"rounds: {' '.join(f'{r:.2f}' for r in vs_bouncer)})"
+    )
+    print(f"  rewriter / direct     {statistics.median(vs_direct):>10.2f}x")
 
 
 if __name__ == "__main__":
