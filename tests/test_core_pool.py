@@ -343,3 +343,31 @@ def test_with_hold_server_cursor_is_flagged_and_reset(pg_dsn: str) -> None:
         cur.execute("SELECT 1")
         assert cur.fetchall() == [(1,)]
     assert poolguard.stats()["poolguard.connection.session_resets"] == 1
+
+
+def test_async_pool_opens_once_when_many_tasks_arrive_together(
+    pg_dsn: str, postgres_server: PostgresServer
+) -> None:
+    import asyncio
+
+    poolguard.configure(pg_dsn, min_size=0, max_size=2, name="crowd")
+    probes = 0
+    original = poolguard.AsyncGuardedPool._probe_now
+
+    def counting_probe(self: Any, **kwargs: Any) -> Any:
+        nonlocal probes
+        probes += 1
+        return original(self, **kwargs)
+
+    async def main() -> None:
+        async def one() -> None:
+            async with poolguard.aconnection("crowd") as conn:
+                await conn.execute("SELECT 1")
+
+        await asyncio.gather(*(one() for _ in range(20)))
+        await poolguard.get_async_pool("crowd").close()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(poolguard.AsyncGuardedPool, "_probe_now", counting_probe)
+        asyncio.run(main())
+    assert probes == 1

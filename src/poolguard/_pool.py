@@ -477,6 +477,7 @@ class AsyncGuardedPool(_PoolCore):
         super().__init__(settings)
         self._inner: psycopg_pool.AsyncConnectionPool[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._open_lock = threading.Lock()
         #: Set by close(): ends a back-off wait at once; made with each inner pool, on its loop.
         self._closing: asyncio.Event | None = None
@@ -489,6 +490,7 @@ class AsyncGuardedPool(_PoolCore):
         _inherited.append(self._inner)
         self._inner = None
         self._loop = None
+        self._opening = None
         self._open_lock = threading.Lock()
 
     async def open(self) -> None:
@@ -507,22 +509,30 @@ class AsyncGuardedPool(_PoolCore):
                 )
             self._inner = None  # its loop is gone, and its connections with it
         if self._inner is None:
-            await asyncio.to_thread(self._probe_now, check_budget=True)
-            if self._inner is None:  # another task may have opened it while we awaited
-                inner: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
-                    self.settings.conninfo,
-                    connection_class=AsyncGuardedConnection,
-                    configure=self._on_connect_async,
-                    check=psycopg_pool.AsyncConnectionPool.check_connection
-                    if self.settings.health_check
-                    else None,
-                    **self._inner_options(self._server_full),
-                )
-                self._closing = asyncio.Event()
-                await inner.open(wait=False)
-                self._inner, self._loop = inner, loop
-                _watchdog.watch(self)
+            # One opener per loop: twenty tasks arriving at once probe and check the budget once.
+            if self._opening is None or self._opening[0] is not loop:
+                self._opening = (loop, asyncio.Lock())
+            async with self._opening[1]:
+                if self._inner is None:
+                    await self._open_in(loop)
+        assert self._inner is not None
         return self._inner
+
+    async def _open_in(self, loop: asyncio.AbstractEventLoop) -> None:
+        await asyncio.to_thread(self._probe_now, check_budget=True)
+        inner: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
+            self.settings.conninfo,
+            connection_class=AsyncGuardedConnection,
+            configure=self._on_connect_async,
+            check=psycopg_pool.AsyncConnectionPool.check_connection
+            if self.settings.health_check
+            else None,
+            **self._inner_options(self._server_full),
+        )
+        self._closing = asyncio.Event()
+        await inner.open(wait=False)
+        self._inner, self._loop = inner, loop
+        _watchdog.watch(self)
 
     async def _server_full(self, exc: psycopg.OperationalError) -> bool:
         """The async twin of GuardedPool._server_full."""
