@@ -87,9 +87,6 @@ class BackendStatements:
     def __len__(self) -> int:
         return len(self._lru)
 
-    def names(self) -> list[bytes]:
-        return list(self._lru)
-
     def touch(self, stmt: Statement) -> bool:
         """Mark ``stmt`` used; False if it is not prepared on this backend."""
         if self._lru.get(stmt.name) is not stmt:
