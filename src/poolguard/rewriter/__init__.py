@@ -27,6 +27,8 @@ import threading
 from collections.abc import Sequence
 from urllib.parse import quote
 
+from psycopg.conninfo import make_conninfo
+
 from ._pool import Upstream, UpstreamError
 from ._server import Proxy
 
@@ -121,9 +123,12 @@ class RewriterHandle:
     @property
     def dsn(self) -> str:
         """libpq conninfo for clients, password included (never logged or shown in repr)."""
-        return (
-            f"host={self.host} port={self.port} user={_conninfo_quote(self.user)} "
-            f"password={_conninfo_quote(self._password)} dbname={_conninfo_quote(self.dbname)}"
+        return make_conninfo(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self._password,
+            dbname=self.dbname,
         )
 
     @property
@@ -161,10 +166,6 @@ class RewriterHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _conninfo_quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def start(
