@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import django  # type: ignore[import-untyped]
 import psycopg
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
 from django.db import DEFAULT_DB_ALIAS, connections  # type: ignore[import-untyped]
@@ -27,8 +28,6 @@ from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-u
     get_adapters_template,
 )
 from django.utils.asyncio import async_unsafe  # type: ignore[import-untyped]
-
-import django  # type: ignore[import-untyped]
 
 from .. import _state
 from .._connection import GuardedConnection
@@ -130,7 +129,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             raise ImproperlyConfigured(f"DATABASES[{self.alias!r}]: {exc}") from None
         if pool._inner is None:
             # Django's loaders (jsonb and inet as text, its range dumper, the time zone).
-            context = get_adapters_template(django_use_tz(), self.timezone)
+            context = get_adapters_template(_use_tz(), self.timezone)
             pool.connect_kwargs = {**wanted, "context": context}
         _current[self.alias] = (resolved, pool)
         return pool
@@ -272,7 +271,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
         return super().chunked_cursor()
 
 
-def django_use_tz() -> bool:
+def _use_tz() -> bool:
     from django.conf import settings  # type: ignore[import-untyped]
 
     return bool(settings.USE_TZ)
