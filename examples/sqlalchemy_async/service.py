@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 import poolguard
 import poolguard.sqlalchemy
-from sqlalchemy import text
 
 
 async def handle(engine: AsyncEngine, n: int) -> int:

@@ -8,11 +8,11 @@ default, POOLGUARD_MAX_SIZE to change it), which raw psycopg code in the same pr
 
 from __future__ import annotations
 
+from sqlalchemy import String, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import poolguard
 from poolguard.sqlalchemy import create_engine
-from sqlalchemy import String, func, select
 
 
 class Base(DeclarativeBase):

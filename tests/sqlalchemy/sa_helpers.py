@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 
 from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy import String
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from sqlalchemy import String
 
 
 class Base(DeclarativeBase):

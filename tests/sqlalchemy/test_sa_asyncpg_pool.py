@@ -9,13 +9,13 @@ import time
 import psycopg
 import pytest
 from sa_helpers import line_of_caller, sa_url
+from sqlalchemy import text
 
 import poolguard
 import poolguard.sqlalchemy
 from poolguard import ConfigurationError, PoolConnectError, PoolExhausted
 from poolguard.sqlalchemy import AsyncpgPool, create_async_engine
 from poolguard.sqlalchemy._asyncpg import asyncpg_pool
-from sqlalchemy import text
 
 
 def test_budget_exhaustion_names_the_holders_line(pg_dsn: str) -> None:

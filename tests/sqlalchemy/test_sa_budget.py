@@ -12,15 +12,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import sqlalchemy
 from sa_helpers import sa_url
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import poolguard
-import sqlalchemy
 from poolguard.sqlalchemy import create_engine
 from poolguard.testing import PostgresServer
-from sqlalchemy import text
 
 THREADS = 50
 REQUESTS = 20

@@ -15,17 +15,17 @@ from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy
 from sa_helpers import Base, Note, line_of_caller, sa_url
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import poolguard
 import poolguard.sqlalchemy
-import sqlalchemy
 from poolguard import ConfigurationError, PoolExhausted
 from poolguard.sqlalchemy import SharedPool, create_async_engine, create_engine, direct_url
 from poolguard.testing import PostgresServer
-from sqlalchemy import select, text
 
 ASYNC_DRIVERS = ["psycopg", "asyncpg"]
 

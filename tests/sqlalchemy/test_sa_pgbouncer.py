@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 from sa_helpers import sa_url
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
@@ -23,7 +24,6 @@ import poolguard
 import poolguard.sqlalchemy
 from poolguard.sqlalchemy import create_async_engine
 from poolguard.testing import PgBouncerServer
-from sqlalchemy import text
 
 pytestmark = [pytest.mark.pgbouncer, pytest.mark.slow]
 

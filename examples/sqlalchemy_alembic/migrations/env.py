@@ -8,10 +8,10 @@ connection for the run and closes it: it does not take a slot of poolguard's bud
 
 from __future__ import annotations
 
+import sqlalchemy
 from alembic import context
 
 import poolguard
-import sqlalchemy
 from poolguard.sqlalchemy import direct_url
 
 poolguard.configure()  # DATABASE_URL (the app's, maybe a pooler) and DIRECT_URL
