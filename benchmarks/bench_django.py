@@ -57,9 +57,8 @@ urlpatterns: list[Any] = []
 
 def worker(database: dict[str, Any], threads: int, seconds: float) -> dict[str, float]:
     """In a fresh process: configure Django, then measure requests/s for ``seconds``."""
-    from django.conf import settings
-
     import django
+    from django.conf import settings
 
     settings.configure(
         DATABASES={"default": database},

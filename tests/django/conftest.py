@@ -50,9 +50,8 @@ def django_databases(
     postgres_server: PostgresServer, request: pytest.FixtureRequest
 ) -> Iterator[dict[str, Any]]:
     """Configure Django in this process on a fresh database; the tables of djapp exist."""
-    from django.conf import settings
-
     import django
+    from django.conf import settings
 
     postgres_server.create_database(DB_NAME)
     dbs = {

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import django  # type: ignore[import-untyped]
+
 from poolguard.testing import PostgresServer, start_postgres
 
 DEFAULT_MODULES = ["backends", "transactions", "basic"]
