@@ -132,6 +132,14 @@ class _PoolCore:
         )
         return True
 
+    def _target_conninfo(self) -> str:
+        """Where connections go: the DSN, or the embedded rewriter in front of it."""
+        if not self.settings.rewriter:
+            return self.settings.conninfo
+        from ._state import rewriter_dsn  # _state imports this module
+
+        return rewriter_dsn(self.settings)
+
     def _connect_error(self, exc: Exception) -> PoolConnectError:
         if is_too_many_connections(exc):
             return PoolConnectError(
@@ -155,7 +163,7 @@ class _PoolCore:
         thread, once per open.
         """
         try:
-            conn = psycopg.connect(self.settings.conninfo, **self._connect_args())
+            conn = psycopg.connect(self._target_conninfo(), **self._connect_args())
         except psycopg.OperationalError as exc:
             if self._options_refused(exc):
                 return self._probe_now(check_budget=check_budget)
@@ -343,7 +351,7 @@ class GuardedPool(_PoolCore):
                 # immediate, precise error instead of a checkout timeout later.
                 self._probe_now(check_budget=True)
                 inner: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
-                    self.settings.conninfo,
+                    self._target_conninfo(),
                     connection_class=GuardedConnection,
                     configure=self._on_connect,
                     check=psycopg_pool.ConnectionPool.check_connection
@@ -521,7 +529,7 @@ class AsyncGuardedPool(_PoolCore):
     async def _open_in(self, loop: asyncio.AbstractEventLoop) -> None:
         await asyncio.to_thread(self._probe_now, check_budget=True)
         inner: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
-            self.settings.conninfo,
+            self._target_conninfo(),
             connection_class=AsyncGuardedConnection,
             configure=self._on_connect_async,
             check=psycopg_pool.AsyncConnectionPool.check_connection

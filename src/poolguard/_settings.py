@@ -68,6 +68,9 @@ class Settings:
     direct_conninfo: str = field(default="", repr=False)
     #: Run a round trip on checkout to catch dead connections before the caller does.
     health_check: bool = False
+    #: Put the pool behind poolguard's embedded statement-name rewriter (one per upstream DSN
+    #: per process), so prepared statements keep working behind transaction pooling.
+    rewriter: bool = False
     #: Worker processes that each open this pool, for the connection budget at open.  None:
     #: $WEB_CONCURRENCY (what Gunicorn, Uvicorn and PaaS buildpacks set), else 1.  A process
     #: cannot see its siblings, so the budget trusts what the deployment declares.
@@ -170,6 +173,9 @@ def build_settings(
     if hints.get("pgbouncer") in _TRUE:
         merged["mode"] = "transaction"
     merged.update(options)
+    if merged.get("rewriter") and "prepare_threshold" not in merged:
+        # The point of the rewriter: psycopg's own default (prepare on the 5th execution).
+        merged["prepare_threshold"] = 5
     direct = merged.pop("direct_dsn", None) or env.get("DIRECT_URL") or ""
     direct_conninfo = parse_dsn(direct, "direct_dsn")[0] if direct else ""
     try:
@@ -316,11 +322,12 @@ def _validate(s: Settings) -> None:
         "seconds from 0.01 to 60",
     )
     check(isinstance(s.application_name, str), "application_name", "a string")
-    if s.mode == "transaction" and s.prepare_threshold is not None:
+    check(isinstance(s.rewriter, bool), "rewriter", "True or False")
+    if s.mode == "transaction" and s.prepare_threshold is not None and not s.rewriter:
         raise ConfigurationError(
             f"prepare_threshold={s.prepare_threshold} for pool {s.name!r} needs mode='session': "
             "server-side prepared statements break behind a transaction-mode pooler "
-            "(use mode='session' when connecting directly to PostgreSQL)"
+            "(use mode='session' when connecting directly to PostgreSQL, or rewriter=True)"
         )
 
 

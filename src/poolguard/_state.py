@@ -70,6 +70,44 @@ def get_async_pool(name: str = "default") -> AsyncGuardedPool:
         return pool
 
 
+# Embedded statement-name rewriters, one per upstream conninfo, shared by the pools that use
+# rewriter=True.  Typed loosely so that importing poolguard never imports the rewriter.
+_rewriters: dict[str, Any] = {}
+_rewriters_lock = threading.Lock()
+
+
+def rewriter_dsn(settings: Settings) -> str:
+    """The DSN of the embedded rewriter in front of ``settings.conninfo``, started on first use."""
+    with _rewriters_lock:
+        handle = _rewriters.get(settings.conninfo)
+        if handle is None:
+            _refuse_transaction_pooler_upstream(settings)
+            from .rewriter import start
+
+            handle = _rewriters[settings.conninfo] = start(
+                settings.conninfo, pool_size=settings.max_size
+            )
+        return str(handle.dsn)
+
+
+def _refuse_transaction_pooler_upstream(settings: Settings) -> None:
+    """The rewriter is a transaction pooler: it must own its server connections.
+
+    Behind another transaction pooler, the server connections it tracks statements on are
+    shared underneath it, and its prepared statements go missing.
+    """
+    from ._doctor import probe_pooler
+
+    found = probe_pooler(settings.conninfo)
+    if found.mode in ("transaction", "statement"):
+        raise ConfigurationError(
+            f"pool {settings.name!r}: rewriter=True needs a DSN that reaches PostgreSQL directly "
+            f"(or a session-mode pooler), but {settings.target} is a {found.mode}-mode pooler: "
+            "point the DSN at PostgreSQL (the rewriter does the transaction pooling), or drop "
+            "rewriter=True"
+        )
+
+
 def pools() -> list[GuardedPool | AsyncGuardedPool]:
     """Every pool of this process."""
     return [*_pools.values(), *_async_pools.values()]
@@ -83,11 +121,24 @@ def reset() -> None:
         _async_pools.clear()
     for pool in closing:
         pool.close()
+    with _rewriters_lock:
+        rewriters = list(_rewriters.values())
+        _rewriters.clear()
+    for handle in rewriters:
+        handle.stop()
 
 
-def _new_lock_after_fork() -> None:
-    global _lock
+def _after_fork_in_child() -> None:
+    global _lock, _rewriters_lock
     _lock = threading.Lock()  # the parent's may have been held by a thread the child lacks
+    _rewriters_lock = threading.Lock()
+    # The parent's rewriters run on threads the child does not have, over shared sockets:
+    # forget them (never stop them from here); the child starts its own on first use.
+    _inherited_rewriters.extend(_rewriters.values())
+    _rewriters.clear()
 
 
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+_inherited_rewriters: list[Any] = []
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -542,7 +542,9 @@ async def _arelease(pool: _PoolCore, conn: Tracked) -> None:
 def startup_options(settings: Settings) -> dict[str, str]:
     """The ``options`` startup parameter carrying idle_in_transaction_session_timeout."""
     seconds = settings.idle_in_transaction_session_timeout
-    if not seconds:
+    # The embedded rewriter pools server connections itself and refuses ``options`` (a
+    # setting in it would follow one client onto shared connections): docs/leaks.md.
+    if not seconds or settings.rewriter:
         return {}
     base = conninfo_to_dict(settings.conninfo).get("options") or ""
     option = f"-c idle_in_transaction_session_timeout={max(1, round(seconds * 1000))}"
