@@ -17,7 +17,9 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+import sqlalchemy
 from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
@@ -25,9 +27,7 @@ from sqlalchemy.orm import Session
 
 import poolguard
 import poolguard.sqlalchemy
-import sqlalchemy
 from poolguard.testing import start_postgres
-from sqlalchemy import text
 
 SELECT_1 = text("SELECT 1")
 
