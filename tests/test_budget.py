@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from poolguard import ConfigurationError
 from poolguard._budget import (
@@ -149,6 +152,23 @@ def test_read_limits_from_postgres(postgres_server: PostgresServer) -> None:
             siblings_excluded = read_server_limits(conn, exclude_application_name="budget-sibling")
         assert during.in_use - before.in_use == 3
         assert siblings_excluded.in_use - before.in_use == 1
+
+
+def test_read_limits_counts_sessions_a_plain_role_cannot_see_into(pg_dsn: str) -> None:
+    """Without pg_read_all_stats, other users' sessions hide their backend_type: still counted."""
+    role = f"plain_{secrets.token_hex(4)}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(sql.Identifier(role)))
+    plain = make_conninfo(pg_dsn, user=role, password="pw")
+    try:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            before = read_server_limits(conn)
+            with psycopg.connect(pg_dsn), psycopg.connect(pg_dsn):  # superuser sessions
+                during = read_server_limits(conn)
+        assert during.in_use - before.in_use == 2
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 def test_read_limits_keeps_the_callers_transaction(postgres_server: PostgresServer) -> None:

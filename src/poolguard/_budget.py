@@ -42,10 +42,14 @@ _SETTINGS_QUERY: Final = (
     "('max_connections', 'superuser_reserved_connections', 'reserved_connections')"
 )
 # Only client backends take max_connections slots; autovacuum, WAL senders and background
-# workers have their own limits. The caller's own backend is not "someone else".
+# workers have their own limits. The caller's own backend is not "someone else". A role
+# without pg_read_all_stats sees other users' sessions with backend_type NULL, but still
+# with their database (server processes have none): those count too, erring on the safe
+# side (a hidden autovacuum worker is counted as a client).
 _IN_USE_QUERY: Final = (
     "SELECT count(*) FROM pg_catalog.pg_stat_activity "
-    "WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() "
+    "WHERE (backend_type = 'client backend' OR (backend_type IS NULL AND datid IS NOT NULL)) "
+    "AND pid <> pg_catalog.pg_backend_pid() "
     "AND application_name IS DISTINCT FROM %s"
 )
 # PostgreSQL's default, assumed only when the server will not say.
