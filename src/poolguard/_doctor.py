@@ -295,8 +295,9 @@ def framework_settings(probe: PoolerProbe, budget: Budget | None) -> dict[str, s
         }
     return {
         "poolguard": f"poolguard.configure(DATABASE_URL, mode='session', max_size={size})",
-        "django": "django.db.backends.postgresql (or ENGINE 'poolguard.django'); "
-        "CONN_MAX_AGE > 0 so each worker keeps one connection",
+        "django": "ENGINE 'poolguard.django' with OPTIONS={'poolguard': {'mode': 'session', "
+        f"'max_size': {size}}}}}, or the stock backend with OPTIONS={{'pool': {{'max_size': "
+        f"{size}}}}} (Django 5.1+); not CONN_MAX_AGE > 0 under ASGI, where it leaks connections",
         "sqlalchemy": f"create_engine(url, pool_size={size}, max_overflow=0, pool_pre_ping=True)",
         "psycopg": f"psycopg_pool.ConnectionPool(dsn, max_size={size}) (prepared statements "
         "are fine)",
