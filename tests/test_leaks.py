@@ -126,7 +126,7 @@ def test_garbage_collected_connection_frees_its_slot_and_is_reported(
     started = time.monotonic()
     with pool.connection(timeout=3) as conn:  # the only slot is free again
         conn.execute("SELECT 1")
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0  # includes opening the replacement connection
     (message,) = leak_records(leaks_log)
     assert f"{HERE}:{line} in leaky_handler" in message and "garbage-collected" in message
     stats = pool.stats()
@@ -286,6 +286,7 @@ def test_reclaim_keeps_a_pool_of_two_serving_and_never_hands_out_a_transaction(
             assert conn.info.backend_pid not in leaked_pids
             served.append(conn.execute("SELECT count(*) FROM t").fetchone())
     assert served == [(0,)] * 6  # the leakers' open transactions were rolled back, not handed on
+    wait_for(lambda: all(conn.closed for conn in leaked))  # the 6 may need only one reclaim
     assert len([m for m in leak_records(leaks_log) if "leak_reclaim_after" in m]) == 2
     for conn in leaked:
         with pytest.raises(ConnectionReclaimed, match="reclaimed by poolguard after"):

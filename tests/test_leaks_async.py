@@ -106,7 +106,7 @@ def test_garbage_collected_connection_frees_its_slot(
         started = time.monotonic()
         async with pool.connection(timeout=3) as conn:
             await conn.execute("SELECT 1")
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 2.0  # includes opening the replacement connection
 
     run(main())
     (message,) = leak_records(caplog)
@@ -185,6 +185,7 @@ def test_reclaim_keeps_a_pool_of_two_serving(pg_dsn: str, caplog: pytest.LogCapt
                 assert conn.info.backend_pid not in pids
                 cur = await conn.execute("SELECT count(*) FROM t")
                 assert await cur.fetchone() == (0,)
+        await wait_for(lambda: all(conn.closed for conn in leaked))  # 6 may need one reclaim
         for conn in leaked:
             with pytest.raises(ConnectionReclaimed):
                 await conn.commit()

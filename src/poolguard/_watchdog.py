@@ -406,10 +406,7 @@ def _reclaim(pool: _PoolCore, conn: Tracked, entry: Entry, why: str, seen: _Seen
         with _lock:  # held until the slot is back: a racing putconn() waits for it
             if not _claim(pool, conn, entry, message, seen):
                 return
-            conn.close()  # type: ignore[attr-defined]
-            inner = pool._inner_pool()
-            if inner is not None and conn._pool is inner:  # type: ignore[attr-defined]
-                inner.putconn(conn)  # closed: psycopg_pool replaces it
+            _give_back(pool, conn)
     finally:
         lock.release()
     _log_reclaimed(pool, message, seen)
@@ -519,14 +516,19 @@ def _collect_lost(pool: _PoolCore, conn: Tracked) -> None:
     conn._pg_reclaimed = "connection was garbage-collected without being returned"
     loop: asyncio.AbstractEventLoop | None = getattr(pool, "_loop", None)
     if not hasattr(pool, "_loop"):
-        conn.close()  # type: ignore[attr-defined]
-        inner = pool._inner_pool()
-        if inner is not None and conn._pool is inner:  # type: ignore[attr-defined]
-            inner.putconn(conn)
+        _give_back(pool, conn)
     elif loop is not None and not loop.is_closed():
         asyncio.run_coroutine_threadsafe(_arelease(pool, conn), loop)
     else:
         conn.pgconn.finish()  # type: ignore[attr-defined]  # its loop is gone, and its pool
+
+
+def _give_back(pool: _PoolCore, conn: Tracked) -> None:
+    """Close a sync pool's connection and return its slot: psycopg_pool opens a new one."""
+    conn.close()  # type: ignore[attr-defined]
+    inner = pool._inner_pool()
+    if inner is not None and conn._pool is inner:  # type: ignore[attr-defined]
+        inner.putconn(conn)
 
 
 async def _arelease(pool: _PoolCore, conn: Tracked) -> None:
