@@ -9,6 +9,7 @@ are added by the modules that own them.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import threading
@@ -255,6 +256,19 @@ def _from_trap(label: str, result: TrapResult, sampled: Run) -> Run:
     )
 
 
+def leak_scene(dsn: str, out: TextIO) -> None:
+    from ._report import leak_scene as find_a_leak
+
+    # The scene prints the finding itself; the console handler would print it twice.
+    leaks = logging.getLogger("poolguard.leaks")
+    leaks.propagate = False
+    try:
+        out.write(find_a_leak(dsn) + "\n")
+    finally:
+        leaks.propagate = True
+
+
+SCENES.append(("a leaking handler, found and pinned to its line", leak_scene))
 if testing.find_pgbouncer() is not None:
     SCENES.append(
         (
