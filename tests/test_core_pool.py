@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -14,32 +12,14 @@ import pytest
 from psycopg.rows import dict_row
 
 import poolguard
-from poolguard import PoolConnectError, PoolExhausted
+from poolguard import PoolConnectError, PoolExhausted, testing
 from poolguard.testing import PostgresServer, free_port
 
 
 def run_users(users: int, requests: int, request: Callable[[], None]) -> tuple[int, list[str]]:
     """Run ``users`` threads of ``requests`` calls each; return (successes, error messages)."""
-    errors: list[str] = []
-    ok = 0
-    lock = threading.Lock()
-
-    def user() -> None:
-        nonlocal ok
-        for _ in range(requests):
-            try:
-                request()
-            except psycopg.Error as exc:
-                with lock:
-                    errors.append(str(exc).splitlines()[0])
-            else:
-                with lock:
-                    ok += 1
-
-    with ThreadPoolExecutor(users) as workers:
-        for future in [workers.submit(user) for _ in range(users)]:
-            future.result()
-    return ok, errors
+    seen = testing.run_users(users, requests, lambda user, i: request())
+    return seen.ok, seen.failures
 
 
 @pytest.fixture(scope="module")

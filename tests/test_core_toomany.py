@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +23,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import poolguard
-from poolguard import BudgetWarning, ConfigurationError, PoolConnectError, _toomany
+from poolguard import BudgetWarning, ConfigurationError, PoolConnectError, _toomany, testing
 from poolguard._budget import ServerLimits
 from poolguard._toomany import Backoff, is_too_many_connections, refusal_text
 from poolguard.testing import PostgresServer
@@ -103,24 +101,8 @@ def full(small: PostgresServer) -> Iterator[Full]:
 
 
 def run_threads(request: Callable[[], None]) -> tuple[int, list[str]]:
-    ok, errors, lock = 0, [], threading.Lock()
-
-    def user() -> None:
-        nonlocal ok
-        for _ in range(REQUESTS):
-            try:
-                request()
-            except psycopg.Error as exc:
-                with lock:
-                    errors.append(str(exc).splitlines()[0])
-            else:
-                with lock:
-                    ok += 1
-
-    with ThreadPoolExecutor(THREADS) as workers:
-        for future in [workers.submit(user) for _ in range(THREADS)]:
-            future.result()
-    return ok, errors
+    seen = testing.run_users(THREADS, REQUESTS, lambda user, i: request())
+    return seen.ok, seen.failures
 
 
 def warnings_from(caplog: pytest.LogCaptureFixture, logger: str) -> list[str]:

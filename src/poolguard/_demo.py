@@ -13,11 +13,9 @@ import logging
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import psycopg
@@ -28,7 +26,7 @@ from . import testing
 from ._budget import compute_budget, read_server_limits
 from ._settings import redact_conninfo
 from ._state import configure, reset
-from ._trap import QUERIES, STATEMENTS, THREADS, TrapResult, run_workload
+from ._trap import QUERIES, STATEMENTS, THREADS, run_workload
 
 #: (title, scene(dsn, out) -> None), shown as "Scene <n>: <title>"; scenes owned by other
 #: modules register here.
@@ -36,58 +34,32 @@ SCENES: list[tuple[str, Callable[[str, TextIO], None]]] = []
 
 
 @dataclass
-class Run:
-    """What one way of serving the crowd achieved."""
+class Run(testing.Workload):
+    """What one way of serving the crowd achieved, and how many server connections it took."""
 
-    label: str
-    ok: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    first_error: str = ""
+    label: str = ""
     peak_connections: int = 0
 
-    def percentile(self, p: float) -> float:
-        if not self.latencies:
-            return 0.0
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
-
     @property
-    def throughput(self) -> float:
-        return self.ok / self.seconds if self.seconds else 0.0
+    def first_error(self) -> str:
+        return self.failures[0] if self.failures else ""
 
 
-def _crowd(label: str, users: int, requests: int, request: Callable[[], None]) -> Run:
-    run = Run(label)
-    lock = threading.Lock()
+def _labelled(label: str, seen: testing.Workload, peak: Peak) -> Run:
+    return Run(seen.ok, seen.failures, seen.latencies, seen.seconds, label, peak.connections)
 
-    def user() -> None:
-        for _ in range(requests):
-            started = time.perf_counter()
-            try:
-                request()
-            except psycopg.Error as exc:
-                with lock:
-                    run.failed += 1
-                    run.first_error = run.first_error or str(exc).strip().splitlines()[-1]
-            else:
-                elapsed = time.perf_counter() - started
-                with lock:
-                    run.ok += 1
-                    run.latencies.append(elapsed)
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(users) as workers:
-        for future in [workers.submit(user) for _ in range(users)]:
-            future.result()
-    run.seconds = time.perf_counter() - started
-    return run
+@dataclass
+class Peak:
+    """The most client backends seen at once while a run went on."""
+
+    connections: int = 0
 
 
 @contextmanager
-def _count_server_connections(dsn: str, run: Run) -> Iterator[None]:
+def _count_server_connections(dsn: str) -> Iterator[Peak]:
     """Sample the number of client backends while the block runs; keep the peak."""
+    peak = Peak()
     stop = threading.Event()
     monitor = psycopg.connect(dsn, autocommit=True)
 
@@ -97,12 +69,12 @@ def _count_server_connections(dsn: str, run: Run) -> Iterator[None]:
                 "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
                 "AND pid <> pg_backend_pid()"
             ).fetchone()
-            run.peak_connections = max(run.peak_connections, row[0] if row else 0)
+            peak.connections = max(peak.connections, row[0] if row else 0)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
-        yield
+        yield peak
     finally:
         stop.set()
         thread.join()
@@ -132,19 +104,17 @@ def crowd_scene(dsn: str, out: TextIO, *, users: int = 200, requests: int = 5) -
     out.write(
         f"Scene 1: {users} concurrent users x {requests} requests, each a short transaction\n"
     )
-    raw = Run("")
-    with _count_server_connections(dsn, raw):
-        raw = _merge(raw, _crowd("connect per request", users, requests, per_request))
+    with _count_server_connections(dsn) as peak:
+        seen = testing.run_users(users, requests, lambda user, i: per_request())
+    raw = _labelled("connect per request", seen, peak)
     pool = configure(dsn, name="demo", max_size=max_size, min_size=max_size, timeout=60)
     pool.open()
-    guarded = Run("")
     try:
-        with _count_server_connections(dsn, guarded):
-            guarded = _merge(
-                guarded, _crowd(f"poolguard max_size={max_size}", users, requests, pooled)
-            )
+        with _count_server_connections(dsn) as peak:
+            seen = testing.run_users(users, requests, lambda user, i: pooled())
     finally:
         reset()
+    guarded = _labelled(f"poolguard max_size={max_size}", seen, peak)
     _table(out, [raw, guarded])
     budget = compute_budget(limits, max_size=max_size, processes=processes)
     out.write(f"\nConnection math for {processes} processes like this one:\n")
@@ -153,18 +123,13 @@ def crowd_scene(dsn: str, out: TextIO, *, users: int = 200, requests: int = 5) -
     return [raw, guarded]
 
 
-def _merge(sampled: Run, run: Run) -> Run:
-    run.peak_connections = sampled.peak_connections
-    return run
-
-
 def _table(out: TextIO, runs: list[Run]) -> None:
     rows: list[tuple[str, Callable[[Run], str]]] = [
         ("requests ok", lambda r: str(r.ok)),
         ("requests failed", lambda r: str(r.failed)),
         ("throughput (req/s)", lambda r: f"{r.throughput:.0f}"),
-        ("latency p50 (ms)", lambda r: f"{r.percentile(0.50):.1f}"),
-        ("latency p99 (ms)", lambda r: f"{r.percentile(0.99):.1f}"),
+        ("latency p50 (ms)", lambda r: f"{r.percentile(0.50) * 1000:.1f}"),
+        ("latency p99 (ms)", lambda r: f"{r.percentile(0.99) * 1000:.1f}"),
         ("peak server connections", lambda r: str(r.peak_connections)),
     ]
     width = max(24, *(len(r.label) + 2 for r in runs))
@@ -193,21 +158,19 @@ def pgbouncer_scene(dsn: str, out: TextIO) -> None:
             bouncer.dsn, min_size=THREADS, max_size=THREADS, open=False
         )
         plain.open(wait=True)
-        trapped = Run("")
         try:
-            with _count_server_connections(dsn, trapped):
+            with _count_server_connections(dsn) as peak:
                 result = run_workload(plain.connection)
         finally:
             plain.close()
-        trapped = _from_trap("psycopg_pool + psycopg defaults", result, trapped)
+        trapped = _labelled("psycopg_pool + psycopg defaults", result, peak)
         pool = configure(bouncer.url, name="demo-pgbouncer", max_size=THREADS)
-        guarded = Run("")
         try:
-            with _count_server_connections(dsn, guarded):
+            with _count_server_connections(dsn) as peak:
                 result = run_workload(pool.connection)
         finally:
             reset()
-        guarded = _from_trap("poolguard defaults", result, guarded)
+        guarded = _labelled("poolguard defaults", result, peak)
     finally:
         bouncer.stop()
     _table(out, [trapped, guarded])
@@ -242,18 +205,6 @@ def _pgbouncer_version() -> str:
     except (OSError, subprocess.SubprocessError):
         found = ""
     return found.splitlines()[0] if found.strip() else "PgBouncer"
-
-
-def _from_trap(label: str, result: TrapResult, sampled: Run) -> Run:
-    return Run(
-        label,
-        ok=result.ok,
-        failed=len(result.failures),
-        seconds=result.seconds,
-        latencies=result.latencies,
-        first_error=result.failures[0] if result.failures else "",
-        peak_connections=sampled.peak_connections,
-    )
 
 
 def leak_scene(dsn: str, out: TextIO) -> None:
