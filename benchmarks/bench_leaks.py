@@ -11,18 +11,15 @@ plain psycopg_pool, after one warm-up round so that caches and reservoirs alread
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
 import psycopg_pool
+from _common import database, parse_args, per_op
 
 import poolguard
-from poolguard.testing import start_postgres
 
 ON = {
     "leak_threshold": 3600.0,
@@ -37,13 +34,6 @@ OFF = {
     "watchdog_interval": 60,
 }
 HELD = 6
-
-
-def per_op(fn: Callable[[], None], ops: int) -> float:
-    started = time.perf_counter()
-    for _ in range(ops):
-        fn()
-    return (time.perf_counter() - started) / ops
 
 
 def measure(dsn: str, options: dict[str, Any], ops: int) -> float:
@@ -79,16 +69,9 @@ def bytes_per_checkout(take: Callable[[], Any], give: Callable[[Any], None], n: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--ops", type=int, default=20000)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, ops=20000, argv=argv)
 
-    server = None
-    dsn = os.environ.get("DATABASE_URL")
-    if not dsn:
-        server = start_postgres()
-        dsn = server.dsn
+    dsn, server = database()
     try:
         best = {"on": float("inf"), "off": float("inf")}
         for _ in range(args.rounds):

@@ -8,37 +8,19 @@ the least noisy estimate on a shared machine.  Target (issue 2): ratio <= 1.10.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg_pool
+from _common import database, parse_args, per_op
 
 import poolguard
-from poolguard.testing import start_postgres
-
-
-def per_op(fn: Callable[[], None], ops: int) -> float:
-    started = time.perf_counter()
-    for _ in range(ops):
-        fn()
-    return (time.perf_counter() - started) / ops
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--ops", type=int, default=20000)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, ops=20000, argv=argv)
 
-    server = None
-    dsn = os.environ.get("DATABASE_URL")
-    if not dsn:
-        server = start_postgres()
-        dsn = server.dsn
+    dsn, server = database()
     raw: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
         dsn, min_size=2, max_size=4, kwargs={"prepare_threshold": None}, open=True
     )

@@ -10,14 +10,13 @@ case on an AsyncEngine over psycopg.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 
 import sqlalchemy
+from _common import database, parse_args, per_op
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import text
 from sqlalchemy.engine import URL
@@ -27,7 +26,6 @@ from sqlalchemy.orm import Session
 
 import poolguard
 import poolguard.sqlalchemy
-from poolguard.testing import start_postgres
 
 SELECT_1 = text("SELECT 1")
 
@@ -42,13 +40,6 @@ def sa_url(dsn: str) -> URL:
         port=int(p["port"]) if p.get("port") else None,
         database=str(p.get("dbname", "")) or None,
     )
-
-
-def per_op(fn: Callable[[], None], ops: int) -> float:
-    started = time.perf_counter()
-    for _ in range(ops):
-        fn()
-    return (time.perf_counter() - started) / ops
 
 
 def per_op_async(fn: Callable[[], Awaitable[None]], ops: int) -> Callable[[], float]:
@@ -94,16 +85,9 @@ def async_core(engine: AsyncEngine) -> Callable[[], Awaitable[None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--ops", type=int, default=3000)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, ops=3000, argv=argv)
 
-    server = None
-    dsn = os.environ.get("DATABASE_URL")
-    if not dsn:
-        server = start_postgres()
-        dsn = server.dsn
+    dsn, server = database()
     url = sa_url(dsn)
     # One caller at a time: QueuePool opens one connection and reuses it; poolguard's pool
     # (FIFO) would rotate over min_size server processes, so keep it at one as well.
