@@ -84,14 +84,15 @@ class Tracked:
         if dirty:
             self._pg_session_dirty = True
 
-    def _pg_observe_server_cursor(self, name: str, withhold: bool) -> None:
-        """A named (server-side) cursor is about to be declared."""
+    def _pg_observe_declare(self, name: str, withhold: bool, query: Any) -> None:
+        """A named (server-side) cursor is about to be declared for ``query``."""
         guard = self._pg_guard
         if guard is not None:
             in_transaction = self._pg_in_transaction()
             guard.check_server_cursor(name, in_transaction=in_transaction, withhold=withhold)
         if withhold:  # it outlives the transaction, so it is session state
             self._pg_session_dirty = True
+        self._pg_observe(query)
 
     def _pg_in_transaction(self) -> bool:
         """Will the next statement run inside a transaction block?"""
@@ -171,8 +172,7 @@ class GuardedServerCursor(psycopg.ServerCursor[Row]):
     def execute(
         self, query: Query, params: Params | None = None, *, binary: bool | None = None, **kw: Any
     ) -> Self:
-        self._conn._pg_observe_server_cursor(self.name, self.withhold)  # type: ignore[attr-defined]
-        self._conn._pg_observe(query)  # type: ignore[attr-defined]
+        self._conn._pg_observe_declare(self.name, self.withhold, query)  # type: ignore[attr-defined]
         return super().execute(query, params, binary=binary, **kw)
 
 
@@ -182,8 +182,7 @@ class AsyncGuardedServerCursor(psycopg.AsyncServerCursor[Row]):
     async def execute(
         self, query: Query, params: Params | None = None, *, binary: bool | None = None, **kw: Any
     ) -> Self:
-        self._conn._pg_observe_server_cursor(self.name, self.withhold)  # type: ignore[attr-defined]
-        self._conn._pg_observe(query)  # type: ignore[attr-defined]
+        self._conn._pg_observe_declare(self.name, self.withhold, query)  # type: ignore[attr-defined]
         return await super().execute(query, params, binary=binary, **kw)
 
 
