@@ -351,3 +351,20 @@ def test_async_pool_opens_once_when_many_tasks_arrive_together(
         patch.setattr(poolguard.AsyncGuardedPool, "_probe_now", counting_probe)
         asyncio.run(main())
     assert probes == 1
+
+
+def test_connection_whose_rollback_fails_is_discarded_and_replaced(
+    pg_dsn: str, postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = poolguard.configure(pg_dsn, min_size=1, max_size=1)
+    conn = pool.getconn()
+    conn.execute("SELECT 1")  # a transaction is now open on the client side
+    victim = conn.info.backend_pid
+    with postgres_server.connect() as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (victim,))
+    with caplog.at_level(logging.WARNING, logger="poolguard"):
+        pool.putconn(conn)  # the rollback meets a dead socket
+    assert any("whose rollback failed" in r.getMessage() for r in caplog.records)
+    assert conn.closed
+    with pool.connection(timeout=10) as fresh:
+        assert fresh.execute("SELECT pg_backend_pid()").fetchone() != (victim,)

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from time import monotonic
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -228,6 +228,33 @@ class _PoolCore:
         self.metrics.use_time.add(monotonic() - entry[0])
         return Checkout(id(conn), entry) if _needs_cleaning(conn) else None
 
+    def _cleaning(self, conn: Tracked, record: Checkout) -> Generator[str, Exception | None, None]:
+        """The return-path decisions for a connection that is not simply clean, written once.
+
+        Yields the I/O each pool must do on ``conn`` ("rollback", "_pg_reset" or "close") and is
+        sent back the psycopg error it raised, or None; GuardedPool and AsyncGuardedPool only
+        run the steps, with and without ``await``.  A closed or busy connection is left to
+        psycopg_pool, which discards it and opens a replacement.
+        """
+        status = conn.pgconn.transaction_status  # type: ignore[attr-defined]
+        if status == _UNKNOWN:
+            self._log_discard(record, "that was closed or broken")
+            return
+        if status in _IN_TRANSACTION:
+            self._log_dirty_return(status, record)
+            if (failed := (yield "rollback")) is not None:
+                self._log_discard(record, f"whose rollback failed: {failed}")
+                yield "close"
+                return
+        elif status != _IDLE:  # a query still running: psycopg_pool closes the connection
+            self._log_discard(record, "returned while a query was still running")
+            return
+        if conn._pg_needs_reset():
+            self.metrics.session_resets += 1
+            if (failed := (yield "_pg_reset")) is not None:
+                self._log_discard(record, f"whose reset failed: {failed}")
+                yield "close"
+
     def _exhausted(self, timeout: float, pending: int) -> PoolExhausted:
         self.metrics.timeouts += 1
         oldest = self.ledger.oldest()
@@ -413,28 +440,15 @@ class GuardedPool(_PoolCore):
             conn.close()  # from before a fork, or from a pool that is gone
 
     def _clean(self, conn: GuardedConnection, record: Checkout) -> None:
-        status = conn.pgconn.transaction_status
-        if status == _UNKNOWN:
-            self._log_discard(record, "that was closed or broken")
-            return
-        if status in _IN_TRANSACTION:
-            self._log_dirty_return(status, record)
+        steps = self._cleaning(conn, record)
+        step = next(steps, None)
+        while step is not None:
             try:
-                conn.rollback()
+                getattr(conn, step)()
+                failed = None
             except psycopg.Error as exc:
-                self._log_discard(record, f"whose rollback failed: {exc}")
-                conn.close()
-                return
-        elif status != _IDLE:  # a query still running: psycopg_pool closes the connection
-            self._log_discard(record, "returned while a query was still running")
-            return
-        if conn._pg_needs_reset():
-            self.metrics.session_resets += 1
-            try:
-                conn._pg_reset()
-            except psycopg.Error as exc:
-                self._log_discard(record, f"whose reset failed: {exc}")
-                conn.close()
+                failed = exc
+            step = _send(steps, failed)
 
     def close(self, timeout: float = 5.0) -> None:
         """Close every connection; connections still checked out are closed when returned."""
@@ -597,28 +611,15 @@ class AsyncGuardedPool(_PoolCore):
             await conn.close()
 
     async def _clean(self, conn: AsyncGuardedConnection, record: Checkout) -> None:
-        status = conn.pgconn.transaction_status
-        if status == _UNKNOWN:
-            self._log_discard(record, "that was closed or broken")
-            return
-        if status in _IN_TRANSACTION:
-            self._log_dirty_return(status, record)
+        steps = self._cleaning(conn, record)
+        step = next(steps, None)
+        while step is not None:
             try:
-                await conn.rollback()
+                await getattr(conn, step)()
+                failed = None
             except psycopg.Error as exc:
-                self._log_discard(record, f"whose rollback failed: {exc}")
-                await conn.close()
-                return
-        elif status != _IDLE:  # a query still running: psycopg_pool closes the connection
-            self._log_discard(record, "returned while a query was still running")
-            return
-        if conn._pg_needs_reset():
-            self.metrics.session_resets += 1
-            try:
-                await conn._pg_reset()
-            except psycopg.Error as exc:
-                self._log_discard(record, f"whose reset failed: {exc}")
-                await conn.close()
+                failed = exc
+            step = _send(steps, failed)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close every connection; connections still checked out are closed when returned."""
@@ -628,6 +629,14 @@ class AsyncGuardedPool(_PoolCore):
             self._closing.set()
         if inner is not None:
             await inner.close(timeout)
+
+
+def _send(steps: Generator[str, Exception | None, None], failed: Exception | None) -> str | None:
+    """Tell a _cleaning() generator how its last step went; its next step, or None when done."""
+    try:
+        return steps.send(failed)
+    except StopIteration:
+        return None
 
 
 def _forget_all_after_fork() -> None:
