@@ -46,15 +46,6 @@ _internal_dirs: tuple[str, ...] = (
 _internal_files: tuple[str, ...] = ("contextlib.py",)
 
 
-def add_internal_path(path: str) -> None:
-    """Treat frames under ``path`` as library code when locating the app's line."""
-    global _internal_dirs
-    resolved = str(Path(path).resolve())
-    if resolved not in _internal_dirs:
-        _internal_dirs = (*_internal_dirs, resolved)
-        _is_internal.clear()
-
-
 # code object -> is it library code?  Deciding once per code object keeps the walk cheap.
 _is_internal: dict[CodeType, bool] = {}
 

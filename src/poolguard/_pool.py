@@ -311,6 +311,20 @@ class _PoolCore:
         return self.ledger.records()
 
 
+def _block_end(conn: Any, exc_type: type[BaseException] | None) -> str | None:
+    """What ``with pool.connection()`` does to ``conn`` as the block ends: "commit" on success,
+    "rollback" on error, None when no transaction is open.
+
+    Once closed the status is UNKNOWN; a connection the watchdog reclaimed still gets "commit",
+    which raises ConnectionReclaimed: the block's work was lost, and the caller must know.
+    """
+    if conn.pgconn.transaction_status == _IDLE:
+        return None
+    if conn.closed and not (exc_type is None and conn._pg_reclaimed):
+        return None
+    return "commit" if exc_type is None else "rollback"
+
+
 class _Checkout:
     """``with pool.connection() as conn``: commit on success, roll back on error, return."""
 
@@ -332,15 +346,8 @@ class _Checkout:
     ) -> None:
         conn = self._conn
         try:
-            # Once closed the status is UNKNOWN; a connection the watchdog reclaimed then
-            # raises ConnectionReclaimed on commit: the block's work was lost, say so.
-            if conn.pgconn.transaction_status != _IDLE and (
-                not conn.closed or (exc_type is None and conn._pg_reclaimed)  # type: ignore[attr-defined]
-            ):
-                if exc_type is None:
-                    conn.commit()
-                else:
-                    conn.rollback()
+            if step := _block_end(conn, exc_type):
+                getattr(conn, step)()
         finally:
             self._pool.putconn(conn)
 
@@ -481,13 +488,8 @@ class _AsyncCheckout:
     ) -> None:
         conn = self._conn
         try:
-            if conn.pgconn.transaction_status != _IDLE and (
-                not conn.closed or (exc_type is None and conn._pg_reclaimed)  # type: ignore[attr-defined]
-            ):  # see _Checkout.__exit__
-                if exc_type is None:
-                    await conn.commit()
-                else:
-                    await conn.rollback()
+            if step := _block_end(conn, exc_type):
+                await getattr(conn, step)()
         finally:
             await self._pool.putconn(conn)
 
@@ -500,7 +502,6 @@ class AsyncGuardedPool(_PoolCore):
         self._inner: psycopg_pool.AsyncConnectionPool[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
-        self._open_lock = threading.Lock()
         #: Set by close(): ends a back-off wait at once; made with each inner pool, on its loop.
         self._closing: asyncio.Event | None = None
 
@@ -513,7 +514,6 @@ class AsyncGuardedPool(_PoolCore):
         self._inner = None
         self._loop = None
         self._opening = None
-        self._open_lock = threading.Lock()
 
     async def open(self) -> None:
         """Connect now instead of on first use; raises PoolConnectError if the server refuses."""

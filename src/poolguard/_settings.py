@@ -7,7 +7,6 @@ a transaction-mode pooler; docs/settings.md gives the reasons.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 import re
@@ -329,8 +328,3 @@ def _validate(s: Settings) -> None:
             "server-side prepared statements break behind a transaction-mode pooler "
             "(use mode='session' when connecting directly to PostgreSQL, or rewriter=True)"
         )
-
-
-def replace(settings: Settings, **changes: Any) -> Settings:
-    """A copy of ``settings`` with ``changes`` applied and validated."""
-    return dataclasses.replace(settings, **changes)

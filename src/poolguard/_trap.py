@@ -30,13 +30,7 @@ STATEMENTS: Final = (
 Checkout = Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
 
 
-#: What one run of the workload saw (ok, failures, latencies, seconds).
-TrapResult = Workload
-
-
-def run_workload(
-    checkout: Checkout, *, threads: int = THREADS, queries: int = QUERIES
-) -> TrapResult:
+def run_workload(checkout: Checkout, *, threads: int = THREADS, queries: int = QUERIES) -> Workload:
     """Run `threads` x `queries` single-statement transactions, each through ``checkout()``."""
 
     def query(seed: int, i: int) -> None:
