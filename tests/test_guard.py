@@ -11,16 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poolguard._guard import (
+from poolguard._guard import SessionStateError, SessionStateGuard, SessionStateWarning
+from poolguard._sqlstate_rules import (
     CACHE_SIZE,
-    SessionStateError,
-    SessionStateGuard,
-    SessionStateWarning,
     classify,
     leaves_session_state,
-    mask_literals,
     server_cursor_finding,
 )
+from poolguard._sqltokens import mask_literals
 
 # (sql, kinds reported by check(..., in_transaction=True)). Each case either must be flagged
 # with exactly these kinds, in statement order, or must be left alone.
@@ -274,11 +272,11 @@ def test_classify_is_cached_per_text() -> None:
 
 
 def test_cache_is_bounded() -> None:
-    from poolguard._guard import _analyze
+    from poolguard._sqlstate_rules import analyze
 
     for i in range(CACHE_SIZE + 10):
         classify(f"SELECT {i} /* fill */")
-    assert _analyze.cache_info().currsize <= CACHE_SIZE
+    assert analyze.cache_info().currsize <= CACHE_SIZE
 
 
 def test_warn_once_per_statement_with_log(caplog: pytest.LogCaptureFixture) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from poolguard._guard import classify
+from poolguard._sqlstate_rules import classify
 from poolguard.testing import PgBouncerServer
 
 pytestmark = pytest.mark.pgbouncer

@@ -20,7 +20,8 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import Row
 
 from ._errors import ConnectionReclaimed
-from ._guard import SessionStateGuard, leaves_session_state
+from ._guard import SessionStateGuard
+from ._sqlstate_rules import leaves_session_state
 from ._watchdog import adopt_lost
 
 if TYPE_CHECKING:

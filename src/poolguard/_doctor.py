@@ -50,8 +50,8 @@ from ._budget import (
     resolve_processes,
 )
 from ._errors import ConfigurationError
-from ._guard import mask_literals
 from ._settings import _TRUE, Settings, parse_dsn, redact_conninfo, redact_text
+from ._sqltokens import mask_literals
 
 __all__ = ["PoolerProbe", "diagnose", "main", "probe_pooler", "run_doctor"]
 

@@ -35,9 +35,9 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from ._errors import PoolGuardWarning
-from ._guard import mask_literals
 from ._ledger import Entry, format_site
 from ._settings import redact_text
+from ._sqltokens import mask_literals
 
 if TYPE_CHECKING:
     from ._connection import Tracked

