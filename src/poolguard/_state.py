@@ -96,7 +96,7 @@ def _refuse_transaction_pooler_upstream(settings: Settings) -> None:
     Behind another transaction pooler, the server connections it tracks statements on are
     shared underneath it, and its prepared statements go missing.
     """
-    from ._doctor import probe_pooler
+    from ._probe import probe_pooler
 
     found = probe_pooler(settings.conninfo)
     if found.mode in ("transaction", "statement"):
