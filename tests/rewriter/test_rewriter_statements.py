@@ -49,7 +49,7 @@ def assert_released(proxy: RewriterHandle) -> None:
         stuck = [
             s
             for s in list(proxy._proxy.sessions.values())
-            if s.status == b"I" and (s.backend is not None or s.pending)
+            if s.ex.status == b"I" and (s.backend is not None or s.ex.pending)
         ]
         if not stuck or time.monotonic() > deadline:
             break

@@ -16,7 +16,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -24,9 +24,6 @@ from psycopg.conninfo import conninfo_to_dict
 from . import _auth
 from . import _protocol as p
 from ._statements import BackendStatements
-
-if TYPE_CHECKING:
-    from ._session import Session
 
 logger = logging.getLogger("poolguard.rewriter")
 
@@ -86,12 +83,23 @@ class Upstream:
         return await loop.create_connection(factory, self.host, self.port)
 
 
-class BackendOwner(Protocol):
-    """Whoever currently receives a backend's bytes (a client Session)."""
+class Borrower(Protocol):
+    """Whoever waits for a backend and then receives its bytes (a client session)."""
 
-    def server_data(self, backend: Backend, buf: bytearray) -> int: ...
+    def attach(self, backend: Backend) -> None:
+        """The backend the borrower waited for is now its own."""
+
+    def attach_failed(self, reason: str) -> None:
+        """No backend will come: the upstream cannot be reached."""
+
+    def server_data(self, backend: Backend, buf: bytearray) -> int:
+        """Route the complete server messages at the start of ``buf``; returns bytes used."""
 
     def server_lost(self, backend: Backend, exc: Exception | None) -> None: ...
+
+    def pause_client(self) -> None: ...
+
+    def resume_client(self) -> None: ...
 
 
 class Backend(asyncio.Protocol):
@@ -108,7 +116,7 @@ class Backend(asyncio.Protocol):
         # The client's unnamed-statement record whose Parse this backend last ran, so a Bind of
         # the unnamed statement knows whether it must be parsed here again first.
         self.unnamed: object | None = None
-        self.owner: Session | None = None
+        self.owner: Borrower | None = None
         self.closed = False
         self._inbox: deque[tuple[bytes, bytes]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
@@ -257,7 +265,7 @@ class BackendPool:
         self.size = size
         self.max_prepared = max_prepared
         self.idle: deque[Backend] = deque()
-        self.waiters: deque[Session] = deque()
+        self.waiters: deque[Borrower] = deque()
         self.members: set[Backend] = set()
         self.connecting = 0
         self.closing = False
@@ -280,7 +288,7 @@ class BackendPool:
         self.members.add(backend)
         return backend
 
-    def acquire(self, session: Session) -> Backend | None:
+    def acquire(self, session: Borrower) -> Backend | None:
         """An idle backend now, or None and ``session.attach()`` is called later."""
         while self.idle:
             backend = self.idle.popleft()
@@ -293,7 +301,7 @@ class BackendPool:
             asyncio.get_running_loop().create_task(self._grow())
         return None
 
-    def cancel_wait(self, session: Session) -> None:
+    def cancel_wait(self, session: Borrower) -> None:
         with contextlib.suppress(ValueError):
             self.waiters.remove(session)
 

@@ -35,6 +35,14 @@ class ProtocolError(Exception):
         self.sqlstate = sqlstate
 
 
+class Refused(Exception):
+    """The proxy refuses a well-formed request it cannot serve (sent to the client as FATAL)."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
 def frame(kind: bytes, body: bytes = b"") -> bytes:
     """One typed message: type byte, int32 length (including itself), body."""
     return _HDR.pack(kind, len(body) + 4) + body

@@ -1,0 +1,21 @@
+"""Cleanup after a client left: bring its backend back to idle with no transaction open."""
+
+from __future__ import annotations
+
+from . import _protocol as p
+from ._replies import SYNC_ENDS, Exchange, Pending
+
+_ROLLBACK = p.frame(p.QUERY, b"ROLLBACK\0")
+
+
+def queue_rollback(ex: Exchange) -> None:
+    """Queue what ends whatever the gone client left in flight: replies still due are
+    swallowed, a running COPY is failed, then a Sync and a ROLLBACK (both hidden)."""
+    ex.client_out.clear()
+    q = ex.pending
+    if q and q[0].copying:
+        ex.to_server(p.frame(p.COPY_FAIL, b"client disconnected\0"))
+        ex.copy_ended()
+    ex.skipping = False
+    ex.to_server(p.SYNC_MSG, Pending(SYNC_ENDS, extended=False, hidden=True, sync=True))
+    ex.to_server(_ROLLBACK, Pending(SYNC_ENDS, extended=False, hidden=True))

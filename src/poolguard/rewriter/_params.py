@@ -1,0 +1,53 @@
+"""Per-client session settings: which a client asked for at startup, and the SET that gives a
+shared server connection the client's values before it runs the client's requests."""
+
+from __future__ import annotations
+
+from . import _protocol as p
+
+_RESERVED_STARTUP = {"user", "database", "replication", "options"}
+# Settings the server reports with ParameterStatus that a client may change: each client's
+# values are re-applied with SET whenever it gets a backend whose values differ.
+TRACKED = {
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "search_path",
+    "default_transaction_read_only",
+}
+
+
+def startup_settings(params: dict[str, str], server_params: dict[str, str]) -> dict[str, str]:
+    """The settings a client wants on every backend: the server's tracked defaults overlaid
+    with the client's startup parameters (names spelled as the server spells them).
+
+    Raises ``p.Refused`` for parameters the proxy cannot honour, ``p.ProtocolError`` for
+    malformed ones.
+    """
+    canonical = {k.lower(): k for k in (*TRACKED, *server_params)}
+    wanted = {k: v for k, v in server_params.items() if k in TRACKED}
+    for name, value in params.items():
+        name = canonical.get(name.lower(), name)
+        if name in _RESERVED_STARTUP:
+            if name == "options" and value.strip():
+                raise p.Refused(
+                    "0A000",
+                    "startup parameter 'options' is not supported by the proxy: "
+                    "pass settings as separate startup parameters or use SET",
+                )
+            continue
+        if not name.replace("_", "").replace(".", "").isalnum():
+            raise p.ProtocolError(f"invalid startup parameter name {name!r}")
+        if name == "client_encoding" and value.lower().replace("-", "") in ("utf8", "unicode"):
+            value = "UTF8"  # what the server would report back
+        wanted[name] = value
+    return wanted
+
+
+def set_message(name: str, value: str) -> bytes:
+    """A simple Query setting ``name`` to ``value`` for the session."""
+    sql = f"SET {name} TO '{value.replace(chr(39), chr(39) * 2)}'"
+    return p.frame(p.QUERY, sql.encode() + b"\0")

@@ -1,0 +1,259 @@
+"""One client's prepared statements and how its Parse/Bind/Describe/Close are rewritten.
+
+A client's statement names are private to it; each maps to a pool-wide server statement
+(``_statements.Registry``) that is parsed lazily on whichever backend the client holds when
+it binds or describes it. Replies the client did not ask for (a lazy Parse, a Close of an
+evicted statement) are hidden; replies the server is not asked for are synthesized in turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import _protocol as p
+from ._pool import Backend
+from ._replies import SYNC_ENDS, Exchange, Pending
+from ._statements import Registry, Statement, deallocate_target, drops_all, may_drop_statements
+
+
+class Unnamed:
+    """A client's unnamed statement: kept so it can be parsed again on another backend."""
+
+    __slots__ = ("query", "types")
+
+    def __init__(self, query: bytes, types: tuple[int, ...]) -> None:
+        self.query = query
+        self.types = types
+
+
+class ClientStatements:
+    """The statement names one client has prepared, rewritten onto server statements."""
+
+    __slots__ = ("ex", "named", "registry", "unnamed")
+
+    def __init__(self, registry: Registry, ex: Exchange) -> None:
+        self.registry = registry
+        self.ex = ex
+        self.named: dict[bytes, Statement] = {}
+        self.unnamed: Unnamed | None = None
+
+    # --- Parse --------------------------------------------------------------------------
+
+    def parse_without_server(self, msg: p.Parse, backend: Backend | None) -> bool:
+        """Answer a named Parse in turn without the server if the statement is known valid
+        (on ``backend``, or anywhere when there is none); False if the server is needed."""
+        if msg.name == b"" or msg.name in self.named or self.ex.status == b"E":
+            return False
+        stmt = self.registry.get((msg.query, msg.param_types))
+        if (backend is None and stmt.verified) or (
+            backend is not None and backend.statements.touch(stmt)
+        ):
+            self.named[msg.name] = stmt
+            self.ex.synth(p.PARSE_COMPLETE, self._forget(msg.name, stmt))
+            return True
+        return False
+
+    def parse(self, backend: Backend, msg: p.Parse) -> None:
+        if msg.name == b"":
+            self._parse_unnamed(backend, msg)
+            return
+        if msg.name in self.named:
+            error = f'prepared statement "{_name(msg.name)}" already exists'
+            self.ex.probe(p.error_response("42P05", error), None)
+            return
+        stmt = self.registry.get((msg.query, msg.param_types))
+        self.named[msg.name] = stmt
+        undo = self._forget(msg.name, stmt)
+        if self.ex.status == b"E":
+            # PostgreSQL rejects Parse in a failed transaction; let the server say so.
+            self.ex.probe(None, undo)
+        elif backend.statements.touch(stmt):
+            self.ex.synth(p.PARSE_COMPLETE, undo)
+        else:
+            self.prepare(backend, stmt, hidden=False, undo=undo)
+
+    def _forget(self, name: bytes, stmt: Statement) -> Callable[[], None]:
+        def undo() -> None:
+            if self.named.get(name) is stmt:
+                del self.named[name]
+
+        return undo
+
+    def _parse_unnamed(self, backend: Backend, msg: p.Parse) -> None:
+        query = msg.query
+        if may_drop_statements(query):
+            target = deallocate_target(query)
+            stmt = None if target is None else self.named.pop(target, None)
+            if stmt is not None:
+                # Keep the shared server statement: DEALLOCATE a throwaway one instead, which
+                # gives the client the same replies and tag.
+                throwaway = self.registry.get((b"SELECT 1", ()))
+                self.prepare(backend, throwaway, hidden=True)
+                backend.statements.discard(throwaway)
+                query = b'DEALLOCATE "' + throwaway.name + b'"'
+            else:
+                self.dropping(backend, query)
+        u = Unnamed(query, msg.param_types)
+        self.unnamed = u
+        backend.unnamed = u
+
+        def undo() -> None:
+            if self.unnamed is u:
+                self.unnamed = None
+            if backend.unnamed is u:
+                backend.unnamed = None
+
+        self.ex.to_server(p.build_parse(b"", query, msg.param_types), Pending(b"1E", undo=undo))
+
+    def prepare(
+        self,
+        backend: Backend,
+        stmt: Statement,
+        *,
+        hidden: bool,
+        undo: Callable[[], None] | None = None,
+    ) -> None:
+        """Parse ``stmt`` on ``backend``, closing what the LRU evicts (those replies hidden)."""
+        ex = self.ex
+        for old in backend.statements.add(stmt):
+            ex.to_server(p.build_target(p.CLOSE, b"S", old.name), Pending(b"3E", hidden=True))
+        # Close first: if an earlier Close or DEALLOCATE of this name was skipped by an error,
+        # the server may still hold it, and a Parse would then fail with 42P05.
+        ex.to_server(p.build_target(p.CLOSE, b"S", stmt.name), Pending(b"3E", hidden=True))
+
+        def failed() -> None:
+            backend.statements.discard(stmt)
+            if undo is not None:
+                undo()
+
+        def ok() -> None:
+            stmt.verified = True
+
+        ex.to_server(
+            p.build_parse(stmt.name, stmt.query, stmt.param_types),
+            Pending(b"1E", hidden=hidden, undo=failed, on_ok=ok),
+        )
+
+    # --- Bind, Describe, Close ----------------------------------------------------------
+
+    def _ensure(self, backend: Backend, name: bytes) -> tuple[bytes, Statement | None] | None:
+        """The server-side name for a Bind/Describe of the client's ``name`` (and its Statement,
+        None for the unnamed one), parsed on ``backend`` first if needed; None if the client
+        has no such statement."""
+        if name == b"":
+            u = self.unnamed
+            if u is None:
+                return None
+            if backend.unnamed is not u:
+                backend.unnamed = u
+
+                def undo() -> None:
+                    if backend.unnamed is u:
+                        backend.unnamed = None
+
+                self.ex.to_server(
+                    p.build_parse(b"", u.query, u.types), Pending(b"1E", hidden=True, undo=undo)
+                )
+            return b"", None
+        stmt = self.named.get(name)
+        if stmt is None:
+            return None
+        if not backend.statements.touch(stmt):
+            self.prepare(backend, stmt, hidden=True)
+        return stmt.name, stmt
+
+    def bind(self, backend: Backend, body: bytes) -> None:
+        portal, name, rest_at = p.split_bind(body)
+        target = self._ensure(backend, name)
+        if target is None:
+            self.ex.probe(_missing_error(name), None)
+            return
+        self.ex.to_server(
+            p.build_bind(portal, target[0], body[rest_at:]), Pending(b"2E", stmt=target[1])
+        )
+
+    def describe(self, backend: Backend, body: bytes) -> None:
+        which, name = p.parse_target(body)
+        if which == b"P":
+            self.ex.to_server(p.frame(p.DESCRIBE, body), Pending(b"TnE"))
+            return
+        target = self._ensure(backend, name)
+        if target is None:
+            self.ex.probe(_missing_error(name), None)
+            return
+        self.ex.to_server(
+            p.build_target(p.DESCRIBE, b"S", target[0]), Pending(b"TnE", stmt=target[1])
+        )
+
+    def close(self, backend: Backend | None, body: bytes) -> None:
+        which, name = p.parse_target(body)
+        if which == b"P":
+            if backend is None:  # no transaction, so no portal: nothing to close
+                self.ex.synth(p.CLOSE_COMPLETE, None)
+            else:
+                self.ex.to_server(p.frame(p.CLOSE, body), Pending(b"3E"))
+            return
+        # Statements stay prepared on the server for other clients; the client's name goes.
+        if name == b"":
+            u = self.unnamed
+            self.unnamed = None
+
+            def undo() -> None:
+                if self.unnamed is None:
+                    self.unnamed = u
+
+        else:
+            stmt = self.named.pop(name, None)
+
+            def undo() -> None:
+                if stmt is not None:
+                    self.named.setdefault(name, stmt)
+
+        self.ex.synth(p.CLOSE_COMPLETE, undo)
+
+    # --- simple Query -------------------------------------------------------------------
+
+    def deallocate_without_server(self, sql: bytes) -> bool:
+        """Answer a lone SQL ``DEALLOCATE name`` of a client statement without the server."""
+        target = deallocate_target(sql)
+        # In a failed transaction PostgreSQL refuses DEALLOCATE: the server will say so.
+        if target is None or self.ex.status == b"E" or self.named.pop(target, None) is None:
+            return False
+        # The server statement stays for other clients; only the client's name goes.
+        self.ex.synth(p.command_complete(b"DEALLOCATE"), None)
+        self.ex.synth(lambda: p.ready_for_query(self.ex.status), None)
+        return True
+
+    def query(self, backend: Backend, body: bytes, sql: bytes, dropping: bool) -> None:
+        if dropping:
+            self.dropping(backend, sql)
+        # A simple Query drops the unnamed statement, on the server and so for the client.
+        self.unnamed = None
+        backend.unnamed = None
+        self.ex.to_server(p.frame(p.QUERY, body), Pending(SYNC_ENDS, extended=False))
+
+    def dropping(self, backend: Backend, sql: bytes) -> None:
+        """SQL that may drop prepared statements: forget what the backend holds (later uses
+        re-prepare, so forgetting too much is safe) and, for a lone DEALLOCATE ALL or DISCARD
+        ALL, the client's own names too."""
+        backend.statements.clear()
+        backend.unnamed = None
+        if drops_all(sql):
+            self.named.clear()
+            self.unnamed = None
+
+    def plan_changed(self, backend: Backend, stmt: Statement) -> None:
+        """The server said the statement's plan is unusable ("cached plan must not change
+        result type"): the next Parse of this SQL gets a fresh server statement."""
+        self.registry.retire(stmt)
+        backend.statements.discard(stmt)
+
+
+def _name(raw: bytes) -> str:
+    return raw.decode(errors="replace")
+
+
+def _missing_error(name: bytes) -> bytes:
+    if name == b"":
+        return p.error_response("26000", "unnamed prepared statement does not exist")
+    return p.error_response("26000", f'prepared statement "{_name(name)}" does not exist')
