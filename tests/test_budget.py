@@ -76,10 +76,10 @@ def test_budget_math(
     formula = budget.formula()
     assert f"max_connections {max_conn}" in formula
     assert f"superuser_reserved_connections {su}" in formula
-    assert f"in use by others {in_use}" in formula
+    assert f"other apps {in_use}" in formula
     assert f"= {usable}\n" in formula
     assert f"max_size {max_size} x processes {processes} = {max_size * processes}" in formula
-    assert ("fits" if fits else "does NOT fit") in formula.splitlines()[-1]
+    assert ("fits" if fits else "does NOT fit") in formula.splitlines()[1]
     advice = budget.advice()
     if not fits and per_process:
         assert f"max_size <= {per_process}" in advice
@@ -92,9 +92,10 @@ def test_formula_example_reads_as_documented() -> None:
     budget = compute_budget(ServerLimits(100, 3, 0, 12), max_size=10, processes=4)
     assert budget.formula() == (
         "usable      = max_connections 100 - superuser_reserved_connections 3 - "
-        "reserved_connections 0 - in use by others 12 = 85\n"
+        "reserved_connections 0 - other apps 12 = 85\n"
+        "demand      = max_size 10 x processes 4 = 40 <= usable 85: fits\n"
         "per process = usable 85 / processes 4 = 21 (rounded down)\n"
-        "demand      = max_size 10 x processes 4 = 40 <= usable 85: fits"
+        "processes   = 4: declared"
     )
 
 

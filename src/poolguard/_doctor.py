@@ -18,16 +18,19 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final, TextIO
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from ._budget import (
+    LOCAL_SOCKET,
     Budget,
     BudgetUnavailable,
     _reason,
     compute_budget,
     read_server_limits,
-    resolve_processes,
+    resolve_processes_source,
 )
 from ._errors import ConfigurationError
+from ._pgbouncer import PgBouncerState, read_pgbouncer
 from ._probe import APPLICATION_NAME, PoolerProbe, probe_pooler
 from ._settings import _TRUE, Settings, parse_dsn, redact_conninfo, redact_text
 from ._sqltokens import mask_literals
@@ -75,18 +78,14 @@ def idle_in_transaction(conn: psycopg.Connection[Any], min_seconds: float) -> li
     ]
 
 
-def framework_settings(probe: PoolerProbe, budget: Budget | None) -> dict[str, str]:
-    """The settings to use in each client, given what the probe found."""
-    size = budget.per_process if budget and budget.per_process else Settings.max_size
+def framework_settings(probe: PoolerProbe, budget: Budget | None, size: int) -> dict[str, str]:
+    """The settings to use in each client, given what the probe found and the pool size."""
     pooled = probe.mode in ("transaction", "statement")
-    if pooled:
-        # Behind the pooler an app's pool only bounds its clients of the pooler; the server
-        # slots are the pooler's to share, so the budget sizes the pooler instead.
-        size = Settings.max_size
+    pool_size = budget.pooler_pool_size if budget else "(max_connections - 5) / pairs"
     pooler = {
-        "pgbouncer": "default_pool_size x database/user pairs "
-        f"<= {budget.usable if budget else 'max_connections - reserved'} usable server "
-        "connections; migrations and LISTEN through the direct URL"
+        "pgbouncer": f"default_pool_size = {pool_size} (default_pool_size x database/user "
+        f"pairs <= {budget.usable if budget else 'max_connections - reserved'} usable server "
+        "connections); migrations and LISTEN through the direct URL"
     }
     if pooled and probe.prepared_statements == "safe":
         return pooler | {
@@ -114,16 +113,41 @@ def framework_settings(probe: PoolerProbe, budget: Budget | None) -> dict[str, s
         }
     return {
         "poolguard": f"poolguard.configure(DATABASE_URL, mode='session', max_size={size})",
-        "django": "ENGINE 'poolguard.django' with OPTIONS={'poolguard': {'mode': 'session', "
-        f"'max_size': {size}}}}}, or the stock backend with OPTIONS={{'pool': {{'max_size': "
-        f"{size}}}}} (Django 5.1+); not CONN_MAX_AGE > 0 under ASGI, where it leaks connections",
-        "sqlalchemy": f"create_engine(url, pool_size={size}, max_overflow=0, pool_pre_ping=True)",
-        "psycopg": f"psycopg_pool.ConnectionPool(dsn, max_size={size}) (prepared statements "
-        "are fine)",
+        "django": _DJANGO_SIZE.format(size=size)
+        + "; not CONN_MAX_AGE > 0 under ASGI, where it leaks connections",
+        "sqlalchemy": _SQLALCHEMY_SIZE.format(size=size),
+        "psycopg": _PSYCOPG_SIZE.format(size=size) + " (prepared statements are fine)",
         "asyncpg": f"asyncpg.create_pool(dsn, max_size={size})",
         "prisma": f"DATABASE_URL=...?connection_limit={size}",
         "node-postgres": f"new Pool({{ max: {size} }})",
     }
+
+
+_DJANGO_SIZE: Final = (
+    "ENGINE 'poolguard.django' with OPTIONS={{'poolguard': {{'max_size': {size}}}}}, or the "
+    "stock backend with OPTIONS={{'pool': {{'max_size': {size}}}}} (Django 5.1+)"
+)
+_SQLALCHEMY_SIZE: Final = "create_engine(url, pool_size={size}, max_overflow=0, pool_pre_ping=True)"
+_PSYCOPG_SIZE: Final = (
+    "poolguard.configure(dsn, max_size={size}), or psycopg_pool.ConnectionPool(dsn, "
+    "max_size={size})"
+)
+#: Pools and poolers that can hold a fleet's budget centrally.
+_CENTRAL_POOLERS: Final = "PgBouncer, PgDog or Supavisor"
+
+
+def local_cores(conninfo: str) -> tuple[int | None, str]:
+    """The server's core count when it runs on this machine (a local host or unix socket)."""
+    host = conninfo_to_dict(conninfo).get("host") or ""
+    hosts = {h for h in str(host).split(",") if h}
+    if not hosts or all(h.startswith("/") or h in _LOCAL_HOSTS for h in hosts):
+        cores = os.cpu_count()
+        if cores:
+            return cores, f"{cores} (the server is local: this machine's cpu count)"
+    return None, "unknown (pass --cores N)"
+
+
+_LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def diagnose(
@@ -132,17 +156,39 @@ def diagnose(
     processes: int | None = None,
     max_size: int | None = None,
     idle_seconds: float = 5.0,
+    headroom: int = 0,
+    cores: int | None = None,
+    pooler_dsn: str | None = None,
+    pools: Sequence[tuple[str, int, str]] | None = None,
 ) -> dict[str, Any]:
-    """Everything the doctor reports: the dict ``--json`` prints (docs/transaction-mode.md)."""
+    """Everything the doctor reports: the dict ``--json`` prints (docs/transaction-mode.md).
+
+    `pools`: (label, max_size, application_name) of each pool a process of the app runs on
+    this server (default: one pool of `max_size`, every ``poolguard:*`` session is the app's).
+    `pooler_dsn`: a PgBouncer whose admin console says which server connections are its own,
+    when `dsn` reaches PostgreSQL directly.
+    """
     conninfo, hints = parse_dsn(dsn, "dsn")
     max_size = Settings.max_size if max_size is None else max_size
+    if headroom < 0:
+        raise ConfigurationError(f"headroom={headroom!r}: must be >= 0")
+    if cores is not None and cores < 1:
+        raise ConfigurationError(f"cores={cores!r}: must be >= 1")
+    if pools is None:
+        pools = [("default", max_size, "poolguard:*")]
     report: dict[str, Any] = {
         "target": redact_conninfo(conninfo),
         "problems": [],
         "warnings": [],
     }
     warnings: list[str] = report["warnings"]
-    processes = resolve_processes(processes)  # a bad --processes / WEB_CONCURRENCY: exit 2
+    # The doctor runs outside the app's server, so nothing can be read from its process tree:
+    # the count is declared (--processes, $WEB_CONCURRENCY) or assumed, and said so.
+    processes, processes_source = resolve_processes_source(processes, detect=False)
+    cores_source = f"{cores} (--cores)" if cores else ""
+    if cores is None:
+        cores, cores_source = local_cores(conninfo)
+    report["cores"] = {"count": cores, "source": cores_source}
     # This connection failing means nothing can be checked (exit 2); anything failing after it
     # is reported as a warning and the rest of the report still runs.
     with psycopg.connect(
@@ -154,10 +200,19 @@ def diagnose(
         except psycopg.Error as exc:
             probe = PoolerProbe(evidence=[f"the probe failed: {_reason(exc)}"])
             warnings.append(f"could not probe for a pooler: {_reason(exc)}")
+        bouncer = _read_bouncer(probe, conninfo, pooler_dsn, report)
+        pooler_clients: tuple[str, ...] = ()
+        if probe.proxied and bouncer is None:
+            pooler_clients = _pooler_address(conn, report)
         budget: Budget | None = None
         try:
-            limits = read_server_limits(conn)
-            budget = compute_budget(limits, max_size=max_size, processes=processes)
+            limits = read_server_limits(
+                conn,
+                own_application_names=[app for _, _, app in pools],
+                pooler_pids=bouncer.server_pids if bouncer else (),
+                pooler_clients=pooler_clients,
+            )
+            budget = _budget(limits, probe, bouncer, pools, processes, processes_source, headroom)
         except BudgetUnavailable as exc:
             warnings.append(str(exc))
         try:
@@ -167,47 +222,253 @@ def diagnose(
             warnings.append(f"could not list sessions idle in transaction: {_reason(exc)}")
 
     report["pooler"] = asdict(probe)
+    report["pgbouncer"] = bouncer.as_dict() if bouncer else None
     report["budget"] = budget.as_dict() if budget else None
+    report["fleet"] = _fleet(budget)
     if hints.get("pgbouncer") in _TRUE and probe.mode not in ("transaction", "statement"):
         warnings.append("the URL says pgbouncer=true but no transaction pooler was detected")
     report["idle_in_transaction"] = [asdict(s) for s in idle]
-    report["settings"] = framework_settings(probe, budget)
-    _judge(report, probe, budget, idle, idle_seconds)
+    sizes = budget.suggested_sizes(cores) if budget else {label: m for label, m, _ in pools}
+    report["suggested_max_size"] = sizes
+    report["settings"] = framework_settings(probe, budget, min(sizes.values()))
+    report["fixes"] = []
+    _judge(report, probe, bouncer, budget, idle, idle_seconds, cores, sizes)
     report["exit_code"] = EXIT_PROBLEM if report["problems"] else EXIT_OK
     return report
+
+
+def _read_bouncer(
+    probe: PoolerProbe, conninfo: str, pooler_dsn: str | None, report: dict[str, Any]
+) -> PgBouncerState | None:
+    """PgBouncer's admin console: the pooler the DSN goes through, or --pooler."""
+    if pooler_dsn:
+        target = parse_dsn(pooler_dsn, "pooler")[0]
+    elif probe.proxied:
+        target = conninfo
+    else:
+        return None
+    try:
+        return read_pgbouncer(target)
+    except psycopg.Error as exc:
+        report["warnings"].append(
+            f"could not read PgBouncer's admin console ({_reason(exc)}): its pools and "
+            "max_client_conn are not checked (add this user to stats_users to let the doctor "
+            "read SHOW POOLS and SHOW CONFIG)"
+        )
+        return None
+
+
+def _pooler_address(conn: psycopg.Connection[Any], report: dict[str, Any]) -> tuple[str, ...]:
+    """Where the pooler connects from, as PostgreSQL sees this connection's server session."""
+    row = conn.execute("SELECT host(inet_client_addr())", prepare=False).fetchone()
+    address = (row[0] if row else None) or LOCAL_SOCKET
+    report["warnings"].append(
+        f"without the pooler's admin console, every session from its address {address} is "
+        "counted as the pooler's"
+    )
+    return (address,)
+
+
+def _budget(
+    limits: Any,
+    probe: PoolerProbe,
+    bouncer: PgBouncerState | None,
+    pools: Sequence[tuple[str, int, str]],
+    processes: int,
+    processes_source: str,
+    headroom: int,
+) -> Budget:
+    through = probe.mode in ("transaction", "statement")
+    bound = limits.pooler
+    text = f"{limits.pooler} server connections held now"
+    if bouncer is not None:
+        bound = max(bouncer.server_bound, limits.pooler if not through else 0)
+        text = bouncer.bound_text()
+    elif through:
+        text += " (pool sizes unknown without the admin console)"
+    if probe.mode == "session" and bouncer is None:
+        bound = 0  # a session pooler's server connections are its clients', counted as demand
+    return compute_budget(
+        limits,
+        max_size=sum(size for _, size, _ in pools),
+        processes=processes,
+        headroom=headroom,
+        pooler_bound=bound,
+        pooler_text=text,
+        pools=tuple((label, size) for label, size, _ in pools) if len(pools) > 1 else (),
+        processes_source=processes_source,
+        through_pooler=through,
+        max_client_conn=bouncer.max_client_conn if bouncer and through else None,
+        pooler_pairs=bouncer.pairs if bouncer else 0,
+    )
+
+
+def _fleet(budget: Budget | None) -> dict[str, Any] | None:
+    """Every client host and application holding connections, with the app's total."""
+    if budget is None:
+        return None
+    groups = budget.limits.groups
+    app_hosts = sorted({g.client for g in groups if g.kind == "app"})
+    return {
+        "groups": [g.as_dict() for g in groups],
+        "app_hosts": app_hosts,
+        "app_total": budget.limits.own,
+        "total": sum(g.count for g in groups),
+        "usable": budget.usable,
+    }
 
 
 def _judge(
     report: dict[str, Any],
     probe: PoolerProbe,
+    bouncer: PgBouncerState | None,
     budget: Budget | None,
     idle: Sequence[IdleSession],
     idle_seconds: float,
+    cores: int | None,
+    sizes: dict[str, int],
 ) -> None:
+    """Problems, warnings and the fixes in the order the guides rank them."""
     problems: list[str] = report["problems"]
     warnings: list[str] = report["warnings"]
+    fixes: list[dict[str, Any]] = report["fixes"]
     pooled = probe.mode in ("transaction", "statement")
+    has_pooler = pooled or bouncer is not None or probe.proxied
+
+    def fix(name: str, why: str, settings: dict[str, str] | None = None) -> None:
+        fixes.append({"rank": len(fixes) + 1, "fix": name, "why": why, "settings": settings or {}})
+
     if budget is not None and not budget.fits:
-        if pooled:
-            # Clients of a transaction pooler do not take server slots one for one; the
-            # pooler's own pools (default_pool_size) are what must fit.
-            warnings.append(
-                f"{budget.advice()} (behind a transaction pooler this bounds the pooler's "
-                "default_pool_size x databases x users, not the app's pools)"
-            )
-        else:
-            problems.append(budget.advice())
+        problems.append(budget.advice())
+    size_text = ", ".join(f"{label} {n}" for label, n in sizes.items())
+    busy_bound = cores * 2 if cores else None
+    over_cores = (
+        busy_bound is not None
+        and budget is not None
+        and not budget.through_pooler
+        and budget.demand > busy_bound
+    )
+    if over_cores and budget is not None and busy_bound is not None:
+        warnings.append(
+            f"demand {budget.demand} > cores {cores} x 2 = {busy_bound}: PostgreSQL runs about "
+            "cores x 2 busy connections at once, more only queue inside it"
+        )
+    if budget is not None and (not budget.fits or over_cores):
+        n = min(sizes.values())
+        if budget.through_pooler:
+            if not budget.client_fits:
+                fix(
+                    "lower per-process pool sizes",
+                    f"{budget.demand} clients > max_client_conn {budget.max_client_conn}: "
+                    f"max_size {size_text} per process (or raise max_client_conn to "
+                    f">= {budget.demand})",
+                    _size_settings(n),
+                )
+        elif sizes and n < budget.max_size:
+            why = f"max_size {size_text} per process x {budget.processes} process(es)"
+            why += f" fits the {budget.available} connections free for this app"
+            if busy_bound is not None:
+                why += f" and cores {cores} x 2 = {busy_bound}"
+            fix("lower per-process pool sizes", why, _size_settings(n))
+    if budget is not None and budget.limits.own > budget.demand:
+        held = budget.limits.own
+        warnings.append(
+            f"this app holds {held} connections now but declares {budget.demand} "
+            f"({budget.processes} process(es) x max_size {budget.max_size}): more processes run "
+            "than declared, or processes open more than one pool"
+        )
+        fix(
+            "one pool per process",
+            f"{held} held > {budget.demand} declared: give each process one pool (one "
+            "poolguard.configure() or one SQLAlchemy engine at import, not per request) and "
+            "declare the real process count (--processes)",
+        )
     if idle:
         problems.append(
             f"{len(idle)} session(s) idle in transaction for >= {idle_seconds:g} s: they hold "
             "a connection and locks while doing nothing (find the code that opens a "
             "transaction and waits; set idle_in_transaction_session_timeout)"
         )
+        worst = "; ".join(
+            f"pid {s.pid} app {s.application_name!r} {s.seconds:.1f} s: {s.query}" for s in idle[:3]
+        )
+        fix(
+            "hunt idle-in-transaction sessions",
+            f"the worst: {worst}",
+            {
+                "postgresql": "ALTER ROLE <app user> SET idle_in_transaction_session_timeout "
+                f"= '{max(60, int(idle[0].seconds) // 2)}s'",
+                "poolguard": "poolguard.configure(..., idle_in_transaction_threshold=5) logs the "
+                "line that opened each such transaction",
+            },
+        )
+    if budget is not None:
+        _judge_pooler(budget, bouncer, has_pooler, warnings, fix, cores)
     if pooled and probe.prepared_statements != "safe":
         warnings.append(
             'prepared statements break behind this pooler ("prepared statement ... does not '
             'exist"): use the settings below, which turn them off'
         )
+
+
+def _judge_pooler(
+    budget: Budget,
+    bouncer: PgBouncerState | None,
+    has_pooler: bool,
+    warnings: list[str],
+    fix: Any,
+    cores: int | None,
+) -> None:
+    if bouncer is not None and bouncer.cl_waiting:
+        warnings.append(
+            f"{bouncer.cl_waiting} client(s) waiting for a server connection in PgBouncer, the "
+            f"longest {bouncer.maxwait:.1f} s (cl_waiting, maxwait): its pools are too small or "
+            "transactions too slow"
+        )
+    if budget.through_pooler:
+        if not budget.server_fits:
+            fix(
+                "lower the pooler's pool size",
+                f"its pools may open {budget.pooler_bound} server connections, {budget.usable} "
+                "are usable",
+                {"pgbouncer": f"default_pool_size = {budget.pooler_pool_size}"},
+            )
+        return
+    hosts = {g.client for g in budget.limits.groups if g.kind == "app"}
+    outgrown = len(hosts) > 1 and (not budget.fits or budget.limits.own > budget.available)
+    if has_pooler or (budget.fits and not outgrown):
+        return  # never advise a pooler that is there, nor one nobody needs
+    if budget.per_process >= 2 and not outgrown:
+        return  # lowering the pool sizes is enough
+    pool_size = budget.pooler_pool_size
+    if cores:
+        pool_size = min(pool_size, cores * 2)
+    why = (
+        f"the fleet ({len(hosts)} hosts, {budget.limits.own} connections held now) has "
+        f"outgrown per-process pools: a central pooler ({_CENTRAL_POOLERS}) should hold the "
+        f"{budget.usable} usable connections"
+        if outgrown
+        else f"{budget.processes} process(es) leave {budget.per_process} connection(s) each: "
+        "a pooler in transaction mode lets them share the server's connections"
+    )
+    fix(
+        "a pooler in front",
+        why,
+        {
+            "pgbouncer": f"pool_mode = transaction; default_pool_size = {pool_size}; "
+            f"max_client_conn = {max(budget.demand, 100)}",
+            "poolguard": "mode='transaction' (the default) with DATABASE_URL on the pooler and "
+            "direct_dsn=DIRECT_URL for migrations",
+        },
+    )
+
+
+def _size_settings(size: int) -> dict[str, str]:
+    return {
+        "django": _DJANGO_SIZE.format(size=size),
+        "sqlalchemy": _SQLALCHEMY_SIZE.format(size=size),
+        "psycopg": _PSYCOPG_SIZE.format(size=size),
+    }
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -217,13 +478,36 @@ def render_text(report: dict[str, Any]) -> str:
     lines += ["", f"Pooler: {pooler['mode']}" + (" (proxied)" if pooler["proxied"] else "")]
     lines += [f"  - {e}" for e in pooler["evidence"]]
     lines.append(f"  prepared statements: {pooler['prepared_statements']}")
+    bouncer = report.get("pgbouncer")
+    if bouncer:
+        lines.append(
+            f"  PgBouncer: default_pool_size {bouncer['default_pool_size']}, "
+            f"reserve_pool_size {bouncer['reserve_pool_size']}, max_client_conn "
+            f"{bouncer['max_client_conn']}, pairs {bouncer['pairs']}, server connections "
+            f"{bouncer['server_connections']}, clients {bouncer['clients']}, cl_waiting "
+            f"{bouncer['cl_waiting']}, maxwait {bouncer['maxwait']:.1f} s"
+        )
     budget = report.get("budget")
     lines += ["", "Connection budget:"]
     if budget:
         lines += [f"  {line}" for line in budget["formula"].splitlines()]
+        lines.append(f"  cores       = {report['cores']['source']}")
         lines += [f"  note: {n}" for n in budget["notes"]]
     else:
         lines.append("  unavailable (see warnings)")
+    fleet = report.get("fleet")
+    if fleet:
+        lines += ["", f"Fleet: {fleet['total']} session(s) from {len(fleet['groups'])} group(s)"]
+        for g in fleet["groups"]:
+            states = ", ".join(f"{n} {state}" for state, n in g["states"].items())
+            lines.append(
+                f"  {g['kind']:6} {g['client']:15} {g['application_name']!r:28} {g['count']:4}"
+                f"  ({states}; oldest {g['oldest_seconds']:.0f} s)"
+            )
+        lines.append(
+            f"  this app: {fleet['app_total']} connection(s) from {len(fleet['app_hosts'])} "
+            f"host(s) of usable {fleet['usable']}"
+        )
     idle = report["idle_in_transaction"]
     lines += ["", f"Idle in transaction: {len(idle) or 'none'}"]
     for s in idle:
@@ -231,6 +515,11 @@ def render_text(report: dict[str, Any]) -> str:
             f"  pid {s['pid']}  {s['seconds']:.1f} s  app={s['application_name']!r}  "
             f"user={s['user']}  query: {s['query']}"
         )
+    if report["fixes"]:
+        lines += ["", "Fix order:"]
+        for f in report["fixes"]:
+            lines.append(f"  {f['rank']}. {f['fix']}: {f['why']}")
+            lines += [f"     {name:11} {text}" for name, text in f["settings"].items()]
     lines += ["", "Settings to use:"]
     lines += [f"  {name:14} {text}" for name, text in report["settings"].items()]
     for title, key in (("Warnings", "warnings"), ("Problems", "problems")):
@@ -245,11 +534,14 @@ def run_doctor(
     processes: int | None = None,
     as_json: bool = False,
     *,
-    max_size: int | None = None,
-    idle_seconds: float = 5.0,
     out: TextIO | None = None,
+    **options: Any,
 ) -> int:
-    """Diagnose `dsn` (default: $POOLGUARD_DSN, then $DATABASE_URL), print, return the exit code."""
+    """Diagnose `dsn` (default: $POOLGUARD_DSN, then $DATABASE_URL), print, return the exit code.
+
+    `options` are :func:`diagnose`'s keywords (max_size, idle_seconds, headroom, cores,
+    pooler_dsn, pools).
+    """
     out = sys.stdout if out is None else out
     dsn = dsn or os.environ.get("POOLGUARD_DSN") or os.environ.get("DATABASE_URL")
     if not dsn:
@@ -257,11 +549,10 @@ def run_doctor(
             out, as_json, "no database given: pass a DSN or set POOLGUARD_DSN or DATABASE_URL"
         )
     try:
-        report = diagnose(dsn, processes=processes, max_size=max_size, idle_seconds=idle_seconds)
+        report = diagnose(dsn, processes=processes, **options)
     except (ConfigurationError, psycopg.Error) as exc:
-        return _fail(
-            out, as_json, f"cannot check {_safe_target(dsn)}: {redact_text(str(exc), dsn)}"
-        )
+        message = redact_text(str(exc), dsn, options.get("pooler_dsn") or dsn)
+        return _fail(out, as_json, f"cannot check {_safe_target(dsn)}: {message}")
     out.write(json.dumps(report, indent=2) + "\n" if as_json else render_text(report))
     return int(report["exit_code"])
 
@@ -282,28 +573,48 @@ def _fail(out: TextIO, as_json: bool, message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``poolguard doctor [DSN] [--processes N] [--max-size N] [--idle-seconds S] [--json]``."""
+    """``poolguard doctor [DSN] [options]``: see ``--help``."""
     parser = argparse.ArgumentParser(
         prog="poolguard doctor",
         description="Check a PostgreSQL database (or the pooler in front of it) for connection "
         "budget, transaction-pooler and idle-transaction problems.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "dsn", nargs="?", help="URL or conninfo (default: $POOLGUARD_DSN, $DATABASE_URL)"
+        "dsn", nargs="?", help="URL or conninfo (default: $POOLGUARD_DSN, then $DATABASE_URL)"
     )
     parser.add_argument(
         "--processes",
         type=int,
-        help="worker processes each running a pool (default: $WEB_CONCURRENCY or 1)",
+        help="worker processes each running a pool, on every host (default: $WEB_CONCURRENCY, "
+        "else 1)",
     )
     parser.add_argument(
-        "--max-size", type=int, help=f"pool max_size per process (default: {Settings.max_size})"
+        "--max-size", type=int, default=Settings.max_size, help="pool max_size per process"
+    )
+    parser.add_argument(
+        "--headroom",
+        type=int,
+        default=0,
+        help="connections to leave free for migrations, a shell, cron jobs",
+    )
+    parser.add_argument(
+        "--cores",
+        type=int,
+        help="the server's CPU cores, for the cores x 2 bound (default: this machine's when "
+        "the server is local, else unknown)",
+    )
+    parser.add_argument(
+        "--pooler",
+        metavar="PGBOUNCER_DSN",
+        help="a PgBouncer in front of the same server whose admin console to read, when DSN "
+        "reaches PostgreSQL directly (default: none)",
     )
     parser.add_argument(
         "--idle-seconds",
         type=float,
         default=5.0,
-        help="report sessions idle in transaction at least this long (default: 5)",
+        help="report sessions idle in transaction at least this long",
     )
     parser.add_argument(
         "--json", action="store_true", help="print JSON (see docs/transaction-mode.md)"
@@ -315,6 +626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json,
         max_size=args.max_size,
         idle_seconds=args.idle_seconds,
+        headroom=args.headroom,
+        cores=args.cores,
+        pooler_dsn=args.pooler,
     )
 
 

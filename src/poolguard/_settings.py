@@ -71,8 +71,8 @@ class Settings:
     #: per process), so prepared statements keep working behind transaction pooling.
     rewriter: bool = False
     #: Worker processes that each open this pool, for the connection budget at open.  None:
-    #: $WEB_CONCURRENCY (what Gunicorn, Uvicorn and PaaS buildpacks set), else 1.  A process
-    #: cannot see its siblings, so the budget trusts what the deployment declares.
+    #: the worker count of the gunicorn / uvicorn / celery that runs this process (read from
+    #: its command line), else $WEB_CONCURRENCY (which those servers read, never set), else 1.
     processes: int | None = None
     #: What to do at open when max_size x processes does not fit the server's free slots.
     #: "warn": the figures are a snapshot (a deploy may be about to free connections), so
