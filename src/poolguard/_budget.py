@@ -54,10 +54,9 @@ _SETTINGS_QUERY: Final = (
 # side (a hidden autovacuum worker is counted as a client).
 _SESSIONS_QUERY: Final = (
     "SELECT pid, host(client_addr), application_name, state, "
-    "EXTRACT(EPOCH FROM now() - backend_start)::float8 "
+    "EXTRACT(EPOCH FROM now() - backend_start)::float8, pid = pg_catalog.pg_backend_pid() "
     "FROM pg_catalog.pg_stat_activity "
-    "WHERE (backend_type = 'client backend' OR (backend_type IS NULL AND datid IS NOT NULL)) "
-    "AND pid <> pg_catalog.pg_backend_pid()"
+    "WHERE (backend_type = 'client backend' OR (backend_type IS NULL AND datid IS NOT NULL))"
 )
 # PostgreSQL's default, assumed only when the server will not say.
 _DEFAULT_SUPERUSER_RESERVED: Final = 3
@@ -353,6 +352,7 @@ class Budget:
             "per_process": self.per_process,
             "fits": self.fits,
             "formula": self.formula(),
+            "advice": self.advice(),
             "notes": list(lim.notes),
         }
 
@@ -515,7 +515,9 @@ def _group(
     sessions: list[Any], own_names: Collection[str], pooler_pids: set[int], pooler_clients: set[str]
 ) -> tuple[SessionGroup, ...]:
     found: dict[tuple[str, str, str], tuple[int, dict[str, int], float]] = {}
-    for pid, client, app, state, age in sessions:
+    for pid, client, app, state, age, mine in sessions:
+        if mine and pid not in pooler_pids:
+            continue  # the reader itself; through a pooler it is one of the pooler's servers
         client = client or LOCAL_SOCKET
         app = app or ""
         if pid in pooler_pids or client in pooler_clients:

@@ -492,6 +492,7 @@ def render_text(report: dict[str, Any]) -> str:
     if budget:
         lines += [f"  {line}" for line in budget["formula"].splitlines()]
         lines.append(f"  cores       = {report['cores']['source']}")
+        lines.append(f"  verdict     : {budget['advice']}")
         lines += [f"  note: {n}" for n in budget["notes"]]
     else:
         lines.append("  unavailable (see warnings)")
