@@ -443,13 +443,15 @@ def read_server_limits(
     own_application_names: Collection[str] = (),
     pooler_pids: Collection[int] = (),
     pooler_clients: Collection[str] = (),
+    skip_application_names: Collection[str] = (),
 ) -> ServerLimits:
     """Read the connection figures through `conn` (direct, or through a pooler).
 
     Sessions are sorted into this app's (application_name `exclude_application_name` or one
     of `own_application_names`; a name ending in ``*`` is a prefix), a pooler's (backend pid in
     `pooler_pids`, from its admin console, or client address in `pooler_clients`) and other
-    apps'; only the last are ``in_use``.
+    apps'; only the last are ``in_use``. Sessions named in `skip_application_names` (the
+    reader's own, closing as it reads) are not counted unless they are the pooler's.
     Raises :class:`BudgetUnavailable` when max_connections cannot be read at all; other
     figures that cannot be read are assumed and listed in ``notes``.
     """
@@ -485,7 +487,9 @@ def read_server_limits(
     except psycopg.Error as exc:
         sessions = []
         notes.append(f"pg_stat_activity unreadable ({_reason(exc)}); assumed 0 in use")
-    groups = _group(sessions, own_names, set(pooler_pids), set(pooler_clients))
+    groups = _group(
+        sessions, own_names, set(pooler_pids), set(pooler_clients), set(skip_application_names)
+    )
     counts = {kind: sum(g.count for g in groups if g.kind == kind) for kind in _KINDS}
     return ServerLimits(
         max_connections=settings["max_connections"],
@@ -512,7 +516,11 @@ def _is_own(application_name: str, own_names: Collection[str]) -> bool:
 
 
 def _group(
-    sessions: list[Any], own_names: Collection[str], pooler_pids: set[int], pooler_clients: set[str]
+    sessions: list[Any],
+    own_names: Collection[str],
+    pooler_pids: set[int],
+    pooler_clients: set[str],
+    skip: set[str],
 ) -> tuple[SessionGroup, ...]:
     found: dict[tuple[str, str, str], tuple[int, dict[str, int], float]] = {}
     for pid, client, app, state, age, mine in sessions:
@@ -522,6 +530,8 @@ def _group(
         app = app or ""
         if pid in pooler_pids or client in pooler_clients:
             kind = "pooler"
+        elif app in skip:
+            continue
         elif _is_own(app, own_names):
             kind = "app"
         else:

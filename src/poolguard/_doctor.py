@@ -211,6 +211,8 @@ def diagnose(
                 own_application_names=[app for _, _, app in pools],
                 pooler_pids=bouncer.server_pids if bouncer else (),
                 pooler_clients=pooler_clients,
+                # The probe's sessions may still be closing on the server.
+                skip_application_names=(APPLICATION_NAME,),
             )
             budget = _budget(limits, probe, bouncer, pools, processes, processes_source, headroom)
         except BudgetUnavailable as exc:
