@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
-from poolguard._doctor import EXIT_OK, EXIT_PROBLEM, run_doctor
+from poolguard._doctor import EXIT_OK, EXIT_PROBLEM, local_cores, run_doctor
 from poolguard.testing import PgBouncerServer, PostgresServer, find_pgbouncer, start_pgbouncer
 
 
@@ -68,9 +71,7 @@ def warm(bouncer: PgBouncerServer, servers: int) -> None:
             conn.commit()  # a client leaving mid-transaction would make PgBouncer drop it
 
 
-pytestmark = pytest.mark.pgbouncer
-
-
+@pytest.mark.pgbouncer
 def test_app_and_pooler_sessions_are_not_counted_as_others(
     small_server: PostgresServer, bouncer: PgBouncerServer
 ) -> None:
@@ -111,6 +112,7 @@ def test_app_and_pooler_sessions_are_not_counted_as_others(
     assert small_server.password not in text
 
 
+@pytest.mark.pgbouncer
 @pytest.mark.parametrize("warmed", [0, 2, 5])
 def test_behind_pgbouncer_the_server_side_bound_is_17_at_any_warm_up(
     bouncer: PgBouncerServer, warmed: int
@@ -133,6 +135,7 @@ def test_behind_pgbouncer_the_server_side_bound_is_17_at_any_warm_up(
     assert code == EXIT_OK
 
 
+@pytest.mark.pgbouncer
 def test_behind_pgbouncer_never_advises_a_pooler_and_checks_max_client_conn(
     bouncer: PgBouncerServer,
 ) -> None:
@@ -156,6 +159,7 @@ def test_behind_pgbouncer_never_advises_a_pooler_and_checks_max_client_conn(
     assert report["suggested_max_size"] == {"default": 2}
 
 
+@pytest.mark.pgbouncer
 def test_pooler_pools_larger_than_the_server_are_a_problem(small_server: PostgresServer) -> None:
     big = start_pgbouncer(small_server, default_pool_size=25)
     try:
@@ -172,6 +176,7 @@ def test_pooler_pools_larger_than_the_server_are_a_problem(small_server: Postgre
     assert report["settings"]["pgbouncer"].startswith("default_pool_size = 15 ")
 
 
+@pytest.mark.pgbouncer
 def test_waiting_clients_in_pgbouncer_are_reported(small_server: PostgresServer) -> None:
     # The doctor goes to PostgreSQL directly and reads the busy pooler's console (--pooler):
     # through the pooler it would queue like the waiting client.
@@ -194,4 +199,168 @@ def test_waiting_clients_in_pgbouncer_are_reported(small_server: PostgresServer)
     assert report["pgbouncer"]["cl_waiting"] >= 1
     assert any(
         "client(s) waiting for a server connection in PgBouncer" in w for w in report["warnings"]
+    )
+
+
+def unix_socket_dsn(server: PostgresServer) -> str:
+    """The same server over its unix socket: pg_stat_activity shows no client address."""
+    return make_conninfo(server.dsn, host=str(server.socket_dir))
+
+
+def test_fleet_groups_by_client_address(small_server: PostgresServer) -> None:
+    with ExitStack() as stack:
+        hold(stack, small_server.dsn, 3, "poolguard:default")  # host A: TCP 127.0.0.1
+        hold(stack, unix_socket_dsn(small_server), 2, "poolguard:default")  # host B: socket
+        hold(stack, small_server.dsn, 1, "cron-report")  # another app
+        code, report = doctor_json(small_server.url, processes=2, max_size=4, cores=8)
+        text = doctor_text(small_server.url, processes=2, max_size=4, cores=8)
+    fleet = report["fleet"]
+    groups = {(g["kind"], g["client"], g["application_name"]): g for g in fleet["groups"]}
+    assert set(groups) == {
+        ("app", "127.0.0.1", "poolguard:default"),
+        ("app", "local socket", "poolguard:default"),
+        ("other", "127.0.0.1", "cron-report"),
+    }
+    assert groups[("app", "127.0.0.1", "poolguard:default")]["count"] == 3
+    assert groups[("app", "local socket", "poolguard:default")]["count"] == 2
+    assert groups[("app", "local socket", "poolguard:default")]["states"] == {"idle": 2}
+    assert groups[("other", "127.0.0.1", "cron-report")]["count"] == 1
+    assert (fleet["app_total"], fleet["total"], fleet["usable"]) == (5, 6, 16)
+    assert fleet["app_hosts"] == ["127.0.0.1", "local socket"]
+    assert report["budget"]["in_use_by_others"] == 1
+    assert code == EXIT_OK
+    assert "this app: 5 connection(s) from 2 host(s) of usable 16" in text
+    assert "Fleet: 6 session(s) from 3 group(s)" in text
+
+
+def test_a_fleet_that_outgrew_per_process_pools_is_told_to_use_a_central_pooler(
+    small_server: PostgresServer,
+) -> None:
+    with ExitStack() as stack:
+        hold(stack, small_server.dsn, 6, "poolguard:default")
+        hold(stack, unix_socket_dsn(small_server), 6, "poolguard:default")
+        code, report = doctor_json(small_server.url, processes=2, max_size=10, cores=8)
+    budget = report["budget"]
+    assert code == EXIT_PROBLEM
+    assert (budget["demand"], budget["usable"], budget["per_process"]) == (20, 17, 8)
+    assert report["problems"][0] == (
+        "2 process(es) x max_size 10 = 20 exceeds the 17 usable connections: set max_size <= 8 "
+        "or run fewer processes"
+    )
+    fixes = report["fixes"]
+    assert [f["fix"] for f in fixes] == ["lower per-process pool sizes", "a pooler in front"]
+    assert fixes[0]["why"] == (
+        "max_size default 8 per process x 2 process(es) fits the 17 connections free for this "
+        "app and cores 8 x 2 = 16"
+    )
+    assert fixes[1]["why"] == (
+        "the fleet (2 hosts, 12 connections held now) has outgrown per-process pools: a central "
+        "pooler (PgBouncer, PgDog or Supavisor) should hold the 17 usable connections"
+    )
+    assert fixes[1]["settings"]["pgbouncer"] == (
+        "pool_mode = transaction; default_pool_size = 15; max_client_conn = 100"
+    )
+
+
+def test_idle_in_transaction_fix_names_the_worst_sessions(small_server: PostgresServer) -> None:
+    with ExitStack() as stack:
+        older = stack.enter_context(
+            psycopg.connect(small_server.dsn, application_name="billing-worker")
+        )
+        older.execute("UPDATE pg_catalog.pg_class SET relname = relname WHERE false")
+        time.sleep(0.4)
+        newer = stack.enter_context(psycopg.connect(small_server.dsn, application_name="web"))
+        newer.execute("SELECT 'secret-value'")
+        time.sleep(0.3)
+        code, report = doctor_json(small_server.url, idle_seconds=0.2, cores=8)
+        older.rollback()
+        newer.rollback()
+        pids = older.info.backend_pid, newer.info.backend_pid
+    assert code == EXIT_PROBLEM
+    (fix,) = [f for f in report["fixes"] if f["fix"] == "hunt idle-in-transaction sessions"]
+    idle = report["idle_in_transaction"]
+    assert [s["application_name"] for s in idle] == ["billing-worker", "web"]  # oldest first
+    assert fix["why"].startswith(
+        f"the worst: pid {pids[0]} app 'billing-worker' {idle[0]['seconds']:.1f} s:"
+    )
+    assert f"pid {pids[1]} app 'web'" in fix["why"]
+    assert "secret-value" not in json.dumps(report)
+    assert fix["settings"]["postgresql"] == (
+        "ALTER ROLE <app user> SET idle_in_transaction_session_timeout = '60s'"
+    )
+    assert report["problems"] == [
+        "2 session(s) idle in transaction for >= 0.2 s: they hold a connection and locks while "
+        "doing nothing (find the code that opens a transaction and waits; set "
+        "idle_in_transaction_session_timeout)"
+    ]
+
+
+def test_cores_bound_lowers_the_suggested_pool_size(small_server: PostgresServer) -> None:
+    code, report = doctor_json(small_server.url, processes=2, max_size=4, cores=2)
+    assert code == EXIT_OK  # it fits the slots; cores only make more connections queue
+    assert report["cores"] == {"count": 2, "source": "2 (--cores)"}
+    assert (
+        "demand 8 > cores 2 x 2 = 4: PostgreSQL runs about cores x 2 busy connections at "
+        "once, more only queue inside it" in report["warnings"]
+    )
+    assert report["suggested_max_size"] == {"default": 2}
+    (fix,) = report["fixes"]
+    assert fix["why"] == (
+        "max_size default 2 per process x 2 process(es) fits the 17 connections free for this "
+        "app and cores 2 x 2 = 4"
+    )
+    assert "max_size=2" in report["settings"]["psycopg"]
+    # The server is on this machine: without --cores the doctor counts its cores.
+    _, local = doctor_json(small_server.url, processes=2, max_size=4)
+    cpus = os.cpu_count()
+    assert local["cores"] == {
+        "count": cpus,
+        "source": f"{cpus} (the server is local: this machine's cpu count)",
+    }
+
+
+def test_cores_are_unknown_for_a_remote_server() -> None:
+    assert local_cores("host=db.example.com dbname=app") == (None, "unknown (pass --cores N)")
+    assert local_cores("host=/var/run/postgresql dbname=app")[0] == os.cpu_count()
+
+
+def test_more_connections_held_than_declared_asks_for_one_pool_per_process(
+    small_server: PostgresServer,
+) -> None:
+    with ExitStack() as stack:
+        hold(stack, small_server.dsn, 6, "poolguard:default")
+        code, report = doctor_json(small_server.url, processes=1, max_size=4, cores=8)
+    assert code == EXIT_OK
+    assert (
+        "this app holds 6 connections now but declares 4 (1 process(es) x max_size 4): more "
+        "processes run than declared, or processes open more than one pool"
+    ) in report["warnings"]
+    (fix,) = report["fixes"]
+    assert fix["fix"] == "one pool per process"
+    assert fix["why"].startswith("6 held > 4 declared: give each process one pool")
+
+
+def test_a_single_host_is_told_to_lower_sizes_before_adding_a_pooler(
+    small_server: PostgresServer,
+) -> None:
+    # 4 x 8 = 32 > 17, but 4 each still fits: lowering the sizes is enough.
+    code, report = doctor_json(small_server.url, processes=4, max_size=8, cores=8)
+    assert code == EXIT_PROBLEM
+    assert [f["fix"] for f in report["fixes"]] == ["lower per-process pool sizes"]
+    assert report["suggested_max_size"] == {"default": 4}
+    # 17 processes x 1 = 17 fits, 18 leave none: only a pooler lets them share.
+    code, report = doctor_json(small_server.url, processes=18, max_size=1, cores=8)
+    assert code == EXIT_PROBLEM
+    assert report["problems"][0] == (
+        "no connection slot is left for 18 process(es): only 17 of 17 usable connections are "
+        "free for this app; free connections or raise max_connections"
+    )
+    (fix,) = report["fixes"]
+    assert fix["fix"] == "a pooler in front"
+    assert fix["why"] == (
+        "18 process(es) leave 0 connection(s) each: a pooler in transaction mode lets them "
+        "share the server's connections"
+    )
+    assert fix["settings"]["pgbouncer"] == (
+        "pool_mode = transaction; default_pool_size = 15; max_client_conn = 100"
     )
