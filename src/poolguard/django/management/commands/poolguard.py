@@ -3,8 +3,9 @@
 - ``status`` (default): each alias's pool, its settings, and the server sessions that pools of
   this alias hold right now in every process (pg_stat_activity, by application_name);
 - ``report``: the connections checked out in this process, with where they were taken;
-- ``doctor``: poolguard's doctor on the alias's database (pooler detection, connection budget
-  for ``--processes`` workers of ``max_size`` each, sessions idle in transaction).
+- ``doctor``: poolguard's doctor once per server (host and port) the aliases use: pooler
+  detection, sessions idle in transaction, and one connection budget for every alias on that
+  server together (``--processes`` workers, each holding the ``max_size`` of every alias).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError  # type: ignore[import-untyped]
 from django.db import connections  # type: ignore[import-untyped]
+from psycopg.conninfo import conninfo_to_dict
 
 from .... import _doctor, _report
 from ...base import DatabaseWrapper, pool_for
@@ -33,7 +35,21 @@ class Command(BaseCommand):  # type: ignore[misc]
         parser.add_argument(
             "--processes",
             type=int,
-            help="doctor: worker processes running this app (default: $WEB_CONCURRENCY or 1)",
+            help="doctor: worker processes running this app, on every host (default: "
+            "$WEB_CONCURRENCY, else 1)",
+        )
+        parser.add_argument(
+            "--headroom",
+            type=int,
+            default=0,
+            help="doctor: connections to leave free for migrations, a shell, cron jobs "
+            "(default: 0)",
+        )
+        parser.add_argument(
+            "--cores",
+            type=int,
+            help="doctor: the server's CPU cores, for the cores x 2 bound (default: this "
+            "machine's when the server is local)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -41,15 +57,21 @@ class Command(BaseCommand):  # type: ignore[misc]
         action = options["action"]
         if action == "doctor":
             worst = 0
-            for alias in aliases:
-                settings = pool_for(alias).settings
+            for server_aliases in _by_server(aliases).values():
+                first = pool_for(server_aliases[0]).settings
+                pools = []
+                for alias in server_aliases:
+                    s = pool_for(alias).settings
+                    pools.append((alias, s.max_size, s.application_name))
                 worst = max(
                     worst,
                     _doctor.run_doctor(
-                        settings.conninfo,
+                        first.conninfo,
                         options["processes"],
                         options["json"],
-                        max_size=settings.max_size,
+                        pools=pools,
+                        headroom=options["headroom"],
+                        cores=options["cores"],
                         out=self.stdout,
                     ),
                 )
@@ -118,3 +140,13 @@ class Command(BaseCommand):  # type: ignore[misc]
     def _report(self, alias: str) -> dict[str, Any]:
         report = _report.report(pool_for(alias).name, server=True)
         return {"text": f"{alias}: {report}\n", **report.as_dict()}
+
+
+def _by_server(aliases: list[str]) -> dict[tuple[str, str], list[str]]:
+    """Aliases grouped by the server (host, port) they reach: they share its connections."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for alias in aliases:
+        params = conninfo_to_dict(pool_for(alias).settings.conninfo)
+        key = (str(params.get("host") or ""), str(params.get("port") or "5432"))
+        found.setdefault(key, []).append(alias)
+    return found
