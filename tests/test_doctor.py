@@ -203,3 +203,44 @@ def test_full_server_is_reported_not_crashed(postgres_factory: Any) -> None:
     assert any("could not probe for a pooler" in w for w in report["warnings"])
     assert report["budget"]["usable"] == 0
     assert any("no connection slot is left" in p for p in report["problems"])
+
+
+def test_cli_version_and_defaults_in_every_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from poolguard import __version__
+    from poolguard.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"poolguard {__version__}\n"
+    for argv, expected in [
+        (["demo", "--help"], ["(default: 200)", "(default: 5)"]),
+        (
+            ["doctor", "--help"],
+            [
+                "(default: 4)",  # --max-size
+                "(default: 0)",  # --headroom
+                "(default: 5.0)",  # --idle-seconds
+                "(default: $WEB_CONCURRENCY, else 1)",
+                "(default: $POOLGUARD_DSN, then",
+                "(default: none)",  # --pooler
+                "(default: text)",  # --json
+            ],
+        ),
+    ]:
+        with pytest.raises(SystemExit):
+            cli_main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        for default in expected:
+            assert default in text, (argv, default)
+        assert "(default: None)" not in text
+
+
+def test_headroom_is_left_free(postgres_server: PostgresServer) -> None:
+    _, plain = doctor_json(postgres_server.url, processes=1, cores=8)
+    code, report = doctor_json(postgres_server.url, processes=1, headroom=10, cores=8)
+    assert code == EXIT_OK
+    assert report["budget"]["headroom"] == 10
+    assert report["budget"]["usable"] == plain["budget"]["usable"] - 10
+    assert f"- headroom 10 = {report['budget']['usable']}\n" in report["budget"]["formula"]
+    assert main([postgres_server.url, "--headroom", "-1"]) == EXIT_UNCHECKED

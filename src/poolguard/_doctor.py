@@ -29,6 +29,7 @@ from ._budget import (
     read_server_limits,
     resolve_processes_source,
 )
+from ._cli_help import DefaultsHelpFormatter
 from ._errors import ConfigurationError
 from ._pgbouncer import PgBouncerState, read_pgbouncer
 from ._probe import APPLICATION_NAME, PoolerProbe, probe_pooler
@@ -581,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="poolguard doctor",
         description="Check a PostgreSQL database (or the pooler in front of it) for connection "
         "budget, transaction-pooler and idle-transaction problems.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "dsn", nargs="?", help="URL or conninfo (default: $POOLGUARD_DSN, then $DATABASE_URL)"
@@ -620,7 +621,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="report sessions idle in transaction at least this long",
     )
     parser.add_argument(
-        "--json", action="store_true", help="print JSON (see docs/transaction-mode.md)"
+        "--json",
+        action="store_true",
+        help="print JSON (see docs/transaction-mode.md) instead of text (default: text)",
     )
     args = parser.parse_args(argv)
     return run_doctor(

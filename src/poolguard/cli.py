@@ -8,6 +8,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from . import __version__
+from ._cli_help import DefaultsHelpFormatter
+
 
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
@@ -24,12 +27,19 @@ DELEGATED = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="poolguard", description="One guarded PostgreSQL connection pool per process."
+        prog="poolguard",
+        description="One guarded PostgreSQL connection pool per process.",
+        formatter_class=DefaultsHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"poolguard {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log poolguard's INFO lines")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="connect-per-request vs poolguard on a real server")
+    demo = commands.add_parser(
+        "demo",
+        help="connect-per-request vs poolguard on a real server",
+        formatter_class=DefaultsHelpFormatter,
+    )
     demo.add_argument("--users", type=int, default=200, help="concurrent simulated users")
     demo.add_argument("--requests", type=int, default=5, help="requests per user")
     demo.set_defaults(run=_demo)
