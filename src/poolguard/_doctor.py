@@ -502,12 +502,7 @@ def render_text(report: dict[str, Any]) -> str:
     fleet = report.get("fleet")
     if fleet:
         lines += ["", f"Fleet: {fleet['total']} session(s) from {len(fleet['groups'])} group(s)"]
-        for g in fleet["groups"]:
-            states = ", ".join(f"{n} {state}" for state, n in g["states"].items())
-            lines.append(
-                f"  {g['kind']:6} {g['client']:15} {g['application_name']!r:28} {g['count']:4}"
-                f"  ({states}; oldest {g['oldest_seconds']:.0f} s)"
-            )
+        lines += [group_line(g) for g in fleet["groups"]]
         lines.append(
             f"  this app: {fleet['app_total']} connection(s) from {len(fleet['app_hosts'])} "
             f"host(s) of usable {fleet['usable']}"
@@ -531,6 +526,15 @@ def render_text(report: dict[str, Any]) -> str:
             lines += ["", f"{title}:"] + [f"  - {item}" for item in report[key]]
     lines += ["", "Result: " + ("PROBLEMS FOUND" if report["problems"] else "OK")]
     return "\n".join(lines) + "\n"
+
+
+def group_line(group: dict[str, Any]) -> str:
+    """One line of the fleet table."""
+    states = ", ".join(f"{n} {state}" for state, n in group["states"].items())
+    return (
+        f"  {group['kind']:6} {group['client']:15} {group['application_name']!r:28} "
+        f"{group['count']:4}  ({states}; oldest {group['oldest_seconds']:.0f} s)"
+    )
 
 
 def run_doctor(
