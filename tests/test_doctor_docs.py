@@ -67,4 +67,3 @@ def test_the_documented_fallback_and_fleet_lines() -> None:
         group = {"kind": kind, "client": client, "application_name": app, "count": n,
                  "states": {"idle": n}, "oldest_seconds": 2.0}  # fmt: skip
         assert line == group_line(group)
-
