@@ -364,3 +364,44 @@ def test_a_single_host_is_told_to_lower_sizes_before_adding_a_pooler(
     assert fix["settings"]["pgbouncer"] == (
         "pool_mode = transaction; default_pool_size = 15; max_client_conn = 100"
     )
+
+
+def test_a_pooler_without_an_admin_console_is_counted_by_its_address(
+    small_server: PostgresServer,
+) -> None:
+    # poolguard's own rewriter is a transaction pooler with no PgBouncer console: the doctor
+    # counts the sessions from its address as the pooler's and says so.
+    from poolguard import rewriter
+
+    handle = rewriter.start(small_server.dsn, pool_size=3)
+    try:
+        code, report = doctor_json(handle.dsn, processes=2, max_size=4, cores=8)
+    finally:
+        handle.stop()
+    budget = report["budget"]
+    assert report["pooler"]["mode"] == "transaction"
+    assert report["pgbouncer"] is None
+    assert any(w.startswith("could not read PgBouncer's admin console") for w in report["warnings"])
+    assert (
+        "without the pooler's admin console, every session from its address 127.0.0.1 is "
+        "counted as the pooler's"
+    ) in report["warnings"]
+    assert budget["in_use_by_others"] == 0 and budget["usable"] == 17
+    assert budget["pooler_bound"] == budget["held_by_pooler"] >= 1
+    assert budget["formula"].splitlines()[1] == (
+        f"server side = {budget['held_by_pooler']} server connections held now (pool sizes "
+        f"unknown without the admin console) = {budget['pooler_bound']} <= usable 17: fits "
+        f"({budget['held_by_pooler']} open now)"
+    )
+    assert budget["formula"].splitlines()[2] == (
+        "client side = max_size 4 x processes 2 = 8: max_client_conn unknown, not checked"
+    )
+    assert code == EXIT_OK
+
+
+def test_pooler_option_that_is_not_pgbouncer_is_a_warning(small_server: PostgresServer) -> None:
+    code, report = doctor_json(small_server.url, pooler_dsn=small_server.url, cores=8)
+    assert code == EXIT_OK
+    assert report["pgbouncer"] is None
+    assert any(w.startswith("could not read PgBouncer's admin console") for w in report["warnings"])
+    assert small_server.password not in json.dumps(report)
