@@ -17,14 +17,7 @@ from psycopg.conninfo import make_conninfo
 
 from poolguard._doctor import EXIT_OK, EXIT_PROBLEM, local_cores, run_doctor
 from poolguard.testing import PgBouncerServer, PostgresServer, find_pgbouncer, start_pgbouncer
-
-
-def doctor_json(dsn: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
-    out = io.StringIO()
-    code = run_doctor(dsn, as_json=True, out=out, **kwargs)
-    report = json.loads(out.getvalue())
-    assert report["exit_code"] == code
-    return code, report
+from test_doctor import doctor_json
 
 
 def doctor_text(dsn: str, **kwargs: Any) -> str:
