@@ -462,7 +462,7 @@ def read_server_limits(
         settings = {str(name): int(value) for name, value in rows}
     except psycopg.Error as exc:
         # Some poolers or restricted roles refuse pg_settings; SHOW is the same data.
-        notes.append(f"pg_settings unreadable ({_reason(exc)}); used SHOW")
+        notes.append(f"pg_settings unreadable ({error_reason(exc)}); used SHOW")
         for name in ("max_connections", "superuser_reserved_connections"):
             try:
                 settings[name] = int(_query(conn, f"SHOW {name}")[0][0])
@@ -470,7 +470,7 @@ def read_server_limits(
                 if name == "max_connections":
                     raise BudgetUnavailable(
                         f"cannot read max_connections through this connection "
-                        f"({_reason(show_exc)}); run `poolguard doctor` against the "
+                        f"({error_reason(show_exc)}); run `poolguard doctor` against the "
                         "direct DSN to see the budget"
                     ) from show_exc
     if "max_connections" not in settings:
@@ -486,7 +486,7 @@ def read_server_limits(
         sessions = _query(conn, _SESSIONS_QUERY)
     except psycopg.Error as exc:
         sessions = []
-        notes.append(f"pg_stat_activity unreadable ({_reason(exc)}); assumed 0 in use")
+        notes.append(f"pg_stat_activity unreadable ({error_reason(exc)}); assumed 0 in use")
     groups = _group(
         sessions, own_names, set(pooler_pids), set(pooler_clients), set(skip_application_names)
     )
@@ -575,7 +575,7 @@ def check_budget_on_open(
             return None
         limits = read_server_limits(conn, exclude_application_name=application_name)
     except (BudgetUnavailable, psycopg.Error) as exc:
-        logger.info("pool %r: connection budget not checked: %s", pool_name, _reason(exc))
+        logger.info("pool %r: connection budget not checked: %s", pool_name, error_reason(exc))
         return None
     budget = compute_budget(limits, max_size=max_size, processes=processes)
     if budget.fits:
@@ -602,7 +602,7 @@ def _query(conn: psycopg.Connection[Any], query: str, params: Any = None) -> lis
         return cur.execute(query, params, prepare=False).fetchall()
 
 
-def _reason(exc: psycopg.Error) -> str:
+def error_reason(exc: psycopg.Error) -> str:
     """The first line of a server error, without connection details."""
     text = str(exc).strip().splitlines()
     sqlstate = getattr(exc, "sqlstate", None)

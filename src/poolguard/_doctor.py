@@ -24,8 +24,8 @@ from ._budget import (
     LOCAL_SOCKET,
     Budget,
     BudgetUnavailable,
-    _reason,
     compute_budget,
+    error_reason,
     read_server_limits,
     resolve_processes_source,
 )
@@ -199,8 +199,8 @@ def diagnose(
         try:
             probe = probe_pooler(conninfo)
         except psycopg.Error as exc:
-            probe = PoolerProbe(evidence=[f"the probe failed: {_reason(exc)}"])
-            warnings.append(f"could not probe for a pooler: {_reason(exc)}")
+            probe = PoolerProbe(evidence=[f"the probe failed: {error_reason(exc)}"])
+            warnings.append(f"could not probe for a pooler: {error_reason(exc)}")
         bouncer = _read_bouncer(probe, conninfo, pooler_dsn, report)
         pooler_clients: tuple[str, ...] = ()
         if probe.proxied and bouncer is None:
@@ -222,7 +222,7 @@ def diagnose(
             idle = idle_in_transaction(conn, idle_seconds)
         except psycopg.Error as exc:
             idle = []
-            warnings.append(f"could not list sessions idle in transaction: {_reason(exc)}")
+            warnings.append(f"could not list sessions idle in transaction: {error_reason(exc)}")
 
     report["pooler"] = asdict(probe)
     report["pgbouncer"] = bouncer.as_dict() if bouncer else None
@@ -254,7 +254,7 @@ def _read_bouncer(
         return read_pgbouncer(target)
     except psycopg.Error as exc:
         report["warnings"].append(
-            f"could not read PgBouncer's admin console ({_reason(exc)}): its pools and "
+            f"could not read PgBouncer's admin console ({error_reason(exc)}): its pools and "
             "max_client_conn are not checked (add this user to stats_users to let the doctor "
             "read SHOW POOLS and SHOW CONFIG)"
         )
