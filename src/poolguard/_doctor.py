@@ -367,7 +367,7 @@ def _judge(
                     f">= {budget.demand})",
                     _size_settings(n),
                 )
-        elif sizes and n < budget.max_size:
+        elif sum(sizes.values()) < budget.max_size:
             why = f"max_size {size_text} per process x {budget.processes} process(es)"
             why += f" fits the {budget.available} connections free for this app"
             if busy_bound is not None:

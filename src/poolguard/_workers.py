@@ -50,10 +50,13 @@ def detect_workers(
     current = os.getpid() if pid is None else pid
     for _ in range(_DEPTH):
         argv = _cmdline(current)
-        if argv:
+        if _program(argv) is not None:
+            # The server that runs us: its answer (or its silence, which leaves the count to
+            # WEB_CONCURRENCY) is final; a grandparent's command line says nothing about it.
             found = workers_from_argv(argv, environ, cwd=_cwd(current))
-            if found is not None:
-                return DetectedWorkers(found.count, f"{found.source} (pid {current})")
+            if found is None:
+                return None
+            return DetectedWorkers(found.count, f"{found.source} (pid {current})")
         parent = _parent(current)
         if parent is None or parent <= 1:
             return None
