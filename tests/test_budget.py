@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -155,8 +156,13 @@ def test_read_limits_from_postgres(postgres_server: PostgresServer) -> None:
         assert siblings_excluded.in_use - before.in_use == 1
 
 
-def test_read_limits_counts_sessions_a_plain_role_cannot_see_into(pg_dsn: str) -> None:
+def test_read_limits_counts_sessions_a_plain_role_cannot_see_into(
+    postgres_factory: Callable[..., PostgresServer],
+) -> None:
     """Without pg_read_all_stats, other users' sessions hide their backend_type: still counted."""
+    # A server of its own: on the shared one, other tests' pools open and close connections
+    # in the background between the two readings.
+    pg_dsn = postgres_factory().dsn
     role = f"plain_{secrets.token_hex(4)}"
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(sql.Identifier(role)))
