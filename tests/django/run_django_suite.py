@@ -68,7 +68,7 @@ def django_tests(cache: Path) -> Path:
     return next(root.glob("*/tests"))
 
 
-def databases(server: PostgresServer, engine: str, mode: str) -> dict[str, Any]:
+def databases(server: PostgresServer, engine: str, mode: str, max_size: int) -> dict[str, Any]:
     def entry(name: str) -> dict[str, Any]:
         db: dict[str, object] = {
             "ENGINE": ENGINES[engine],
@@ -78,29 +78,35 @@ def databases(server: PostgresServer, engine: str, mode: str) -> dict[str, Any]:
             "HOST": server.host,
             "PORT": server.port,
         }
+        if engine == "poolguard":
+            # The documented way: poolguard's settings under OPTIONS, never the environment.
+            db["OPTIONS"] = {"poolguard": {"mode": mode, "max_size": max_size}}
         return db
 
     return {"default": entry(f"{engine}_default"), "other": entry(f"{engine}_other")}
 
 
 def run(
-    tests: Path, server: PostgresServer, engine: str, mode: str, max_size: int, labels: list[str]
+    tests: Path,
+    server: PostgresServer,
+    engine: str,
+    mode: str,
+    max_size: int,
+    labels: list[str],
+    parallel: int = 1,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="poolguard-suite-") as tmp:
         Path(tmp, "poolguard_suite_settings.py").write_text(SETTINGS)
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([tmp, os.environ.get("PYTHONPATH", "")]),
-            "POOLGUARD_SUITE_DATABASES": json.dumps(databases(server, engine, mode)),
+            "POOLGUARD_SUITE_DATABASES": json.dumps(databases(server, engine, mode, max_size)),
             "PYTHONWARNINGS": "ignore",
-            # poolguard's settings from the environment: DATABASES stays exactly the stock one.
-            "POOLGUARD_MODE": mode,
-            "POOLGUARD_MAX_SIZE": str(max_size),
         }
         started = time.monotonic()
         proc = subprocess.run(
             [sys.executable, "runtests.py", "--settings=poolguard_suite_settings",
-             "--parallel=1", "--noinput", "-v", "1", *labels],
+             f"--parallel={parallel}", "--noinput", "-v", "1", *labels],
             cwd=tests, env=env, capture_output=True, text=True,
         )  # fmt: skip
         seconds = time.monotonic() - started
@@ -131,6 +137,7 @@ def main() -> int:
     parser.add_argument(
         "--max-size", type=int, default=10, help="poolguard max_size (some tests hold 5 at once)"
     )
+    parser.add_argument("--parallel", type=int, default=1, help="Django's --parallel")
     parser.add_argument("--log-dir", type=Path, help="write each run's full output here")
     parser.add_argument("labels", nargs="*", default=DEFAULT_MODULES)
     args = parser.parse_args()
@@ -139,7 +146,8 @@ def main() -> int:
     server = start_postgres(max_connections=100)
     try:
         results = [
-            run(tests, server, e, args.mode, args.max_size, args.labels) for e in args.engines
+            run(tests, server, e, args.mode, args.max_size, args.labels, args.parallel)
+            for e in args.engines
         ]
     finally:
         server.stop()

@@ -102,17 +102,47 @@ def test_cursor_classes_are_djangos_observed() -> None:
     assert custom.execute is not MyCursor.execute
 
 
-def test_transaction_mode_forces_client_side_cursors() -> None:
+def test_server_side_cursors_follow_the_mode_and_settings_stay_as_written(
+    postgres_server: PostgresServer,
+) -> None:
+    """Transaction mode reads through a client-side cursor outside atomic() and never writes
+    DISABLE_SERVER_SIDE_CURSORS into the entry: the same alias back in session mode (and in
+    atomic(), where the cursor dies with the transaction) gets server-side cursors again."""
+    from djhelpers import db_entry
+
     from poolguard.django.base import DatabaseWrapper
 
-    settings = entry()
-    settings["DISABLE_SERVER_SIDE_CURSORS"] = False
-    wrapper = DatabaseWrapper(settings, "cfg")
-    assert wrapper._pg_resolved().settings.mode == "transaction"  # poolguard's default
-    assert settings["DISABLE_SERVER_SIDE_CURSORS"] is True
-    session = {**entry(poolguard={"mode": "session"}), "DISABLE_SERVER_SIDE_CURSORS": False}
-    DatabaseWrapper(session, "cfg2")._pg_resolved()
-    assert session["DISABLE_SERVER_SIDE_CURSORS"] is False
+    settings = {**entry(), **db_entry(postgres_server, postgres_server.dbname, max_size=1)}
+    settings["OPTIONS"]["poolguard"]["mode"] = "transaction"
+    written = repr(settings)
+
+    def declared(mode: str, atomic: bool) -> list[str]:
+        settings["OPTIONS"]["poolguard"]["mode"] = mode
+        wrapper = DatabaseWrapper(settings, "modes")
+        try:
+            if atomic:
+                wrapper.set_autocommit(False)
+                wrapper.in_atomic_block = True
+            with wrapper.chunked_cursor() as cursor:
+                cursor.execute("SELECT 1")
+                rows = wrapper.connection.execute("SELECT name FROM pg_cursors").fetchall()
+                assert cursor.fetchall() == [(1,)]
+            if atomic:
+                wrapper.in_atomic_block = False
+                wrapper.rollback()
+                wrapper.set_autocommit(True)
+            return [name for (name,) in rows]
+        finally:
+            wrapper.close()
+            wrapper.close_pool()
+
+    assert declared("transaction", atomic=False) == []
+    assert len(declared("transaction", atomic=True)) == 1
+    assert len(declared("session", atomic=False)) == 1
+    assert declared("transaction", atomic=False) == []
+    settings["OPTIONS"]["poolguard"]["mode"] = "transaction"
+    assert repr(settings) == written
+    assert "DISABLE_SERVER_SIDE_CURSORS" not in settings
 
 
 # --- the ORM through the pool --------------------------------------------------------------

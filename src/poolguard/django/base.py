@@ -84,10 +84,6 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             if len(_resolved) > 256:  # bounded: tests build many short-lived variants
                 _resolved.clear()
             _resolved[key] = found
-        if found.settings.mode == "transaction":
-            # A server-side cursor lives in the session; the pooler may give the next FETCH
-            # another one.  QuerySet.iterator() reads this key before it connects.
-            sd["DISABLE_SERVER_SIDE_CURSORS"] = True
         return found
 
     @property
@@ -266,8 +262,17 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
 
     @async_unsafe  # type: ignore[untyped-decorator]
     def chunked_cursor(self) -> Any:
-        if self.alias != NO_DB_ALIAS and self._pg_resolved().settings.mode == "transaction":
-            return self.cursor()  # no server-side cursor behind a transaction pooler
+        # Derived from the mode on every call, never written into settings_dict (which Django
+        # shares between every wrapper of the alias and keeps when the mode changes back).
+        # Behind a transaction pooler a server-side cursor may only live inside one
+        # transaction: outside atomic() Django declares it WITH HOLD, and the next FETCH may
+        # reach another server session.  A client-side cursor reads the same rows.
+        if (
+            self.alias != NO_DB_ALIAS
+            and not self.in_atomic_block
+            and self._pg_resolved().settings.mode == "transaction"
+        ):
+            return self.cursor()
         return super().chunked_cursor()
 
 
