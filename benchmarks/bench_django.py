@@ -112,18 +112,18 @@ def worker(database: dict[str, Any], threads: int, seconds: float) -> dict[str, 
 def observe_cost(n: int = 3000) -> dict[str, float]:
     """Microseconds per execute("SELECT 1"): poolguard's observed cursor vs Django's own."""
     from django.db import connection
-    from django.db.backends.postgresql.base import Cursor as DjangoCursor
+    from django.db.backends.utils import CursorWrapper
 
     connection.ensure_connection()
     raw = connection.connection
     timings = {}
-    for name, cls in (
-        ("django_cursor_us", DjangoCursor),
-        ("observed_cursor_us", raw.cursor_factory),
+    for name, wrap in (
+        ("django_cursor_us", lambda: CursorWrapper(raw.cursor(), connection)),
+        ("observed_cursor_us", lambda: connection.make_cursor(raw.cursor())),
     ):
         best = float("inf")
         for _ in range(3):
-            cursor = cls(raw)
+            cursor = wrap()
             started = time.perf_counter()
             for _ in range(n):
                 cursor.execute("SELECT 1")

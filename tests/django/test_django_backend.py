@@ -54,17 +54,23 @@ def resolved(settings: dict[str, Any], alias: str = "cfg") -> Any:
         ({"poolguard": {"mode": "statement"}}, ["mode"]),
         ({"poolguard": 4}, ["['OPTIONS']['poolguard'] must be a dict"]),
         ({"poolguard": {"name": "x"}}, ["['poolguard']['name']", "django:cfg"]),
-        ({"pool": True, "poolguard": {"max_size": 2}}, ["both 'pool'", "'poolguard'"]),
+        (
+            {"pool": {"max_size": 3}, "poolguard": {"max_size": 2}},
+            ["['pool']['max_size'] = 3", "['poolguard']['max_size'] = 2"],
+        ),
         ({"pool": {"max_size": 2, "num_workers": 3}}, ["['pool']['num_workers']"]),
         ({"assume_role": "owner"}, ["['assume_role']", "mode'] = 'session'"]),
         ({"sslmod": "require"}, ["DATABASES['cfg']['OPTIONS']", "sslmod"]),
+        ({"pool": True, "max_age": 10}, ["['pool']", "doesn't support persistent connections"]),
     ],
 )
 def test_bad_options_name_the_key(options: dict[str, Any], names: list[str]) -> None:
     from django.core.exceptions import ImproperlyConfigured
 
+    settings = entry(**options)
+    settings["CONN_MAX_AGE"] = settings["OPTIONS"].pop("max_age", 0)
     with pytest.raises(ImproperlyConfigured) as info:
-        resolved(entry(**options))
+        resolved(settings)
     message = str(info.value)
     for name in names:
         assert name in message
@@ -78,6 +84,8 @@ def test_options_and_django_settings_mapped() -> None:
     assert "s3cret-pw" not in repr(r.settings)
     # Django's own pool sizes carry over, so switching ENGINE is the whole change.
     assert resolved(entry(pool={"min_size": 0, "max_size": 2})).settings.max_size == 2
+    both = entry(pool={"max_size": 2}, poolguard={"mode": "session", "max_size": 2})
+    assert (resolved(both).settings.max_size, resolved(both).settings.mode) == (2, "session")
     aged = {**entry(), "CONN_MAX_AGE": 45, "CONN_HEALTH_CHECKS": True}
     assert (resolved(aged).settings.max_lifetime, resolved(aged).settings.health_check) == (
         45,
@@ -87,19 +95,40 @@ def test_options_and_django_settings_mapped() -> None:
     assert resolved(explicit).settings.max_lifetime == 600
 
 
-def test_cursor_classes_are_djangos_observed() -> None:
+def test_cursor_classes_are_djangos_and_statements_observed(
+    postgres_server: PostgresServer,
+) -> None:
+    """cursor_factory is exactly what Django would use (identity checks hold); every statement
+    through Django's cursor wrapper still reaches the connection's bookkeeping."""
     from django.db.backends.postgresql import base as pg
+    from djhelpers import db_entry
+
+    from poolguard.django.base import DatabaseWrapper
 
     class MyCursor(pg.Cursor):  # type: ignore[misc]
         pass
 
-    assert issubclass(resolved(entry()).cursor_class, pg.Cursor)
-    assert issubclass(
-        resolved(entry(server_side_binding=True)).cursor_class, pg.ServerBindingCursor
-    )
-    custom = resolved(entry(cursor_factory=MyCursor)).cursor_class
-    assert issubclass(custom, MyCursor)
-    assert custom.execute is not MyCursor.execute
+    assert resolved(entry()).cursor_class is pg.Cursor
+    assert resolved(entry(server_side_binding=True)).cursor_class is pg.ServerBindingCursor
+    assert resolved(entry(cursor_factory=MyCursor)).cursor_class is MyCursor
+
+    settings = {**entry(), **db_entry(postgres_server, postgres_server.dbname, mode="session")}
+    settings["OPTIONS"]["cursor_factory"] = MyCursor
+    wrapper = DatabaseWrapper(settings, "cursors")
+    try:
+        for debug in (False, True):
+            wrapper.force_debug_cursor = debug
+            with wrapper.cursor() as cursor:
+                assert wrapper.connection.cursor_factory is MyCursor
+                cursor.execute("SELECT %s", [f"debug={debug}"])
+                assert wrapper.connection._pg_last_sql == "SELECT %s"
+                cursor.executemany("SELECT %s", [[1], [2]])
+                assert wrapper.connection._pg_last_sql == "SELECT %s"
+                cursor.execute("SELECT 2")
+                assert wrapper.connection._pg_last_sql == "SELECT 2"
+    finally:
+        wrapper.close()
+        wrapper.close_pool()
 
 
 def test_server_side_cursors_follow_the_mode_and_settings_stay_as_written(

@@ -1,42 +1,45 @@
-"""Django's cursor classes, each telling its poolguard connection what it runs.
+"""Django's cursor wrappers, each telling its poolguard connection what it runs.
 
 ``_pg_observe`` keeps the last statement (leak reports show it) and feeds the session-state
-guard; it costs one Python call per execute (benchmarks/bench_django.py measures it).
+guard.  It sits in Django's CursorWrapper, the one layer every ORM and ``connection.cursor()``
+statement passes, rather than in the psycopg cursor class: the connection's ``cursor_factory``
+then stays exactly Django's (or ``OPTIONS["cursor_factory"]``), so code that checks it sees
+what it configured.  It costs one Python call per execute (benchmarks/bench_django.py).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
+from django.db.backends import utils  # type: ignore[import-untyped]
 from django.db.backends.postgresql import base as pg  # type: ignore[import-untyped]
 
 
-class _Observed:
+class _Observing:
     """Tells the poolguard connection each statement (last statement, session-state guard)."""
 
-    _conn: Any
+    cursor: Any
 
-    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        self._conn._pg_observe(query)
-        return super().execute(query, params, **kwargs)  # type: ignore[misc]
+    def execute(self, sql: Any, params: Any = None) -> Any:
+        self.cursor.connection._pg_observe(sql)
+        return super().execute(sql, params)  # type: ignore[misc]
 
-    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
-        self._conn._pg_observe(query)
-        return super().executemany(query, params_seq, **kwargs)  # type: ignore[misc]
-
-
-class Cursor(_Observed, pg.Cursor):  # type: ignore[misc]
-    """Django's default cursor (client-side binding), observed."""
+    def executemany(self, sql: Any, param_list: Any) -> Any:
+        self.cursor.connection._pg_observe(sql)
+        return super().executemany(sql, param_list)  # type: ignore[misc]
 
 
-class ServerBindingCursor(_Observed, pg.ServerBindingCursor):  # type: ignore[misc]
-    """Django's ``server_side_binding`` cursor, observed."""
+class CursorWrapper(_Observing, utils.CursorWrapper):  # type: ignore[misc]
+    """Django's cursor wrapper, observed."""
 
 
-@functools.cache
-def observed(cursor_class: type) -> type:
-    """``cursor_class`` (an ``OPTIONS["cursor_factory"]``) with statements observed."""
-    if issubclass(cursor_class, _Observed):
-        return cursor_class
-    return type(cursor_class.__name__, (_Observed, cursor_class), {"__module__": __name__})
+class CursorDebugWrapper(_Observing, pg.CursorDebugWrapper):  # type: ignore[misc]
+    """Django's PostgreSQL cursor wrapper that logs queries (DEBUG, assertNumQueries), observed."""
+
+
+def cursor_class(options: Any) -> type:
+    """The psycopg cursor class Django itself would use for these ``OPTIONS``."""
+    if options.get("cursor_factory") is not None:
+        chosen: type = options["cursor_factory"]
+        return chosen
+    return pg.ServerBindingCursor if options.get("server_side_binding") is True else pg.Cursor

@@ -20,7 +20,7 @@ from psycopg.conninfo import make_conninfo
 
 from .._errors import ConfigurationError
 from .._settings import Settings, build_settings
-from ._cursors import Cursor, ServerBindingCursor, observed
+from ._cursors import cursor_class
 
 #: Keys of Django's ``OPTIONS["pool"]`` (psycopg_pool arguments) that mean the same in poolguard.
 POOL_KEYS = frozenset(
@@ -41,7 +41,7 @@ class Resolved:
     settings: Settings
     #: The keyword arguments that give ``settings`` to poolguard.configure().
     options: Mapping[str, Any]
-    #: The connections' cursor_factory: Django's (or OPTIONS["cursor_factory"]), observed.
+    #: The connections' cursor_factory: Django's (or OPTIONS["cursor_factory"]).
     cursor_class: type
     assume_role: str | None
 
@@ -66,12 +66,12 @@ def resolve(alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, A
             f"{where}['poolguard']['name'] cannot be set: the backend names the pool "
             f"{pool_name(alias)!r} after the alias"
         )
-    _translate_django_pool(where, options.get("pool"), ours)
+    max_age = settings_dict.get("CONN_MAX_AGE", 0)
+    _translate_django_pool(where, options.get("pool"), max_age, ours)
     for key in (*_SHARED_KEYS, "prepare_threshold"):
         if key in options:
             value = options[key]
             ours.setdefault(key, _number(value) if key == "connect_timeout" else value)
-    max_age = settings_dict.get("CONN_MAX_AGE", 0)
     if max_age and "max_lifetime" not in ours:
         ours["max_lifetime"] = max_age
     if settings_dict.get("CONN_HEALTH_CHECKS") and "health_check" not in ours:
@@ -94,18 +94,22 @@ def resolve(alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, A
     return Resolved(
         settings=settings,
         options=ours,
-        cursor_class=_cursor_class(options),
+        cursor_class=cursor_class(options),
         assume_role=role,
     )
 
 
-def _translate_django_pool(where: str, pool: Any, ours: dict[str, Any]) -> None:
-    """Honour Django's ``OPTIONS["pool"]`` sizes, so switching ENGINE is the whole change."""
+def _translate_django_pool(where: str, pool: Any, max_age: Any, ours: dict[str, Any]) -> None:
+    """Honour Django's ``OPTIONS["pool"]`` the way Django does, so switching ENGINE is the
+    whole change: its sizes become poolguard's, and what Django refuses is refused."""
     if not pool:
         return
-    if ours:
+    if max_age != 0:
+        # Django's own message: a pooled connection goes back at the end of each request.
         raise ImproperlyConfigured(
-            f"{where} has both 'pool' (Django's pool) and 'poolguard': keep only 'poolguard'"
+            f"{where}['pool']: Pooling doesn't support persistent connections. Set CONN_MAX_AGE "
+            f"to 0, or drop 'pool' (poolguard pools anyway) and keep CONN_MAX_AGE as "
+            "max_lifetime"
         )
     if pool is True:
         return
@@ -117,13 +121,12 @@ def _translate_django_pool(where: str, pool: Any, ours: dict[str, Any]) -> None:
                 f"{where}['pool'][{key!r}] has no poolguard equivalent (supported: "
                 f"{', '.join(sorted(POOL_KEYS))}; other settings go in {where}['poolguard'])"
             )
+        if key in ours and ours[key] != value:
+            raise ImproperlyConfigured(
+                f"{where} sets {key!r} twice, as ['pool'][{key!r}] = {value!r} and "
+                f"['poolguard'][{key!r}] = {ours[key]!r}: keep one"
+            )
         ours[key] = value
-
-
-def _cursor_class(options: Mapping[str, Any]) -> type:
-    if options.get("cursor_factory") is not None:
-        return observed(options["cursor_factory"])
-    return ServerBindingCursor if options.get("server_side_binding") is True else Cursor
 
 
 def _number(value: Any) -> Any:

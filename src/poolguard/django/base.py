@@ -34,6 +34,7 @@ from .._connection import GuardedConnection
 from .._errors import ConfigurationError
 from .._pool import GuardedPool
 from ._asgi import awaiting_site, needs_site
+from ._cursors import CursorDebugWrapper, CursorWrapper
 from ._options import Resolved, resolve
 
 if django.VERSION < (5, 2):
@@ -259,6 +260,12 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
         # CONN_HEALTH_CHECKS), and a connection is never held across requests.
         if self._pg_source is None:
             super().close_if_health_check_failed()
+
+    def make_cursor(self, cursor: Any) -> Any:
+        return CursorWrapper(cursor, self)
+
+    def make_debug_cursor(self, cursor: Any) -> Any:
+        return CursorDebugWrapper(cursor, self)
 
     @async_unsafe  # type: ignore[untyped-decorator]
     def chunked_cursor(self) -> Any:
