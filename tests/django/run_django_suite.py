@@ -80,7 +80,9 @@ def databases(server: PostgresServer, engine: str, mode: str, max_size: int) -> 
         }
         if engine == "poolguard":
             # The documented way: poolguard's settings under OPTIONS, never the environment.
-            db["OPTIONS"] = {"poolguard": {"mode": mode, "max_size": max_size}}
+            # The documented way to set the mode.  max_size comes from the environment: Django's
+            # own pool tests add OPTIONS["pool"] sizes, which must win over it.
+            db["OPTIONS"] = {"poolguard": {"mode": mode}}
         return db
 
     return {"default": entry(f"{engine}_default"), "other": entry(f"{engine}_other")}
@@ -102,6 +104,7 @@ def run(
             "PYTHONPATH": os.pathsep.join([tmp, os.environ.get("PYTHONPATH", "")]),
             "POOLGUARD_SUITE_DATABASES": json.dumps(databases(server, engine, mode, max_size)),
             "PYTHONWARNINGS": "ignore",
+            "POOLGUARD_MAX_SIZE": str(max_size),
         }
         started = time.monotonic()
         proc = subprocess.run(

@@ -206,19 +206,32 @@ def test_orm_atomic_select_for_update_and_return_to_pool() -> None:
     assert stats["poolguard.connection.rollbacks_on_return"] == 0
 
 
-def test_request_boundary_returns_connection_whatever_conn_max_age() -> None:
+def test_request_boundary_keeps_a_persistent_connection_only_while_nobody_needs_it() -> None:
     from django.core.signals import request_finished, request_started
     from django.db import connections
     from djapp.models import Item
 
-    for alias, kept in (("aged", False), ("stock", True), ("default", False)):
+    for alias, kept in (("aged", True), ("stock", True), ("default", False)):
         wrapper = connections[alias]
         request_started.send(sender=None)
         Item.objects.using(alias).count()
         request_finished.send(sender=None)
         assert (wrapper.connection is not None) is kept, alias
     connections["stock"].close()
-    assert connections["aged"].pool.settings.max_lifetime == 60  # CONN_MAX_AGE's new meaning
+    aged = connections["aged"]
+    assert aged.pool.settings.max_lifetime == 60  # CONN_MAX_AGE is also the pool's max_lifetime
+    kept_conn = aged.connection
+    request_started.send(sender=None)
+    Item.objects.using("aged").count()
+    assert aged.connection is kept_conn  # the same session across the boundary
+    pool = aged.pool
+    others = [pool.getconn() for _ in range(pool.settings.max_size - 1)]
+    try:
+        request_finished.send(sender=None)  # the pool is full now: giving it back helps
+        assert aged.connection is None
+    finally:
+        for conn in others:
+            pool.putconn(conn)
 
 
 def hold_line() -> int:

@@ -24,6 +24,17 @@ _HANDLER = SyncToAsync.thread_handler.__code__
 _POOL_FILES = ("concurrent/futures/thread.py", "threading.py")
 
 
+def in_asgi_request() -> bool:
+    """Whether this thread runs sync code for an event loop (an ASGI request's ORM calls)."""
+    if getattr(SyncToAsync.threadlocal, "main_event_loop", None) is not None:
+        return True
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def needs_site(code: CodeType | None) -> bool:
     return code is None or code.co_filename.endswith(_POOL_FILES)
 

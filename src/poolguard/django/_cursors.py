@@ -42,4 +42,7 @@ def cursor_class(options: Any) -> type:
     if options.get("cursor_factory") is not None:
         chosen: type = options["cursor_factory"]
         return chosen
-    return pg.ServerBindingCursor if options.get("server_side_binding") is True else pg.Cursor
+    django_class: type = (
+        pg.ServerBindingCursor if options.get("server_side_binding") is True else pg.Cursor
+    )
+    return django_class

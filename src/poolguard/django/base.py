@@ -33,7 +33,7 @@ from .. import _state
 from .._connection import GuardedConnection
 from .._errors import ConfigurationError
 from .._pool import GuardedPool
-from ._asgi import awaiting_site, needs_site
+from ._asgi import awaiting_site, in_asgi_request, needs_site
 from ._cursors import CursorDebugWrapper, CursorWrapper
 from ._options import Resolved, resolve
 
@@ -248,18 +248,42 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             pool.putconn(conn)
 
     def close_if_unusable_or_obsolete(self) -> None:
-        # Called at the start and end of every request: a pooled connection goes back to the
-        # pool then, whatever CONN_MAX_AGE says (CONN_MAX_AGE is the pool's max_lifetime).
-        if self._pg_source is not None:
+        # Called at the start and end of every request.  A pooled connection goes back to the
+        # pool then, unless persistent connections are asked for (CONN_MAX_AGE != 0) and giving
+        # it back would help nobody right now (_pg_keep_across_requests); Django's own checks
+        # (autocommit restored, errors, CONN_MAX_AGE reached) then decide, as for its backend.
+        if self._pg_source is not None and not self._pg_keep_across_requests():
             self.close()
         else:
             super().close_if_unusable_or_obsolete()
 
+    def _pg_keep_across_requests(self) -> bool:
+        """Keep the connection for this thread's next request: nothing else waits for it."""
+        pool = self._pg_source
+        if (
+            pool is None
+            or self.settings_dict["CONN_MAX_AGE"] == 0
+            or self.in_atomic_block
+            or self.connection.info.transaction_status != _IDLE
+            # Under ASGI this wrapper serves one request and is then dropped, connection and all.
+            or in_asgi_request()
+        ):
+            return False
+        stats = pool.stats()
+        idle = stats["db.client.connection.count"]["idle"]
+        used = stats["db.client.connection.count"]["used"]
+        room = idle > 0 or used < stats["db.client.connection.max"]
+        return room and stats["db.client.connection.pending_requests"] == 0
+
     def close_if_health_check_failed(self) -> None:
-        # The pool checks a connection when it hands it out (health_check, from
-        # CONN_HEALTH_CHECKS), and a connection is never held across requests.
-        if self._pg_source is None:
-            super().close_if_health_check_failed()
+        # Django's check, once per request, for a connection kept across requests; one fresh
+        # from the pool was checked by the pool (health_check, from CONN_HEALTH_CHECKS).
+        if self.connection is None or not self.health_check_enabled or self.health_check_done:
+            return
+        if not self.is_usable():
+            self.connection.close()  # never back on the shelf: the pool drops a closed one
+            self.close()
+        self.health_check_done = True
 
     def make_cursor(self, cursor: Any) -> Any:
         return CursorWrapper(cursor, self)
