@@ -62,6 +62,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
     """Django's PostgreSQL DatabaseWrapper whose connections come from poolguard's pool."""
 
     connection: Any  # the psycopg connection in use, None between checkouts
+    health_check_done: bool  # Django's: the once-per-request health check has run
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
         super().__init__(settings_dict, alias)
@@ -272,7 +273,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
         stats = pool.stats()
         idle = stats["db.client.connection.count"]["idle"]
         used = stats["db.client.connection.count"]["used"]
-        room = idle > 0 or used < stats["db.client.connection.max"]
+        room: bool = idle > 0 or used < stats["db.client.connection.max"]
         return room and stats["db.client.connection.pending_requests"] == 0
 
     def close_if_health_check_failed(self) -> None:
