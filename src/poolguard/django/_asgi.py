@@ -26,7 +26,9 @@ _POOL_FILES = ("concurrent/futures/thread.py", "threading.py")
 
 def in_asgi_request() -> bool:
     """Whether this thread runs sync code for an event loop (an ASGI request's ORM calls)."""
-    if getattr(SyncToAsync.threadlocal, "main_event_loop", None) is not None:
+    # asgiref leaves the loop in the thread-local after the call: only a running one counts.
+    loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+    if loop is not None and loop.is_running():
         return True
     try:
         asyncio.get_running_loop()

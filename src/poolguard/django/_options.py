@@ -21,6 +21,7 @@ from psycopg.conninfo import make_conninfo
 from .._errors import ConfigurationError
 from .._settings import Settings, build_settings
 from ._cursors import cursor_class
+from ._process import Kind, defaults_for
 
 #: Keys of Django's ``OPTIONS["pool"]`` (psycopg_pool arguments) that mean the same in poolguard.
 POOL_KEYS = frozenset(
@@ -51,8 +52,11 @@ def pool_name(alias: str) -> str:
     return f"django:{alias}"
 
 
-def resolve(alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, Any]) -> Resolved:
-    """Understand ``settings_dict`` (``params``: Django's get_connection_params() for it)."""
+def resolve(
+    alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, Any], kind: Kind
+) -> Resolved:
+    """Understand ``settings_dict`` (``params``: Django's get_connection_params() for it) in a
+    process of ``kind`` (_process.process_kind())."""
     where = f"DATABASES[{alias!r}]['OPTIONS']"
     options = dict(settings_dict.get("OPTIONS") or {})
     ours = options.get("poolguard", {})
@@ -76,6 +80,7 @@ def resolve(alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, A
         ours["max_lifetime"] = max_age
     if settings_dict.get("CONN_HEALTH_CHECKS") and "health_check" not in ours:
         ours["health_check"] = True
+    defaults_for(kind, ours)
 
     dropped = _PYTHON_PARAMS | _DJANGO_KEYS | set(_SHARED_KEYS)
     libpq = {k: v for k, v in params.items() if k not in dropped and v is not None}

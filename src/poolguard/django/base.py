@@ -28,6 +28,7 @@ from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-u
     get_adapters_template,
 )
 from django.utils.asyncio import async_unsafe  # type: ignore[import-untyped]
+from django.utils.functional import cached_property  # type: ignore[import-untyped]
 
 from .. import _state
 from .._connection import GuardedConnection
@@ -35,7 +36,9 @@ from .._errors import ConfigurationError
 from .._pool import GuardedPool
 from ._asgi import awaiting_site, in_asgi_request, needs_site
 from ._cursors import CursorDebugWrapper, CursorWrapper
+from ._errors import ErrorWrapper
 from ._options import Resolved, resolve
+from ._process import process_kind
 
 if django.VERSION < (5, 2):
     raise ImproperlyConfigured(
@@ -76,13 +79,15 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
 
     def _pg_resolved(self) -> Resolved:
         sd = self.settings_dict
+        kind = process_kind()
         key = (
             self.alias, sd["NAME"], sd["USER"], sd["PASSWORD"], sd["HOST"], sd["PORT"],
             repr(sd["OPTIONS"]), sd["CONN_MAX_AGE"], sd["CONN_HEALTH_CHECKS"], sd["AUTOCOMMIT"],
+            kind,
         )  # fmt: skip
         found = _resolved.get(key)
         if found is None:
-            found = resolve(self.alias, sd, self.get_connection_params())
+            found = resolve(self.alias, sd, self.get_connection_params(), kind)
             if len(_resolved) > 256:  # bounded: tests build many short-lived variants
                 _resolved.clear()
             _resolved[key] = found
@@ -285,6 +290,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             self.connection.close()  # never back on the shelf: the pool drops a closed one
             self.close()
         self.health_check_done = True
+
+    @cached_property  # type: ignore[untyped-decorator]
+    def wrap_database_errors(self) -> ErrorWrapper:
+        return ErrorWrapper(self)
 
     def make_cursor(self, cursor: Any) -> Any:
         return CursorWrapper(cursor, self)
