@@ -6,6 +6,7 @@ DJANGO_SETTINGS_MODULE, so pytest-django stays inert for the rest of the suite. 
 - ``default``: poolguard.django, session mode, direct to PostgreSQL;
 - ``aged``: the same with ``CONN_MAX_AGE = 60``;
 - ``leaky``: the same with a 0.3 s leak threshold;
+- ``impatient``: the same with the server ending transactions idle for 1 s;
 - ``stock``: Django's own backend with ``CONN_MAX_AGE = 60``, for comparisons;
 - ``bouncer``: poolguard.django in transaction mode through PgBouncer, with a direct DSN
   (only when PgBouncer is installed).
@@ -59,6 +60,9 @@ def django_databases(
         "aged": {**db_entry(postgres_server, DB_NAME, mode="session"), "CONN_MAX_AGE": 60},
         "leaky": db_entry(
             postgres_server, DB_NAME, mode="session", leak_threshold=0.3, watchdog_interval=0.05
+        ),
+        "impatient": db_entry(
+            postgres_server, DB_NAME, mode="session", idle_in_transaction_session_timeout=1
         ),
         "stock": {
             **db_entry(postgres_server, DB_NAME, "django.db.backends.postgresql"),

@@ -442,3 +442,62 @@ def test_migrate_runs_on_the_direct_dsn(bouncer: str, postgres_server: PostgresS
     with wrapper.cursor():
         assert wrapper.connection.info.port != postgres_server.port
     wrapper.close()
+
+
+# --- the server's idle-in-transaction timeout ---------------------------------------------
+
+
+def test_idle_timeout_error_in_a_request_names_the_setting() -> None:
+    """The server ends a transaction idle past the timeout poolguard set; the error says so."""
+    from django.db import InternalError, connections
+    from django.test import Client
+
+    client = Client()
+    assert client.get("/pause/?db=impatient&seconds=0.1").json() == {"count": 0}
+    with pytest.raises(InternalError) as info:
+        client.get("/pause/?db=impatient&seconds=2")
+    message = str(info.value)
+    assert "terminating connection due to idle-in-transaction timeout" in message
+    assert "poolguard set idle_in_transaction_session_timeout=1 s" in message
+    assert "DATABASES['impatient']['OPTIONS']['poolguard']" in message
+    assert isinstance(info.value.__cause__, psycopg.errors.IdleInTransactionSessionTimeout)
+    # The dead session never goes back on the shelf: the next request gets a working one.
+    assert client.get("/pause/?db=impatient&seconds=0").json() == {"count": 0}
+    connections["impatient"].close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "kind"),
+    [
+        (["manage.py", "migrate"], "command"),
+        (["/srv/app/manage.py", "shell"], "command"),
+        (["/venv/bin/django-admin", "process_queue"], "command"),
+        (["/usr/lib/python3/site-packages/django/__main__.py", "dbshell"], "command"),
+        (["manage.py", "runserver", "0:8000"], "serving"),
+        (["manage.py"], "serving"),
+        (["/venv/bin/gunicorn", "app.wsgi"], "serving"),
+        (["/venv/bin/uvicorn", "migrate"], "serving"),
+    ],
+)
+def test_process_kind_from_the_command_line(argv: list[str], kind: str) -> None:
+    from poolguard.django._process import process_kind
+
+    assert process_kind(argv) == kind
+
+
+def test_process_kind_in_djangos_test_environment() -> None:
+    from django.test.utils import setup_test_environment, teardown_test_environment
+
+    from poolguard.django._process import process_kind
+
+    assert process_kind(["/venv/bin/gunicorn", "app.wsgi"]) == "serving"
+    setup_test_environment()
+    try:
+        assert process_kind(["/venv/bin/gunicorn", "app.wsgi"]) == "tests"
+        settings = resolved(entry(poolguard={"leak_threshold": 5})).settings
+        assert settings.leak_threshold == 0
+        assert settings.idle_in_transaction_threshold == 0
+        assert settings.idle_in_transaction_session_timeout == 0
+    finally:
+        teardown_test_environment()
+    assert process_kind(["/venv/bin/gunicorn", "app.wsgi"]) == "serving"

@@ -99,3 +99,60 @@ def test_example_project(postgres_server: PostgresServer) -> None:
         assert "pool 'django:default'" in output
     finally:
         postgres_server.drop_database("example_shop")
+
+
+SLOW_MIGRATION = """\
+import time
+
+from django.db import migrations
+
+
+def pause(apps, schema_editor):
+    schema_editor.execute("SELECT 1")  # the migration's transaction is open from here
+    time.sleep(2.5)  # a data step waiting on something else, longer than the timeout
+    schema_editor.execute("SELECT 2")
+
+
+class Migration(migrations.Migration):
+    initial = True
+    dependencies = []
+    operations = [migrations.RunPython(pause, migrations.RunPython.noop)]
+"""
+
+
+def test_migrate_outlasts_the_server_idle_timeout(
+    run_django: Run, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """idle_in_transaction_session_timeout (1 s here) protects request serving, not migrate:
+    a migration idle in its transaction for 2.5 s completes.  The same entry in a request
+    handler gets the server's error (test_django_backend)."""
+    import os
+
+    app = tmp_path / "slowmig"
+    (app / "migrations").mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    (app / "migrations" / "__init__.py").write_text("")
+    (app / "migrations" / "0001_pause.py").write_text(SLOW_MIGRATION)
+    (tmp_path / "slowmig_settings.py").write_text(
+        "from djapp.settings import *  # noqa: F403\n"
+        "INSTALLED_APPS = [*INSTALLED_APPS, 'slowmig']  # noqa: F405\n"
+    )
+    postgres_server.create_database("djslowmig")
+    dbs = {
+        "default": db_entry(
+            postgres_server, "djslowmig", mode="session", idle_in_transaction_session_timeout=1
+        )
+    }
+    path = os.pathsep.join([str(tmp_path), str(Path(__file__).parent)])
+    try:
+        result = run_django(
+            ["-m", "django", "migrate", "slowmig", "-v", "1"],
+            dbs,
+            DJANGO_SETTINGS_MODULE="slowmig_settings",
+            PYTHONPATH=path,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-3000:]
+        assert "Applying slowmig.0001_pause... OK" in output
+    finally:
+        postgres_server.drop_database("djslowmig")

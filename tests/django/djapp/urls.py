@@ -7,4 +7,5 @@ urlpatterns = [
     path("aitems/", views.aitems),
     path("hold/", views.hold),
     path("pid/", views.backend_pid),
+    path("pause/", views.pause),
 ]

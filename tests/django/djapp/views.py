@@ -1,5 +1,6 @@
 import os
 import threading
+import time
 
 from django.db import connection, transaction
 from django.http import HttpRequest, JsonResponse
@@ -33,3 +34,13 @@ def backend_pid(request: HttpRequest) -> JsonResponse:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         return JsonResponse({"pid": cursor.fetchone()[0], "process": os.getpid()})
+
+
+def pause(request: HttpRequest) -> JsonResponse:
+    """A transaction that waits ``seconds`` between two statements (a slow call elsewhere)."""
+    alias = request.GET.get("db", "default")
+    with transaction.atomic(using=alias):
+        Item.objects.using(alias).count()
+        time.sleep(float(request.GET["seconds"]))
+        count = Item.objects.using(alias).count()
+    return JsonResponse({"count": count})
