@@ -156,3 +156,116 @@ def test_migrate_outlasts_the_server_idle_timeout(
         assert "Applying slowmig.0001_pause... OK" in output
     finally:
         postgres_server.drop_database("djslowmig")
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "django_app"
+
+SLOW_TESTCASE = """\
+import time
+
+from django.test import TestCase
+from shop.models import Product
+
+
+class SlowTests(TestCase):
+    @classmethod
+    def setUpTestData(cls):
+        Product.objects.create(name="pear", stock=1)
+
+    def test_slow(self):
+        # TestCase's transaction sits idle past the 5 s idle warning and the example's 5 s
+        # leak_threshold: by design in a test, so nothing is reported.
+        time.sleep(6.5)
+        self.assertEqual(Product.objects.count(), 1)
+"""
+
+LEAKING_TEST = """\
+import threading
+
+import pytest
+from shop.models import Product
+
+stop = threading.Event()
+
+
+@pytest.mark.poolguard_no_leaks
+@pytest.mark.django_db
+def test_clean():
+    assert Product.objects.count() == 0
+
+
+@pytest.mark.poolguard_no_leaks
+@pytest.mark.django_db(transaction=True)
+def test_leaks():
+    started = threading.Event()
+
+    def worker():
+        Product.objects.count()  # this thread's connection, never closed
+        started.set()
+        stop.wait(30)
+
+    threading.Thread(target=worker, daemon=True).start()
+    assert started.wait(10)
+
+
+def test_release():
+    stop.set()
+"""
+
+
+def example_env(server: PostgresServer, database: str, extra_path: Path) -> dict[str, str]:
+    import os
+
+    return {
+        **os.environ,
+        "DATABASE_URL": server.url.rsplit("/", 1)[0] + "/" + database,
+        "DJANGO_SETTINGS_MODULE": "shop.settings",
+        "PYTHONPATH": os.pathsep.join([str(extra_path), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONWARNINGS": "default",  # poolguard's ResourceWarnings would show
+    }
+
+
+def test_example_test_run_is_quiet(postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """`manage.py test` with a slow TestCase: the runner's connections and TestCase's
+    transaction raise no leak or idle warning."""
+    import sys
+
+    (tmp_path / "slow_shop_tests.py").write_text(SLOW_TESTCASE)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "test", "slow_shop_tests", "-v", "1", "--noinput"],
+        cwd=EXAMPLE, env=example_env(postgres_server, "quiet_shop", tmp_path),
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Ran 1 test" in output
+    # poolguard's reports start with the pool's name; its ResourceWarnings name the package.
+    for mark in ("pool 'django:default'", "poolguard", "idle in transaction"):
+        assert mark not in output, output[-3000:]
+
+
+def test_example_leak_fails_under_the_marker(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """Quiet is not blind: a test that leaks a connection fails under poolguard_no_leaks."""
+    import sys
+
+    (tmp_path / "leak_checks.py").write_text(LEAKING_TEST)
+    ini = tmp_path / "pytest.ini"
+    ini.write_text(
+        "[pytest]\nDJANGO_SETTINGS_MODULE = shop.settings\npython_files = leak_checks.py\n"
+        "addopts = -p no:cacheprovider\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(EXAMPLE),
+         str(tmp_path / "leak_checks.py"), "-q"],
+        cwd=EXAMPLE, env=example_env(postgres_server, "leaky_shop", tmp_path),
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "1 failed, 2 passed" in output, output[-3000:]
+    assert "test_leaks - Failed: test left 1 poolguard connection(s) checked out" in output or (
+        "test left 1 poolguard connection(s) checked out" in output and "FAILED" in output
+    ), output[-3000:]
+    assert "leak_checks.py" in output
