@@ -50,6 +50,18 @@ def test_gate_fails_on_new_failures_and_on_listed_tests_that_pass() -> None:
     assert suite.judge(found, listed) == []
 
 
+def test_failure_pinned_on_the_wrong_test_is_noticed() -> None:
+    report = (
+        "======================================================================\n"
+        "ERROR: test_d (backends.tests.A.test_d)\n"
+        "----------------------------------------------------------------------\n"
+        'Traceback (most recent call last):\n  File "tests.py", line 9, in {name}\n'
+        "    boom()\nValueError\n\n"
+    )
+    assert suite.consistent(report.format(name="test_d"))
+    assert not suite.consistent(report.format(name="test_c"))
+
+
 def test_list_is_short_and_every_entry_has_a_reason() -> None:
     transaction, session = suite.expected("transaction"), suite.expected("session")
     assert len(transaction) <= 8 and len(session) <= 4
