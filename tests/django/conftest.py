@@ -4,7 +4,8 @@ Settings are built by a session fixture (Django can be configured once per proce
 DJANGO_SETTINGS_MODULE, so pytest-django stays inert for the rest of the suite.  Aliases:
 
 - ``default``: poolguard.django, session mode, direct to PostgreSQL;
-- ``aged``: the same with ``CONN_MAX_AGE = 60``;
+- ``aged``: the same with ``CONN_MAX_AGE = 60`` and no leak warnings;
+- ``watched``: ``CONN_MAX_AGE = 60`` with the default leak warnings;
 - ``leaky``: the same with a 0.3 s leak threshold;
 - ``impatient``: the same with the server ending transactions idle for 1 s;
 - ``stock``: Django's own backend with ``CONN_MAX_AGE = 60``, for comparisons;
@@ -57,7 +58,11 @@ def django_databases(
     postgres_server.create_database(DB_NAME)
     dbs = {
         "default": db_entry(postgres_server, DB_NAME, mode="session", max_size=4),
-        "aged": {**db_entry(postgres_server, DB_NAME, mode="session"), "CONN_MAX_AGE": 60},
+        "aged": {
+            **db_entry(postgres_server, DB_NAME, mode="session", leak_threshold=0),
+            "CONN_MAX_AGE": 60,
+        },
+        "watched": {**db_entry(postgres_server, DB_NAME, mode="session"), "CONN_MAX_AGE": 60},
         "leaky": db_entry(
             postgres_server, DB_NAME, mode="session", leak_threshold=0.3, watchdog_interval=0.05
         ),

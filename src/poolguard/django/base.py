@@ -269,6 +269,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
         if (
             pool is None
             or self.settings_dict["CONN_MAX_AGE"] == 0
+            # The watchdog would take a connection parked between requests for a leak; with its
+            # leak checks off (test runs turn them off) persistence is the caller's choice.
+            or pool.settings.leak_threshold
+            or pool.settings.leak_reclaim_after
             or self.in_atomic_block
             or self.connection.info.transaction_status != _IDLE
             # Under ASGI this wrapper serves one request and is then dropped, connection and all.
