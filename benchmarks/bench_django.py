@@ -7,8 +7,8 @@ request_started/request_finished and so each checkout and return), without an HT
 
     python benchmarks/bench_django.py [--threads 4] [--seconds 3] [--rounds 3]
 
-It also times ``cursor.execute("SELECT 1")`` through poolguard's observed cursor vs Django's own
-cursor class on one connection, the cost of telling poolguard each statement.
+It also times ``cursor.execute("SELECT 1")`` through poolguard's observing cursor wrapper vs
+Django's own CursorWrapper on one connection, the cost of telling poolguard each statement.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any, Literal
 
+from django.core import mail  # type: ignore[import-untyped]
+
 Kind = Literal["serving", "command", "tests"]
 
 #: Management commands that serve requests: they keep the serving defaults.
@@ -22,15 +24,15 @@ _LAUNCHERS = ("manage.py", "django-admin", "django-admin.py")
 def process_kind(argv: list[str] | None = None) -> Kind:
     """``tests`` while Django's test environment is set up (its test runner, pytest-django),
     ``command`` in a management command other than runserver, else ``serving``."""
-    from django.core import mail  # type: ignore[import-untyped]
-
     # setup_test_environment() installs the in-memory outbox; teardown removes it.
     if hasattr(mail, "outbox"):
         return "tests"
-    command = management_command(sys.argv if argv is None else argv)
-    if command is not None and command not in SERVING_COMMANDS:
-        return "command"
-    return "serving"
+    return _ARGV_KIND if argv is None else _command_kind(argv)
+
+
+def _command_kind(argv: list[str]) -> Kind:
+    command = management_command(argv)
+    return "command" if command is not None and command not in SERVING_COMMANDS else "serving"
 
 
 def management_command(argv: list[str]) -> str | None:
@@ -57,3 +59,7 @@ def defaults_for(kind: Kind, ours: dict[str, Any]) -> None:
         # the whole run: by design, so no warnings.  A real leak in a test still fails under
         # the poolguard_no_leaks pytest marker, which reads the checkouts themselves.
         ours.update(leak_threshold=0, idle_in_transaction_threshold=0, leak_reclaim_after=0)
+
+
+# A process's command line does not change: read it once.
+_ARGV_KIND: Kind = _command_kind(sys.argv)
