@@ -27,7 +27,8 @@ from ._guard import SessionStateError, SessionStateWarning
 from ._pool import AsyncGuardedPool, GuardedPool, _AsyncCheckout, _Checkout
 from ._report import Report, report, report_on_signal
 from ._settings import Settings
-from ._state import configure, get_async_pool, get_pool, reset
+from ._state import aclose_all, close_all, configure, flavors_of, get_async_pool, get_pool, reset
+from ._stats import combine
 from ._watchdog import ConnectionLeakWarning
 
 __all__ = [
@@ -45,7 +46,9 @@ __all__ = [
     "SessionStateError",
     "SessionStateWarning",
     "Settings",
+    "aclose_all",
     "aconnection",
+    "close_all",
     "configure",
     "connection",
     "get_async_pool",
@@ -70,14 +73,10 @@ def aconnection(name: str = "default", timeout: float | None = None) -> _AsyncCh
 
 
 def stats(name: str = "default") -> dict[str, Any]:
-    """Counts and timings of the pool called ``name`` (async twin's, if that is the one in use)."""
-    from ._state import _async_pools
-
-    pool: GuardedPool | AsyncGuardedPool = get_pool(name)
-    twin = _async_pools.get(name)
-    if twin is not None and pool._inner is None:
-        pool = twin
-    return pool.stats()
+    """Counts and timings of the pool called ``name``: the sum over every flavor serving it
+    (sync, asyncio twin, asyncpg), each flavor's own under ``"poolguard.flavors"``."""
+    get_pool(name)  # a clear error if the name is not configured
+    return combine({kind: pool.stats() for kind, pool in flavors_of(name).items()})
 
 
 for _cls in (AsyncGuardedPool, GuardedPool, Report, Settings):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from ._metrics import PoolMetrics
+    from ._slots import Member, Slots
 
 # What a caller may change on the client side; restored on return when it differs.
 _CLIENT_ATTRS = (
@@ -59,6 +60,13 @@ class Tracked:
     _pg_session_dirty: bool = False
     #: Warns about or refuses session-state SQL; None in session mode or with guard="off".
     _pg_guard: SessionStateGuard | None = None
+    #: The budget slot this server connection holds until it closes (see _slots.py).
+    _pg_slots: Slots | None = None
+
+    def _pg_free_slot(self) -> None:
+        slots, self._pg_slots = self._pg_slots, None
+        if slots is not None:
+            slots.give()
 
     def _pg_client_state(self) -> tuple[Any, ...]:
         return _read_client_state(self)
@@ -111,6 +119,7 @@ class Tracked:
         # Checked out and unreferenced: queued for the watchdog to free its slot (no I/O here).
         if getattr(self, "_pool", None) is not None and adopt_lost(self):
             return
+        self._pg_free_slot()  # dropped without close(): psycopg_pool discards broken ones so
         super().__del__(*args)  # type: ignore[misc]
 
     def _pg_client_changes(self) -> list[tuple[str, Any]]:
@@ -122,7 +131,7 @@ class Tracked:
         ]
 
 
-def _needs_cleaning(conn: Tracked) -> bool:
+def needs_cleaning(conn: Tracked) -> bool:
     """Whether a returned connection needs more than going back on the shelf: the hot check."""
     return (
         conn.pgconn.transaction_status != _IDLE  # type: ignore[attr-defined]
@@ -195,18 +204,31 @@ class GuardedConnection(Tracked, psycopg.Connection[Any]):
         """psycopg's connect; ``_pg_on_refused`` (the pool's) may wait out a full server, retry."""
         on_refused: Callable[[psycopg.OperationalError], bool] | None
         on_refused = kwargs.pop("_pg_on_refused", None)
+        slot: tuple[Slots, Member] | None = kwargs.pop("_pg_slot", None)
         kwargs.setdefault("cursor_factory", GuardedCursor)
-        while True:
-            started = monotonic()
-            try:
-                conn = super().connect(conninfo, **kwargs)
-                break
-            except psycopg.OperationalError as exc:
-                if on_refused is None or not on_refused(exc):
-                    raise
+        if slot is not None and not slot[0].take(slot[1]):
+            raise _no_slot(slot[0])
+        try:
+            while True:
+                started = monotonic()
+                try:
+                    conn = super().connect(conninfo, **kwargs)
+                    break
+                except psycopg.OperationalError as exc:
+                    if on_refused is None or not on_refused(exc):
+                        raise
+        except BaseException:
+            if slot is not None:
+                slot[0].give()
+            raise
         conn.server_cursor_factory = GuardedServerCursor
         conn._pg_connect_seconds = monotonic() - started
+        conn._pg_slots = slot[0] if slot is not None else None
         return conn
+
+    def close(self) -> None:
+        super().close()
+        self._pg_free_slot()
 
     def _pg_reset(self) -> None:
         for name, default in self._pg_client_changes():
@@ -229,18 +251,31 @@ class AsyncGuardedConnection(Tracked, psycopg.AsyncConnection[Any]):
         """psycopg's connect; ``_pg_on_refused`` (the pool's) may wait out a full server, retry."""
         on_refused: Callable[[psycopg.OperationalError], Awaitable[bool]] | None
         on_refused = kwargs.pop("_pg_on_refused", None)
+        slot: tuple[Slots, Member] | None = kwargs.pop("_pg_slot", None)
         kwargs.setdefault("cursor_factory", AsyncGuardedCursor)
-        while True:
-            started = monotonic()
-            try:
-                conn = await super().connect(conninfo, **kwargs)
-                break
-            except psycopg.OperationalError as exc:
-                if on_refused is None or not await on_refused(exc):
-                    raise
+        if slot is not None and not await slot[0].atake(slot[1]):
+            raise _no_slot(slot[0])
+        try:
+            while True:
+                started = monotonic()
+                try:
+                    conn = await super().connect(conninfo, **kwargs)
+                    break
+                except psycopg.OperationalError as exc:
+                    if on_refused is None or not await on_refused(exc):
+                        raise
+        except BaseException:
+            if slot is not None:
+                slot[0].give()
+            raise
         conn.server_cursor_factory = AsyncGuardedServerCursor
         conn._pg_connect_seconds = monotonic() - started
+        conn._pg_slots = slot[0] if slot is not None else None
         return conn
+
+    async def close(self) -> None:
+        await super().close()
+        self._pg_free_slot()
 
     async def _pg_reset(self) -> None:
         for name, default in self._pg_client_changes():
@@ -253,6 +288,23 @@ class AsyncGuardedConnection(Tracked, psycopg.AsyncConnection[Any]):
             await self.execute(_RESET_SQL)
             await self.set_autocommit(autocommit)
             self._pg_session_dirty = False
+
+
+def _no_slot(slots: Slots) -> psycopg.OperationalError:
+    return psycopg.OperationalError(
+        f"pool {slots.name!r} was closed while a connection waited for a slot of its budget"
+    )
+
+
+def release_slot(conn: Tracked) -> None:
+    """Give back the budget slot of a connection that is closed or broken (psycopg_pool drops
+    a broken one without closing it, and it may stay referenced for a while)."""
+    conn._pg_free_slot()
+
+
+def mark_dirty(conn: Any) -> None:
+    """Tell the pool that ``conn`` carries session state: it runs DISCARD ALL on return."""
+    conn._pg_session_dirty = True
 
 
 class _Reclaimed:

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from time import monotonic
 from types import CodeType
-from typing import Any
+from typing import Any, Final
 
 _here = str(Path(__file__).resolve().parent) + os.sep
 
@@ -59,6 +59,12 @@ def _classify(code: CodeType) -> bool:
     return internal
 
 
+def is_library_code(code: CodeType) -> bool:
+    """Whether frames of ``code`` are poolguard's, a driver's or an ORM's (never "taken at")."""
+    internal = _is_internal.get(code)
+    return _classify(code) if internal is None else internal
+
+
 def caller_site(depth: int) -> tuple[CodeType | None, int]:
     """(code object, line) of the first frame at or above ``depth`` that is not library code."""
     frame: Any = sys._getframe(depth)
@@ -86,19 +92,30 @@ def format_site(code: CodeType | None, line: int) -> str:
 
 
 # What the hot path stores per checkout: a plain tuple is several times cheaper to build than
-# an object.  (taken_at, owner, code, line, backend_pid, weakref to the connection)
+# an object.  Only this module knows its layout; the pools' hot path reads TAKEN_AT by name,
+# everything else reads Checkout views.
 Entry = tuple[float, int, "CodeType | None", int, int, Any]
+TAKEN_AT: Final = 0
+OWNER: Final = 1
+CODE: Final = 2
+LINE: Final = 3
+BACKEND_PID: Final = 4
+REF: Final = 5
 
 
 class Checkout:
     """A readable view of one ledger entry: who has the connection, since when, taken where."""
 
-    __slots__ = ("backend_pid", "code", "conn_id", "connection", "line", "owner", "taken_at")
+    __slots__ = (
+        "backend_pid", "code", "conn_id", "connection", "line", "owner", "taken_at", "token",
+    )  # fmt: skip
 
     def __init__(self, conn_id: int, entry: Entry) -> None:
         self.conn_id = conn_id
         self.taken_at, self.owner, self.code, self.line, self.backend_pid, ref = entry
         self.connection = ref  # a weakref: None once the connection is gone
+        #: This checkout's identity: the same connection taken again is another checkout.
+        self.token = entry
 
     @property
     def site(self) -> str:
@@ -120,12 +137,56 @@ class Checkout:
 
 
 class Ledger:
-    """The entries of one pool, keyed by ``id(connection)``."""
+    """The checkouts of one pool, keyed by ``id(connection)``.
+
+    Verbs: ``take`` (a checkout), ``give_back`` (a return), ``claim`` (the watchdog takes a
+    checkout from under its holder), ``move`` (a checkout is re-attributed to another line).
+    """
 
     __slots__ = ("out",)
 
     def __init__(self) -> None:
         self.out: dict[int, Entry] = {}
+
+    def take(
+        self,
+        conn_id: int,
+        taken_at: float,
+        owner: int,
+        code: CodeType | None,
+        line: int,
+        backend_pid: int,
+        ref: Any,
+    ) -> None:
+        """Record a checkout; ``ref`` is a weak reference to the connection."""
+        self.out[conn_id] = (taken_at, owner, code, line, backend_pid, ref)
+
+    def give_back(self, conn_id: int) -> Entry | None:
+        """Remove the checkout of a returned connection; None if it is not checked out."""
+        return self.out.pop(conn_id, None)
+
+    def claim(self, record: Checkout) -> bool:
+        """Remove ``record`` if it is still the connection's checkout (its holder may have
+        returned it, and maybe taken it again, meanwhile)."""
+        if self.out.get(record.conn_id) is not record.token:
+            return False
+        del self.out[record.conn_id]
+        return True
+
+    def move(self, conn_id: int, code: CodeType | None, line: int) -> None:
+        """Attribute a checkout to another line (an adapter knows a better "taken at")."""
+        entry = self.out.get(conn_id)
+        if entry is not None:
+            taken_at, owner, _, _, backend_pid, ref = entry
+            self.out[conn_id] = (taken_at, owner, code, line, backend_pid, ref)
+
+    def record(self, conn_id: int) -> Checkout | None:
+        entry = self.out.get(conn_id)
+        return Checkout(conn_id, entry) if entry is not None else None
+
+    def holds(self, record: Checkout) -> bool:
+        """Whether ``record`` is still out (not returned, claimed or re-taken)."""
+        return self.out.get(record.conn_id) is record.token
 
     def records(self) -> list[Checkout]:
         """Every checkout now, oldest first."""

@@ -7,8 +7,8 @@ The decisions (what to log, when a connection is dirty, how to word an error) li
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable, Generator, Mapping
@@ -22,12 +22,19 @@ from psycopg.pq import TransactionStatus
 
 from . import _watchdog
 from ._budget import check_budget_on_open
-from ._connection import AsyncGuardedConnection, GuardedConnection, Tracked, _needs_cleaning
+from ._connection import (
+    AsyncGuardedConnection,
+    GuardedConnection,
+    Tracked,
+    needs_cleaning,
+    release_slot,
+)
 from ._errors import PoolConnectError, PoolExhausted
 from ._guard import SessionStateGuard
-from ._ledger import Checkout, Ledger, caller_site
+from ._ledger import TAKEN_AT, Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
 from ._settings import Settings, redact_text
+from ._slots import Slots
 from ._toomany import Backoff, Step, is_too_many_connections, limit_text, refusal_text
 
 logger = logging.getLogger("poolguard")
@@ -51,12 +58,23 @@ class _PoolCore:
     #: backend passes Django's adapters context, its cursor class and autocommit).
     connect_kwargs: Mapping[str, Any] = MappingProxyType({})
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        slots: Slots | None = None,
+        target: Callable[[Settings], str] | None = None,
+    ) -> None:
         self.settings = settings
         self.name = settings.name
         self.ledger = Ledger()
         self.metrics = PoolMetrics()
         self._closed = False
+        #: The budget shared with the other flavors of this name (a private one when built
+        #: outside poolguard's registry).
+        self.slots = slots if slots is not None else Slots(settings.name, settings.max_size)
+        self.slots.join(self)
+        self._target = target
         self._full = Backoff(self.name, settings.max_size)
         self._guard = (
             SessionStateGuard(settings.guard)
@@ -77,6 +95,46 @@ class _PoolCore:
     ) -> psycopg_pool.ConnectionPool[Any] | psycopg_pool.AsyncConnectionPool[Any] | None:
         raise NotImplementedError
 
+    @property
+    def closed(self) -> bool:
+        """True once close() was called: the registry builds a new pool on next use."""
+        return self._closed
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def event_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop an async flavor is bound to (None for a sync pool)."""
+        return None
+
+    def close(self, timeout: float = 5.0) -> Any:
+        """Close every connection (a coroutine for the async flavors)."""
+        raise NotImplementedError
+
+    def release_idle(self) -> None:
+        """Close one idle connection soon, for another flavor of the name (see _slots.py)."""
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Close without I/O (its event loop is gone or not running): connections die with it."""
+        self._closed = True
+
+    def is_open(self) -> bool:
+        """Whether the pool has opened (and not closed): it may hold connections now."""
+        return not self._closed and self._inner_pool() is not None
+
+    def has_demand(self) -> bool:
+        inner = self._inner_pool()
+        return inner is not None and bool(inner.get_stats().get("requests_waiting"))
+
+    def set_connect_kwargs(self, kwargs: Mapping[str, Any]) -> bool:
+        """Extra psycopg.connect() arguments (an adapter's); False if the pool is open already,
+        which keeps the arguments its connections were made with."""
+        if self._inner_pool() is not None:
+            return False
+        self.connect_kwargs = MappingProxyType(dict(kwargs))
+        return True
+
     def _forget_after_fork(self) -> None:
         """In a forked child: drop the parent's pool without touching its sockets.
 
@@ -96,6 +154,7 @@ class _PoolCore:
                 **self._connect_args(),
                 **self.connect_kwargs,
                 "_pg_on_refused": on_refused,
+                "_pg_slot": (self.slots, self),
             },
             "min_size": s.min_size,
             "max_size": s.max_size,
@@ -134,11 +193,9 @@ class _PoolCore:
 
     def _target_conninfo(self) -> str:
         """Where connections go: the DSN, or the embedded rewriter in front of it."""
-        if not self.settings.rewriter:
+        if self._target is None:
             return self.settings.conninfo
-        from ._state import rewriter_dsn  # _state imports this module
-
-        return rewriter_dsn(self.settings)
+        return self._target(self.settings)
 
     def _connect_error(self, exc: Exception) -> PoolConnectError:
         if is_too_many_connections(exc):
@@ -160,14 +217,21 @@ class _PoolCore:
 
         At open (`check_budget`) the same connection checks the connection budget, before
         the pool opens any connection of its own.  Sync only: the async pool runs it in a
-        thread, once per open.
+        thread, once per open.  It takes a slot of the budget like any connection; with none
+        free, other flavors of the name are connected, so there is nothing to learn.
         """
+        if not self.slots.take_now():
+            return None
         try:
             conn = psycopg.connect(self._target_conninfo(), **self._connect_args())
         except psycopg.OperationalError as exc:
+            self.slots.give()
             if self._options_refused(exc):
                 return self._probe_now(check_budget=check_budget)
             raise self._connect_error(exc) from None
+        except BaseException:
+            self.slots.give()
+            raise
         try:
             if check_budget:
                 s = self.settings
@@ -183,6 +247,7 @@ class _PoolCore:
                     self._full.limits = budget.limits
         finally:
             conn.close()
+            self.slots.give()
 
     def _refused(
         self,
@@ -209,10 +274,10 @@ class _PoolCore:
         now = monotonic()
         self.metrics.wait_time.add(now - started)
         code, line = caller_site(depth + 1)
-        self.ledger.out[id(conn)] = (now, owner, code, line, conn._pg_backend_pid, conn._pg_weak)
+        self.ledger.take(id(conn), now, owner, code, line, conn._pg_backend_pid, conn._pg_weak)
 
     def _record_return(self, conn: Tracked) -> Checkout | None:
-        entry = self.ledger.out.pop(id(conn), None)
+        entry = self.ledger.give_back(id(conn))
         if entry is None:
             if not isinstance(conn, Tracked):
                 raise psycopg.ProgrammingError(
@@ -225,8 +290,8 @@ class _PoolCore:
                 f"pool {self.name!r}: putconn() got a connection that is not checked out "
                 "(returned twice, or taken before os.fork() in the parent process)"
             )
-        self.metrics.use_time.add(monotonic() - entry[0])
-        return Checkout(id(conn), entry) if _needs_cleaning(conn) else None
+        self.metrics.use_time.add(monotonic() - entry[TAKEN_AT])
+        return Checkout(id(conn), entry) if needs_cleaning(conn) else None
 
     def _cleaning(self, conn: Tracked, record: Checkout) -> Generator[str, Exception | None, None]:
         """The return-path decisions for a connection that is not simply clean, written once.
@@ -239,6 +304,7 @@ class _PoolCore:
         status = conn.pgconn.transaction_status  # type: ignore[attr-defined]
         if status == _UNKNOWN:
             self._log_discard(record, "that was closed or broken")
+            release_slot(conn)
             return
         if status in _IN_TRANSACTION:
             self._log_dirty_return(status, record)
@@ -352,11 +418,32 @@ class _Checkout:
             self._pool.putconn(conn)
 
 
+def _retire(conn: Any) -> None:
+    """Make psycopg_pool close ``conn`` when it comes back instead of keeping it idle.
+
+    psycopg_pool has no public call for "close this one": a connection past its lifetime is
+    the one it closes quietly (INFO) on return, so the budget slot goes to another flavor.
+    """
+    conn._expire_at = 0.0
+
+
+def _wait_for_min_size(slots: Slots, min_size: int) -> bool:
+    """Open a pool waiting for min_size connections only when the budget has them free now
+    (another flavor may hold the slots; the pool then grows when they come back)."""
+    return 0 < min_size <= slots.free()
+
+
 class GuardedPool(_PoolCore):
     """A process-wide, guarded pool of psycopg connections.  Build it with poolguard.configure()."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        slots: Slots | None = None,
+        target: Callable[[Settings], str] | None = None,
+    ) -> None:
+        super().__init__(settings, slots=slots, target=target)
         self._inner: psycopg_pool.ConnectionPool[Any] | None = None
         self._open_lock = threading.Lock()
         #: Set by close(): ends a back-off wait at once (see _server_full).
@@ -393,10 +480,32 @@ class GuardedPool(_PoolCore):
                     else None,
                     **self._inner_options(self._server_full),
                 )
-                inner.open(wait=False)
+                # Waiting for min_size makes the first checkout use the connection the pool
+                # opened, rather than find the pool empty and grow it past min_size.
+                if _wait_for_min_size(self.slots, self.settings.min_size):
+                    # A slow server or a busy budget: getconn() waits as usual.
+                    with contextlib.suppress(psycopg_pool.PoolTimeout):
+                        inner.open(wait=True, timeout=self.settings.timeout)
+                else:
+                    inner.open(wait=False)
                 self._inner = inner
                 _watchdog.watch(self)
             return self._inner
+
+    def release_idle(self) -> None:
+        inner = self._inner
+        if inner is not None and inner.get_stats().get("pool_available"):
+            threading.Thread(
+                target=self._release_one, args=(inner,), name="poolguard-release", daemon=True
+            ).start()
+
+    def _release_one(self, inner: psycopg_pool.ConnectionPool[Any]) -> None:
+        try:  # an idle one or nothing: a wait would start the pool growing
+            conn = inner.getconn(timeout=0.001)
+        except psycopg.Error:  # PoolTimeout: none idle after all
+            return
+        _retire(conn)
+        inner.putconn(conn)
 
     def _server_full(self, exc: psycopg.OperationalError) -> bool:
         """A pool worker's connect was refused: wait out a full server; True to retry now.
@@ -442,6 +551,8 @@ class GuardedPool(_PoolCore):
             self._clean(conn, record)  # type: ignore[arg-type]
         inner = self._inner
         if inner is not None and conn._pool is inner:
+            if self.slots.waiting and self.slots.pressure(self):
+                _retire(conn)
             inner.putconn(conn)
         else:
             conn.close()  # from before a fork, or from a pool that is gone
@@ -497,8 +608,14 @@ class _AsyncCheckout:
 class AsyncGuardedPool(_PoolCore):
     """The asyncio twin of GuardedPool, bound to the event loop that first uses it."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        slots: Slots | None = None,
+        target: Callable[[Settings], str] | None = None,
+    ) -> None:
+        super().__init__(settings, slots=slots, target=target)
         self._inner: psycopg_pool.AsyncConnectionPool[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
@@ -507,6 +624,14 @@ class AsyncGuardedPool(_PoolCore):
 
     def _inner_pool(self) -> psycopg_pool.AsyncConnectionPool[Any] | None:
         return self._inner
+
+    def event_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def abandon(self) -> None:
+        self._closed = True
+        _inherited.append(self._inner)  # never closed from here: its loop cannot run it
+        self._inner = None
 
     def _forget_after_fork(self) -> None:
         super()._forget_after_fork()
@@ -552,9 +677,27 @@ class AsyncGuardedPool(_PoolCore):
             **self._inner_options(self._server_full),
         )
         self._closing = asyncio.Event()
-        await inner.open(wait=False)
+        if _wait_for_min_size(self.slots, self.settings.min_size):
+            with contextlib.suppress(psycopg_pool.PoolTimeout):
+                await inner.open(wait=True, timeout=self.settings.timeout)
+        else:
+            await inner.open(wait=False)
         self._inner, self._loop = inner, loop
         _watchdog.watch(self)
+
+    def release_idle(self) -> None:
+        inner, loop = self._inner, self._loop
+        if inner is not None and loop is not None and inner.get_stats().get("pool_available"):
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                asyncio.run_coroutine_threadsafe(self._release_one(inner), loop)
+
+    async def _release_one(self, inner: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+        try:
+            conn = await inner.getconn(timeout=0.001)
+        except psycopg.Error:  # PoolTimeout: none idle after all
+            return
+        _retire(conn)
+        await inner.putconn(conn)
 
     async def _server_full(self, exc: psycopg.OperationalError) -> bool:
         """The async twin of GuardedPool._server_full."""
@@ -606,6 +749,8 @@ class AsyncGuardedPool(_PoolCore):
             await self._clean(conn, record)  # type: ignore[arg-type]
         inner = self._inner
         if inner is not None and conn._pool is inner:
+            if self.slots.waiting and self.slots.pressure(self):
+                _retire(conn)
             await inner.putconn(conn)
         else:
             await conn.close()
@@ -639,9 +784,8 @@ def _send(steps: Generator[str, Exception | None, None], failed: Exception | Non
         return None
 
 
-def _forget_all_after_fork() -> None:
+def forget_all_after_fork() -> None:
+    """In a forked child (called by _state's fork handler): every pool drops the parent's
+    connections without touching their sockets."""
     for pool in list(_all_pools):
         pool._forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_forget_all_after_fork)

@@ -1,25 +1,55 @@
-"""All process-wide state: the registry of pools, one per name.
+"""All process-wide state: every pool of every flavor, by name, and the budget they share.
+
+A pool name is served by up to three flavors: the sync pool that ``configure()`` creates (used
+by ``connection()``, Django and SQLAlchemy's sync engines), its asyncio twin (``aconnection()``,
+SQLAlchemy's psycopg async engines) and the asyncpg pool of SQLAlchemy's asyncpg engines.  They
+are built from the name's one ``Settings`` and share one ``Slots`` budget: the server
+connections a process holds for a name, across all flavors, never exceed ``max_size``.  The
+embedded statement-name rewriters (``rewriter=True``) live here too, one per upstream and size.
 
 ``configure()`` is idempotent: the same name with the same settings, from any thread or from a
 module that ``importlib.reload()`` ran again, returns the pool that exists.  The same name with
-different settings is an error, never a silent second pool.  After ``os.fork()`` the registry
-keeps its pools, and each of them opens fresh connections on first use in the child (see
-``_pool._forget_after_fork``).
+different settings is an error, never a silent second pool.
+
+After ``os.fork()`` one handler, registered here, resets the owners in this order: this
+registry (fresh locks, fresh budgets), the pools (forget the parent's connections without
+touching their sockets), the watchdog (its thread is gone), the rewriters (forgotten, never
+stopped: their threads are the parent's), then the adapters' hooks (``at_fork``), in the order
+they registered.  Each child then opens connections of its own on first use.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from . import _pool, _watchdog
 from ._errors import ConfigurationError
-from ._pool import AsyncGuardedPool, GuardedPool
+from ._pool import AsyncGuardedPool, GuardedPool, _PoolCore
+from ._probe import probe_pooler
 from ._settings import Settings, build_settings
+from ._slots import Slots
 
-_lock = threading.Lock()
+#: Flavor names, the keys of ``flavor()``.
+ASYNC = "psycopg-async"
+ASYNCPG = "asyncpg"
+
+P = TypeVar("P", bound=_PoolCore)
+
+_lock = threading.RLock()
+# name -> the configured (sync) pool: its settings are the name's settings.
 _pools: dict[str, GuardedPool] = {}
-_async_pools: dict[str, AsyncGuardedPool] = {}
+# (name, flavor) -> the pool of that flavor, built from the configured pool's settings.
+_flavors: dict[tuple[str, str], _PoolCore] = {}
+# name -> the connection budget every flavor of the name takes its server connections from.
+_slots: dict[str, Slots] = {}
+# Adapters' after-fork hooks (see at_fork), called last, in registration order.
+_fork_hooks: list[Callable[[], None]] = []
 
 
 def configure(dsn: str | None = None, *, name: str = "default", **options: Any) -> GuardedPool:
@@ -27,21 +57,37 @@ def configure(dsn: str | None = None, *, name: str = "default", **options: Any) 
     settings = build_settings(dsn, name=name, **options)
     with _lock:
         pool = _pools.get(name)
-        if pool is not None and not pool._closed:
+        if pool is not None and not pool.closed:
             if pool.settings != settings:
-                raise _conflict(pool.settings, settings)
+                raise conflict(pool.settings, settings)
             return pool
-        pool = _pools[name] = GuardedPool(settings)
+        pool = _pools[name] = GuardedPool(settings, slots=_budget(settings), target=_target)
         return pool
 
 
-def _conflict(old: Settings, new: Settings) -> ConfigurationError:
+def conflict(old: Settings, new: Settings) -> ConfigurationError:
+    """The error for a second configuration of one name with other settings."""
     return ConfigurationError(
         f"pool {old.name!r} is already configured with different settings "
         f"({', '.join(old.differences(new))} differ): a second pool would double the "
         f"connections; pass the same settings everywhere, use another name=, or call "
         f"poolguard.reset() first (in tests)"
     )
+
+
+def configured(name: str) -> GuardedPool | None:
+    """The open (not closed) pool configured under ``name``, or None: adapters check it
+    before they configure, to word a conflict in their own terms."""
+    pool = _pools.get(name)
+    return pool if pool is not None and not pool.closed else None
+
+
+def _budget(settings: Settings) -> Slots:
+    """The name's budget (lock held): a new one when the name is configured anew."""
+    slots = _slots.get(settings.name)
+    if slots is None or slots.limit != settings.max_size:
+        slots = _slots[settings.name] = Slots(settings.name, settings.max_size)
+    return slots
 
 
 def get_pool(name: str = "default") -> GuardedPool:
@@ -57,36 +103,139 @@ def get_pool(name: str = "default") -> GuardedPool:
     )
 
 
+def flavor(name: str, kind: str, build: Callable[..., P]) -> P:
+    """Find or create the pool of flavor ``kind`` for ``name``.
+
+    ``build(settings, slots=..., target=...)`` makes it, from the settings of the pool
+    configured under ``name`` and with the name's budget; a closed one, or one built from
+    settings that were replaced since, is built again.
+    """
+    key = (name, kind)
+    pool = _flavors.get(key)
+    settings = get_pool(name).settings
+    if pool is not None and not pool.closed and pool.settings is settings:
+        return pool  # type: ignore[return-value]
+    with _lock:
+        pool = _flavors.get(key)
+        if pool is None or pool.closed or pool.settings is not settings:
+            pool = _flavors[key] = build(settings, slots=_budget(settings), target=_target)
+        return pool  # type: ignore[return-value]
+
+
 def get_async_pool(name: str = "default") -> AsyncGuardedPool:
     """The asyncio twin of the pool called ``name``, built from the same settings on first use."""
-    pool = _async_pools.get(name)
-    if pool is not None and not pool._closed:
-        return pool
-    settings = get_pool(name).settings
+    return flavor(name, ASYNC, AsyncGuardedPool)
+
+
+def flavors_of(name: str) -> dict[str, _PoolCore]:
+    """Every pool serving ``name`` now, by flavor ("psycopg" for the configured one)."""
+    found: dict[str, _PoolCore] = {}
+    pool = _pools.get(name)
+    if pool is not None:
+        found["psycopg"] = pool
+    found.update({kind: p for (n, kind), p in list(_flavors.items()) if n == name})
+    return found
+
+
+def pools() -> list[_PoolCore]:
+    """Every pool of this process, every flavor."""
+    return _all_pools()
+
+
+def _all_pools() -> list[_PoolCore]:
+    return [*_pools.values(), *_flavors.values()]
+
+
+def at_fork(hook: Callable[[], None]) -> None:
+    """Register an adapter's after-fork-in-child hook; it runs after the core's owners."""
+    if hook not in _fork_hooks:
+        _fork_hooks.append(hook)
+
+
+# --- shutting down ------------------------------------------------------------------------
+
+
+def reset() -> None:
+    """Close and forget every pool of every flavor and every rewriter (tests, shutdown)."""
+    close_all()
+
+
+def close_all(timeout: float = 5.0) -> None:
+    """Close every pool of every flavor (an app's shutdown hook, Django's ``atexit``).
+
+    Async flavors are closed on their own event loop when it runs in another thread; when it
+    is this thread's running loop, use ``aclose_all()`` instead (here they are only scheduled).
+    """
+    sync, others = _forget_all()
+    for each in sync:
+        each.close(timeout)
+    for pool in others:
+        _close_elsewhere(pool, timeout)
+    _stop_rewriters()
+
+
+async def aclose_all(timeout: float = 5.0) -> None:
+    """``await poolguard.aclose_all()``: close_all() from async code (a FastAPI lifespan)."""
+    sync, others = _forget_all()
+    loop = asyncio.get_running_loop()
+    for pool in others:
+        if pool.event_loop() is loop:
+            await pool.close(timeout)
+        else:
+            _close_elsewhere(pool, timeout)
+    for each in sync:
+        await asyncio.to_thread(each.close, timeout)
+    await asyncio.to_thread(_stop_rewriters)
+
+
+def _forget_all() -> tuple[list[GuardedPool], list[_PoolCore]]:
     with _lock:
-        pool = _async_pools.get(name)
-        if pool is None or pool._closed:
-            pool = _async_pools[name] = AsyncGuardedPool(settings)
-        return pool
+        sync, others = list(_pools.values()), list(_flavors.values())
+        _pools.clear()
+        _flavors.clear()
+        _slots.clear()
+    return sync, others
 
 
-# Embedded statement-name rewriters, one per upstream conninfo, shared by the pools that use
-# rewriter=True.  Typed loosely so that importing poolguard never imports the rewriter.
-_rewriters: dict[str, Any] = {}
-_rewriters_lock = threading.Lock()
+def _close_elsewhere(pool: _PoolCore, timeout: float) -> None:
+    """Close an event-loop-bound pool from outside its loop, as far as that is possible."""
+    loop = pool.event_loop()
+    if loop is None or loop.is_closed() or not loop.is_running():
+        pool.abandon()  # no loop to run its I/O: drop what it holds
+        return
+    future = asyncio.run_coroutine_threadsafe(pool.close(timeout), loop)
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        return  # scheduled on this very loop: waiting here would deadlock it
+    with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+        future.result(timeout + 1.0)
+
+
+# --- embedded statement-name rewriters --------------------------------------------------------
+
+# One per (upstream conninfo, size), shared by the pools that use rewriter=True; typed
+# loosely so that importing poolguard never imports the rewriter.
+_rewriters: dict[tuple[str, int], Any] = {}
+
+
+def _target(settings: Settings) -> str:
+    """Where a pool's connections go: the DSN, or the embedded rewriter in front of it."""
+    return rewriter_dsn(settings) if settings.rewriter else settings.conninfo
 
 
 def rewriter_dsn(settings: Settings) -> str:
     """The DSN of the embedded rewriter in front of ``settings.conninfo``, started on first use."""
-    with _rewriters_lock:
-        handle = _rewriters.get(settings.conninfo)
+    key = (settings.conninfo, settings.max_size)
+    with _lock:
+        handle = _rewriters.get(key)
         if handle is None:
             _refuse_transaction_pooler_upstream(settings)
-            from .rewriter import start
+            from .rewriter import start  # optional extra: imported only when it is used
 
-            handle = _rewriters[settings.conninfo] = start(
-                settings.conninfo, pool_size=settings.max_size
-            )
+            handle = _rewriters[key] = start(settings.conninfo, pool_size=settings.max_size)
         return str(handle.dsn)
 
 
@@ -96,7 +245,6 @@ def _refuse_transaction_pooler_upstream(settings: Settings) -> None:
     Behind another transaction pooler, the server connections it tracks statements on are
     shared underneath it, and its prepared statements go missing.
     """
-    from ._probe import probe_pooler
 
     found = probe_pooler(settings.conninfo)
     if found.mode in ("transaction", "statement"):
@@ -108,37 +256,41 @@ def _refuse_transaction_pooler_upstream(settings: Settings) -> None:
         )
 
 
-def pools() -> list[GuardedPool | AsyncGuardedPool]:
-    """Every pool of this process."""
-    return [*_pools.values(), *_async_pools.values()]
-
-
-def reset() -> None:
-    """Close and forget every sync pool and forget the async ones (for tests)."""
+def _stop_rewriters() -> None:
     with _lock:
-        closing = list(_pools.values())
-        _pools.clear()
-        _async_pools.clear()
-    for pool in closing:
-        pool.close()
-    with _rewriters_lock:
-        rewriters = list(_rewriters.values())
+        handles = list(_rewriters.values())
         _rewriters.clear()
-    for handle in rewriters:
+    for handle in handles:
         handle.stop()
 
 
+# --- fork ---------------------------------------------------------------------------------------
+
+# In a forked child, the parent's rewriter handles: kept referenced, never stopped there.
+_inherited_rewriters: list[Any] = []
+
+
 def _after_fork_in_child() -> None:
-    global _lock, _rewriters_lock
-    _lock = threading.Lock()  # the parent's may have been held by a thread the child lacks
-    _rewriters_lock = threading.Lock()
-    # The parent's rewriters run on threads the child does not have, over shared sockets:
-    # forget them (never stop them from here); the child starts its own on first use.
+    global _lock
+    # 1. This registry: the parent's lock may have been held by a thread the child lacks, and
+    #    the parent's connections are not the child's sessions, so every name gets a fresh
+    #    budget (connections from before the fork give their slot to the old one).
+    _lock = threading.RLock()
+    for name, old in list(_slots.items()):
+        slots = _slots[name] = Slots(name, old.limit)
+        for pool in _all_pools():
+            if pool.name == name:
+                pool.slots = slots
+                slots.join(pool)
+    # 2. The pools forget the parent's connections; 3. the watchdog's thread is gone.
+    _pool.forget_all_after_fork()
+    _watchdog.after_fork_in_child()
+    # 4. The parent's rewriters run on threads the child does not have, over shared sockets.
     _inherited_rewriters.extend(_rewriters.values())
     _rewriters.clear()
-
-
-_inherited_rewriters: list[Any] = []
+    # 5. The adapters (SQLAlchemy's records, Django's wrappers).
+    for hook in list(_fork_hooks):
+        hook()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import sys
 import threading
@@ -558,12 +557,10 @@ def options_rejected(exc: Exception) -> bool:
     return "unsupported startup parameter" in str(exc) and "options" in str(exc)
 
 
-def _after_fork_in_child() -> None:
+def after_fork_in_child() -> None:
+    """In a forked child (called by _state's fork handler): no thread, nothing queued."""
     global _lock, _lost, _thread
     _lock = threading.Lock()  # the parent's may have been held by a thread the child lacks
     _lost = queue.SimpleQueue()
     _thread = None  # threads do not survive fork(); the next pool open starts one
     _memory.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

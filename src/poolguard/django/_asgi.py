@@ -16,7 +16,7 @@ from typing import Any
 
 from asgiref.sync import SyncToAsync
 
-from .._ledger import _classify, _is_internal
+from .._ledger import is_library_code
 
 _CALL = SyncToAsync.__call__.__code__
 _HANDLER = SyncToAsync.thread_handler.__code__
@@ -81,9 +81,6 @@ def _await_chain(coro: Any) -> list[FrameType]:
 def _innermost_app_frame(frames: list[FrameType]) -> tuple[CodeType, int] | None:
     for frame in reversed(frames):
         code = frame.f_code
-        internal = _is_internal.get(code)
-        if internal is None:
-            internal = _classify(code)
-        if not internal:
+        if not is_library_code(code):
             return code, frame.f_lineno
     return None

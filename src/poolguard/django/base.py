@@ -11,7 +11,6 @@ forked workers inside the connection budget.  docs/django.md describes the setti
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from django.utils.asyncio import async_unsafe  # type: ignore[import-untyped]
 from django.utils.functional import cached_property  # type: ignore[import-untyped]
 
 from .. import _state
-from .._connection import GuardedConnection
+from .._connection import GuardedConnection, mark_dirty
 from .._errors import ConfigurationError
 from .._pool import GuardedPool
 from ._asgi import awaiting_site, in_asgi_request, needs_site
@@ -102,7 +101,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
 
     def _pg_pool(self, resolved: Resolved) -> GuardedPool:
         entry = _current.get(self.alias)
-        if entry is not None and entry[0] is resolved and not entry[1]._closed:
+        if entry is not None and entry[0] is resolved and not entry[1].closed:
             return entry[1]
         with _lock:
             return self._pg_open_pool(resolved)
@@ -114,8 +113,8 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             "autocommit": self.settings_dict["AUTOCOMMIT"],
             "cursor_factory": resolved.cursor_class,
         }
-        existing = _state._pools.get(name)
-        if existing is not None and not existing._closed:
+        existing = _state.configured(name)
+        if existing is not None:
             changed = existing.settings.differences(settings) + [
                 key for key, value in wanted.items() if existing.connect_kwargs.get(key) != value
             ]
@@ -130,10 +129,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             pool = _state.configure(settings.conninfo, name=name, **resolved.options)
         except ConfigurationError as exc:
             raise ImproperlyConfigured(f"DATABASES[{self.alias!r}]: {exc}") from None
-        if pool._inner is None:
+        if not pool.is_open():
             # Django's loaders (jsonb and inet as text, its range dumper, the time zone).
             context = get_adapters_template(_use_tz(), self.timezone)
-            pool.connect_kwargs = {**wanted, "context": context}
+            pool.set_connect_kwargs({**wanted, "context": context})
         _current[self.alias] = (resolved, pool)
         return pool
 
@@ -155,11 +154,11 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
         else:
             conn = pool.getconn()
             try:
-                entry = pool.ledger.out.get(id(conn))
-                if entry is not None and needs_site(entry[2]):  # an async view's ORM call
+                record = pool.ledger.record(id(conn))
+                if record is not None and needs_site(record.code):  # an async view's ORM call
                     site = awaiting_site()
                     if site is not None:
-                        pool.ledger.out[id(conn)] = (*entry[:2], *site, *entry[4:])
+                        pool.ledger.move(id(conn), *site)
                 self._pg_prepare(conn)
             except BaseException:
                 pool.putconn(conn)
@@ -209,7 +208,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
             if role:
                 # Other wrappers of this alias may want another role or none: the pool runs
                 # DISCARD ALL on return, and the next checkout sets the role again.
-                conn._pg_session_dirty = True  # type: ignore[attr-defined]
+                mark_dirty(conn)
 
     def _pg_connect_direct(self, conn_params: dict[str, Any]) -> psycopg.Connection[Any]:
         """A connection of its own: for the no-database alias and inside direct_connection()."""
@@ -364,7 +363,7 @@ def _after_fork() -> None:
             wrapper._pg_source = None
 
 
-os.register_at_fork(after_in_child=_after_fork)
+_state.at_fork(_after_fork)
 
 
 def pool_for(using: str = DEFAULT_DB_ALIAS) -> GuardedPool:

@@ -27,7 +27,6 @@ from .._errors import ConfigurationError
 from .._pool import GuardedPool
 from .._settings import Settings, parse_dsn
 from ._asyncpg import AsyncpgPool, asyncpg_pool
-from ._asyncpg import _pools as _asyncpg_pools
 from ._pool import AsyncSource, SharedPool, Source
 
 if TYPE_CHECKING:
@@ -109,7 +108,7 @@ def create_async_engine(
     settings = pool.settings
     asyncpg = sa_url.get_driver_name() == "asyncpg"
     if asyncpg:
-        asyncpg_pool(settings)  # the DSN must suit asyncpg: fail now rather than on first use
+        asyncpg_pool(name)  # the DSN must suit asyncpg: fail now rather than on first use
         adapter_kwargs = _asyncpg_adapter_args(kw, settings, prepared_statements)
     else:
         if prepared_statements is not None:
@@ -131,12 +130,9 @@ async def aclose(name: str = "default") -> None:
     (an app's shutdown hook, the end of ``asyncio.run()``).  ``AsyncEngine.dispose()`` does not
     close them, because other engines and code of the process share them.
     """
-    twin = _state._async_pools.get(name)
-    if twin is not None:
-        await twin.close()
-    pool = _asyncpg_pools.get(name)
-    if pool is not None:
-        await pool.close()
+    for pool in _state.flavors_of(name).values():
+        if pool.event_loop() is not None:
+            await pool.close()
 
 
 def direct_url(name: str = "default", driver: str = "psycopg") -> URL:
@@ -173,8 +169,8 @@ def _resolve(
         return _url_from_conninfo(pool.settings.conninfo, drivername), pool, None
     sa_url = sa_url.set(drivername=drivername)
     dsn = sa_url.set(drivername="postgresql").render_as_string(hide_password=False)
-    existing = _state._pools.get(name)
-    if existing is not None and not existing._closed:
+    existing = _state.configured(name)
+    if existing is not None:
         if parse_dsn(dsn, "url")[0] != existing.settings.conninfo:
             raise ConfigurationError(
                 f"{caller}(): pool {name!r} is configured for {existing.settings.redacted_dsn!r}, "

@@ -3,46 +3,53 @@
 asyncpg connections are not psycopg connections, so they cannot come from AsyncGuardedPool.
 This pool is sized and timed by the settings of the poolguard pool with the same name
 (max_size, min_size, timeout, max_waiting, connect_timeout, max_idle, max_lifetime,
-application_name), writes the same ledger records and metrics, and gives the same errors.  Like
-the psycopg async twin of a pool, it is a separate set of connections: a process that drives
-one name through both psycopg and asyncpg may hold max_size of each (docs/sqlalchemy.md).
+application_name), writes the same ledger records and metrics, and gives the same errors.  Its
+server connections take their slots from the name's one budget (see poolguard/_slots.py), so a
+process that drives one name through psycopg and asyncpg still holds at most max_size.
+
+asyncpg itself is imported on first use, so ``import poolguard.sqlalchemy`` works without it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import contextlib
+import importlib
 import weakref
 from collections import deque
+from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import psycopg
 import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 
+from .. import _state
 from .._errors import ConfigurationError
-from .._ledger import Checkout, caller_site
+from .._ledger import TAKEN_AT, Checkout, caller_site
 from .._pool import _PoolCore
 from .._settings import Settings, redact_text
+from .._slots import Slots
 
 # libpq parameters asyncpg's connect() takes under the same name.
 _ASYNCPG_PARAMS = {"host", "port", "user", "password", "dbname", "passfile"}
-_lock = threading.Lock()
-_pools: dict[str, AsyncpgPool] = {}
 
 
-def asyncpg_pool(settings: Settings) -> AsyncpgPool:
-    """The asyncpg pool for ``settings.name``; rebuilt when that name's settings changed."""
-    pool = _pools.get(settings.name)
-    if pool is not None and not pool._closed and pool.settings is settings:
-        return pool
-    with _lock:
-        pool = _pools.get(settings.name)
-        if pool is None or pool._closed or pool.settings is not settings:
-            pool = _pools[settings.name] = AsyncpgPool(settings)
-        return pool
+def asyncpg_pool(name: str) -> AsyncpgPool:
+    """The asyncpg pool of ``name``; rebuilt when that name's settings changed."""
+    return _state.flavor(name, _state.ASYNCPG, AsyncpgPool)
+
+
+def _driver() -> Any:
+    """The asyncpg module, imported when the first asyncpg pool is built."""
+    try:
+        return importlib.import_module("asyncpg")
+    except ImportError:
+        raise ConfigurationError(
+            "the postgresql+asyncpg driver needs asyncpg: pip install 'poolguard[asyncpg]' "
+            "(or use postgresql+psycopg)"
+        ) from None
 
 
 def _connect_kwargs(settings: Settings) -> dict[str, Any]:
@@ -69,21 +76,55 @@ def _connect_kwargs(settings: Settings) -> dict[str, Any]:
 class AsyncpgPool(_PoolCore):
     """A small LIFO pool of asyncpg connections with poolguard's ledger, bound to one loop."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        slots: Slots | None = None,
+        target: Callable[[Settings], str] | None = None,
+    ) -> None:
+        super().__init__(settings, slots=slots, target=target)
+        self._asyncpg = _driver()
         self._connect_kwargs = _connect_kwargs(settings)
         self._reset_state()
 
     def _reset_state(self) -> None:
         # (connection, opened at, idle since); the right end is the most recently returned.
-        self._idle: deque[tuple[asyncpg.Connection, float, float]] = deque()
+        self._idle: deque[tuple[Any, float, float]] = deque()
         self._born: dict[int, float] = {}
-        self._slots: asyncio.Semaphore | None = None
+        #: Checkouts at once (max_size); the server connections are counted by self.slots.
+        self._checkouts: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting = 0
 
     def _inner_pool(self) -> None:
         return None
+
+    def is_open(self) -> bool:
+        return not self._closed and self._checkouts is not None
+
+    def event_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def has_demand(self) -> bool:
+        return self._waiting > 0
+
+    def release_idle(self) -> None:
+        loop = self._loop
+        if self._idle and loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._release_one)
+
+    def _release_one(self) -> None:
+        if self._idle:
+            self._discard(self._idle.popleft()[0])
+
+    def abandon(self) -> None:
+        self._closed = True
+        for conn, _, _ in self._idle:
+            self._born.pop(id(conn), None)
+            self.slots.give()  # its socket dies with its event loop
+        self._idle = deque()
 
     def _forget_after_fork(self) -> None:
         super()._forget_after_fork()
@@ -93,16 +134,16 @@ class AsyncpgPool(_PoolCore):
         loop = asyncio.get_running_loop()
         if self._closed:
             raise psycopg_pool.PoolClosed(f"pool {self.name!r} is closed")
-        if self._slots is None or self._loop is not loop:
+        if self._checkouts is None or self._loop is not loop:
             if self._loop is not None and not self._loop.is_closed():
                 raise psycopg.InterfaceError(
                     f"asyncpg pool {self.name!r} belongs to another running event loop: use it "
                     "from that loop, or give each loop its own pool name"
                 )
             self._reset_state()  # connections of a finished loop cannot be used or closed
-            self._slots = asyncio.Semaphore(self.settings.max_size)
+            self._checkouts = asyncio.Semaphore(self.settings.max_size)
             self._loop = loop
-        return self._slots
+        return self._checkouts
 
     async def getconn(self, timeout: float | None = None, *, _depth: int = 1) -> Any:
         """Take a connection; hand it back with putconn()."""
@@ -123,7 +164,7 @@ class AsyncpgPool(_PoolCore):
         finally:
             self._waiting -= 1
         try:
-            conn = self._reuse() or await self._connect()
+            conn = self._reuse() or await self._connect(started + timeout - monotonic())
         except BaseException:
             slots.release()
             raise
@@ -131,17 +172,10 @@ class AsyncpgPool(_PoolCore):
         self.metrics.wait_time.add(now - started)
         code, line = caller_site(_depth + 1)
         owner = id(asyncio.current_task())
-        self.ledger.out[id(conn)] = (
-            now,
-            owner,
-            code,
-            line,
-            conn.get_server_pid(),
-            weakref.ref(conn),
-        )
+        self.ledger.take(id(conn), now, owner, code, line, conn.get_server_pid(), weakref.ref(conn))
         return conn
 
-    def _reuse(self) -> asyncpg.Connection | None:
+    def _reuse(self) -> Any:
         s, now = self.settings, monotonic()
         while self._idle and now - self._idle[0][2] > s.max_idle and len(self._born) > s.min_size:
             self._discard(self._idle.popleft()[0])
@@ -152,62 +186,80 @@ class AsyncpgPool(_PoolCore):
             self._discard(conn)
         return None
 
-    async def _connect(self) -> asyncpg.Connection:
+    async def _connect(self, timeout: float) -> Any:
+        self._waiting += 1  # a caller waits for this connection: other flavors give way
+        try:
+            if not await self.slots.atake(self, max(0.0, timeout)):
+                raise self._exhausted(self._timeout(None), self._waiting - 1)
+        finally:
+            self._waiting -= 1
         started = monotonic()
         try:
-            conn: asyncpg.Connection = await asyncpg.connect(**self._connect_kwargs)
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+            conn = await self._asyncpg.connect(**self._connect_kwargs)
+        except (OSError, asyncio.TimeoutError, self._asyncpg.PostgresError) as exc:
+            self.slots.give()
             message = redact_text(str(exc).strip(), self.settings.conninfo)
             raise self._connect_error(psycopg.OperationalError(message)) from None
+        except BaseException:
+            self.slots.give()
+            raise
         self.metrics.create_time.add(monotonic() - started)
         self._born[id(conn)] = monotonic()
         return conn
 
-    def _discard(self, conn: asyncpg.Connection) -> None:
-        self._born.pop(id(conn), None)
+    def _discard(self, conn: Any) -> None:
+        if self._born.pop(id(conn), None) is not None:
+            self.slots.give()
         conn.terminate()  # no await: a stale connection gets no goodbye
 
     async def putconn(self, conn: Any) -> None:
         """Give a connection back: roll back what is open, then pool it."""
-        entry = self.ledger.out.pop(id(conn), None)
+        entry = self.ledger.give_back(id(conn))
         if entry is None:
             if self._born.get(id(conn)) is None:
                 raise psycopg.ProgrammingError(
                     f"pool {self.name!r}: putconn() got a connection this pool did not give out"
                 )
             return
-        self.metrics.use_time.add(monotonic() - entry[0])
+        self.metrics.use_time.add(monotonic() - entry[TAKEN_AT])
         try:
             if not conn.is_closed() and conn.is_in_transaction():
                 status = psycopg.pq.TransactionStatus.INTRANS
                 self._log_dirty_return(status, Checkout(id(conn), entry))
                 try:
                     await conn.execute("ROLLBACK")
-                except (OSError, asyncpg.PostgresError) as exc:
+                except (OSError, self._asyncpg.PostgresError) as exc:
                     self._log_discard(Checkout(id(conn), entry), f"whose rollback failed: {exc}")
                     conn.terminate()
             born = self._born.get(id(conn), 0.0)
             if self._closed and not conn.is_closed():
-                self._born.pop(id(conn), None)
-                await conn.close()
-            elif conn.is_closed() or monotonic() - born > self.settings.max_lifetime:
+                await self._close_one(conn, 5.0)
+            elif (
+                conn.is_closed()
+                or monotonic() - born > self.settings.max_lifetime
+                or (self.slots.waiting and self.slots.pressure(self))
+            ):
                 self._discard(conn)
             else:
                 self._idle.append((conn, born, monotonic()))
         finally:
-            if self._slots is not None:
-                self._slots.release()
+            if self._checkouts is not None:
+                self._checkouts.release()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close the idle connections; connections still out are closed when returned."""
         self._closed = True
         idle, self._idle = self._idle, deque()
         for conn, _, _ in idle:
-            self._born.pop(id(conn), None)
-            try:
-                await asyncio.wait_for(conn.close(), timeout)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError):
-                conn.terminate()
+            await self._close_one(conn, timeout)
+
+    async def _close_one(self, conn: Any, timeout: float) -> None:
+        if self._born.pop(id(conn), None) is not None:
+            self.slots.give()
+        try:
+            await asyncio.wait_for(conn.close(), timeout)
+        except (OSError, asyncio.TimeoutError, self._asyncpg.PostgresError):
+            conn.terminate()
 
     def stats(self) -> dict[str, Any]:
         return self.metrics.snapshot(

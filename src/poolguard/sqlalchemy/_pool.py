@@ -9,11 +9,9 @@ connection, so the dialect's one-time setup runs once per server connection, not
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from typing import Any, cast
 
-import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 from sqlalchemy.util import concurrency
 
@@ -40,8 +38,8 @@ class Source:
         self._dsn = dsn
 
     def sync_pool(self) -> GuardedPool:
-        pool = _state._pools.get(self.name)
-        if pool is None or pool._closed:
+        pool = _state.configured(self.name)
+        if pool is None:
             pool = (
                 _state.configure(self._dsn, name=self.name)
                 if self._dsn
@@ -80,8 +78,8 @@ class AsyncSource(Source):
 
     @property
     def pool(self) -> AsyncGuardedPool | AsyncpgPool:
-        settings = self.sync_pool().settings
-        return asyncpg_pool(settings) if self._asyncpg else _state.get_async_pool(self.name)
+        self.sync_pool()  # configured again from the URL after a reset
+        return asyncpg_pool(self.name) if self._asyncpg else _state.get_async_pool(self.name)
 
     def take(self) -> tuple[Any, Any]:
         pool = self.pool
@@ -93,7 +91,7 @@ class AsyncSource(Source):
             return
         # The garbage collector returned a connection that was never closed: no greenlet to
         # await in, so hand it back on the pool's loop.
-        loop = pool._loop
+        loop = pool.event_loop()
         if loop is None or loop.is_closed():
             return
         loop.call_soon_threadsafe(self._give_later, raw, pool)
@@ -205,9 +203,8 @@ def _info(record: ConnectionPoolEntry) -> dict[Any, Any]:
 
 
 def _is_closed(raw: Any) -> bool:
-    if isinstance(raw, asyncpg.Connection):
-        return bool(raw.is_closed())
-    return bool(raw.closed)
+    closed = getattr(raw, "closed", None)  # psycopg's attribute; asyncpg has a method
+    return bool(raw.is_closed() if closed is None else closed)
 
 
 def _after_fork_in_child() -> None:
@@ -215,4 +212,4 @@ def _after_fork_in_child() -> None:
     _generation += 1
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_state.at_fork(_after_fork_in_child)
