@@ -16,6 +16,7 @@ pre-ping, ``engine.dispose()``, fork, the asyncpg dialect, and Alembic's direct 
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
@@ -124,14 +125,15 @@ def create_async_engine(
 
 
 async def aclose(name: str = "default") -> None:
-    """Close the event-loop-bound pools of ``name`` (psycopg async and asyncpg).
+    """Close the pools of ``name`` bound to this event loop (psycopg async and asyncpg).
 
     Their connections belong to the loop that opened them: call this before that loop ends
     (an app's shutdown hook, the end of ``asyncio.run()``).  ``AsyncEngine.dispose()`` does not
     close them, because other engines and code of the process share them.
     """
+    loop = asyncio.get_running_loop()
     for pool in _state.flavors_of(name).values():
-        if pool.event_loop() is not None:
+        if pool.event_loop() is loop:
             await pool.close()
 
 
