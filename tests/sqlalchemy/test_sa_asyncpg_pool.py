@@ -41,7 +41,7 @@ def test_budget_exhaustion_names_the_holders_line(pg_dsn: str) -> None:
 def test_returned_inside_a_transaction_is_rolled_back_with_a_warning(
     pg_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pool = asyncpg_pool(poolguard.configure(pg_dsn, max_size=1).settings)
+    pool = asyncpg_pool(poolguard.configure(pg_dsn, max_size=1).name)
 
     async def body() -> tuple[int, int, bool]:
         conn = await pool.getconn()
@@ -64,7 +64,7 @@ def test_returned_inside_a_transaction_is_rolled_back_with_a_warning(
 
 
 def test_connections_past_max_lifetime_are_replaced(pg_dsn: str) -> None:
-    pool = asyncpg_pool(poolguard.configure(pg_dsn, max_size=1, max_lifetime=0.2).settings)
+    pool = asyncpg_pool(poolguard.configure(pg_dsn, max_size=1, max_lifetime=0.2).name)
 
     async def body() -> tuple[int, int]:
         conn = await pool.getconn()
@@ -82,7 +82,7 @@ def test_connections_past_max_lifetime_are_replaced(pg_dsn: str) -> None:
 
 
 def test_foreign_connection_and_unsuitable_dsn_are_refused(pg_dsn: str) -> None:
-    pool = asyncpg_pool(poolguard.configure(pg_dsn).settings)
+    pool = asyncpg_pool(poolguard.configure(pg_dsn).name)
     assert isinstance(pool, AsyncpgPool)
 
     async def body() -> None:
