@@ -24,12 +24,12 @@ from ._errors import (
     PoolGuardWarning,
 )
 from ._guard import SessionStateError, SessionStateWarning
-from ._pool import AsyncGuardedPool, GuardedPool, _AsyncCheckout, _Checkout
+from ._lost import ConnectionLeakWarning
+from ._pool import AsyncCheckoutBlock, AsyncGuardedPool, CheckoutBlock, GuardedPool
 from ._report import Report, report, report_on_signal
 from ._settings import Settings
 from ._state import aclose_all, close_all, configure, flavors_of, get_async_pool, get_pool, reset
 from ._stats import combine
-from ._watchdog import ConnectionLeakWarning
 
 __all__ = [
     "AsyncGuardedPool",
@@ -62,12 +62,12 @@ __all__ = [
 __version__ = "0.1.0.dev0"
 
 
-def connection(name: str = "default", timeout: float | None = None) -> _Checkout:
+def connection(name: str = "default", timeout: float | None = None) -> CheckoutBlock:
     """``with poolguard.connection() as conn:`` a connection from the pool called ``name``."""
     return get_pool(name).connection(timeout)
 
 
-def aconnection(name: str = "default", timeout: float | None = None) -> _AsyncCheckout:
+def aconnection(name: str = "default", timeout: float | None = None) -> AsyncCheckoutBlock:
     """``async with poolguard.aconnection() as conn:`` the asyncio twin of connection()."""
     return get_async_pool(name).connection(timeout)
 

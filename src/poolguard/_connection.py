@@ -19,10 +19,11 @@ from psycopg.abc import Params, Query
 from psycopg.pq import TransactionStatus
 from psycopg.rows import Row
 
+from . import _lost
 from ._errors import ConnectionReclaimed
 from ._guard import SessionStateGuard
 from ._sqlstate_rules import leaves_session_state
-from ._watchdog import adopt_lost
+from ._sqltokens import mask_literals
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -49,19 +50,21 @@ _read_client_state = attrgetter(*_CLIENT_ATTRS)
 class Tracked:
     """Bookkeeping shared by the sync and async connection classes."""
 
-    _pg_backend_pid: int = 0
-    _pg_weak: Callable[[], Any] = staticmethod(lambda: None)
+    pg_backend_pid: int = 0
+    pg_weak: Callable[[], Any] = staticmethod(lambda: None)
     _pg_connect_seconds: float = 0.0
     _pg_client_defaults: tuple[Any, ...] = ()
     #: The last statement text (never its parameters) and when it was sent.
-    _pg_last_sql: Any = None
-    _pg_last_active: float = 0.0
+    pg_last_sql: Any = None
+    pg_last_active: float = 0.0
     #: Set when a statement left server-side session state behind (SET, LISTEN, temp table...).
     _pg_session_dirty: bool = False
     #: Warns about or refuses session-state SQL; None in session mode or with guard="off".
     _pg_guard: SessionStateGuard | None = None
     #: The budget slot this server connection holds until it closes (see _slots.py).
     _pg_slots: Slots | None = None
+    #: The pool that opened it (its ledger says whether it is checked out).
+    _pg_owner: Any = None
 
     def _pg_free_slot(self) -> None:
         slots, self._pg_slots = self._pg_slots, None
@@ -71,18 +74,19 @@ class Tracked:
     def _pg_client_state(self) -> tuple[Any, ...]:
         return _read_client_state(self)
 
-    def _pg_attach(self, metrics: PoolMetrics, guard: SessionStateGuard | None) -> None:
-        """Called once when the pool adds this new connection."""
-        self._pg_backend_pid = self.pgconn.backend_pid  # type: ignore[attr-defined]
-        self._pg_weak = weakref.ref(self)
+    def pg_attach(self, owner: Any, metrics: PoolMetrics, guard: SessionStateGuard | None) -> None:
+        """Called once when the pool ``owner`` adds this new connection."""
+        self._pg_owner = owner
+        self.pg_backend_pid = self.pgconn.backend_pid  # type: ignore[attr-defined]
+        self.pg_weak = weakref.ref(self)
         self._pg_client_defaults = self._pg_client_state()
         self._pg_guard = guard
         metrics.create_time.add(self._pg_connect_seconds)
 
-    def _pg_observe(self, query: Any) -> None:
+    def pg_observe(self, query: Any) -> None:
         """Every statement passes here before it is sent (cursor.execute and friends)."""
-        self._pg_last_sql = query
-        self._pg_last_active = monotonic()
+        self.pg_last_sql = query
+        self.pg_last_active = monotonic()
         if not isinstance(query, (str, bytes)):
             query = query.as_string(self)  # psycopg.sql.Composable: rare, not cached
         guard = self._pg_guard
@@ -101,7 +105,7 @@ class Tracked:
             guard.check_server_cursor(name, in_transaction=in_transaction, withhold=withhold)
         if withhold:  # it outlives the transaction, so it is session state
             self._pg_session_dirty = True
-        self._pg_observe(query)
+        self.pg_observe(query)
 
     def _pg_in_transaction(self) -> bool:
         """Will the next statement run inside a transaction block?"""
@@ -109,15 +113,16 @@ class Tracked:
             self.pgconn.transaction_status != _IDLE  # type: ignore[attr-defined]
         )
 
-    def _pg_needs_reset(self) -> bool:
+    def pg_needs_reset(self) -> bool:
         return self._pg_session_dirty or self._pg_client_state() != self._pg_client_defaults
 
     #: Why poolguard took this connection back ("" while it is the holder's); see _Reclaimed.
-    _pg_reclaimed: str = ""
+    pg_reclaimed: str = ""
 
     def __del__(self, *args: Any) -> None:
         # Checked out and unreferenced: queued for the watchdog to free its slot (no I/O here).
-        if getattr(self, "_pool", None) is not None and adopt_lost(self):
+        owner = self._pg_owner
+        if owner is not None and _lost.adopt(owner, self):
             return
         self._pg_free_slot()  # dropped without close(): psycopg_pool discards broken ones so
         super().__del__(*args)  # type: ignore[misc]
@@ -157,7 +162,7 @@ class GuardedCursor(psycopg.Cursor[Row]):
         prepare: bool | None = None,
         binary: bool | None = None,
     ) -> Self:
-        self._conn._pg_observe(query)  # type: ignore[attr-defined]
+        self._conn.pg_observe(query)  # type: ignore[attr-defined]
         return super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[arg-type, misc]
 
 
@@ -172,7 +177,7 @@ class AsyncGuardedCursor(psycopg.AsyncCursor[Row]):
         prepare: bool | None = None,
         binary: bool | None = None,
     ) -> Self:
-        self._conn._pg_observe(query)  # type: ignore[attr-defined]
+        self._conn.pg_observe(query)  # type: ignore[attr-defined]
         return await super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[arg-type, misc]
 
 
@@ -230,7 +235,7 @@ class GuardedConnection(Tracked, psycopg.Connection[Any]):
         super().close()
         self._pg_free_slot()
 
-    def _pg_reset(self) -> None:
+    def pg_reset(self) -> None:
         for name, default in self._pg_client_changes():
             # set_autocommit() and friends exist for the four transaction characteristics.
             setter = getattr(self, f"set_{name}", None)
@@ -277,7 +282,7 @@ class AsyncGuardedConnection(Tracked, psycopg.AsyncConnection[Any]):
         await super().close()
         self._pg_free_slot()
 
-    async def _pg_reset(self) -> None:
+    async def pg_reset(self) -> None:
         for name, default in self._pg_client_changes():
             # On AsyncConnection these four have awaitable setters and read-only properties.
             setter = getattr(self, f"set_{name}", None)
@@ -294,6 +299,38 @@ def _no_slot(slots: Slots) -> psycopg.OperationalError:
     return psycopg.OperationalError(
         f"pool {slots.name!r} was closed while a connection waited for a slot of its budget"
     )
+
+
+_STATES: dict[int, str] = {
+    TransactionStatus.IDLE: "idle",
+    TransactionStatus.ACTIVE: "active",
+    TransactionStatus.INTRANS: "idle in transaction",
+    TransactionStatus.INERROR: "idle in transaction (aborted)",
+    TransactionStatus.UNKNOWN: "closed",
+}
+_STATEMENT_CHARS = 300
+
+
+def last_statement(conn: Tracked) -> str:
+    """The last statement on one line, shortened, string literals masked; never parameters."""
+    query = conn.pg_last_sql
+    if query is None:
+        return "(none)"
+    if isinstance(query, bytes):
+        text = query.decode("utf-8", "replace")
+    elif isinstance(query, str):
+        text = query
+    else:  # psycopg.sql.Composable: its Literal parts become quoted literals, masked below
+        try:
+            text = query.as_string(conn)
+        except Exception:
+            text = f"<{type(query).__name__}>"
+    return mask_literals(" ".join(text.split()), _STATEMENT_CHARS)
+
+
+def state_text(status: int) -> str:
+    """active / idle in transaction / idle in transaction (aborted) / idle / closed."""
+    return _STATES.get(status, "unknown")
 
 
 def release_slot(conn: Tracked) -> None:
@@ -315,10 +352,10 @@ class _Reclaimed:
     """
 
     def _pg_refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise ConnectionReclaimed(self._pg_reclaimed)  # type: ignore[attr-defined]
+        raise ConnectionReclaimed(self.pg_reclaimed)  # type: ignore[attr-defined]
 
     cursor = execute = commit = rollback = transaction = pipeline = _pg_refuse
-    _pg_observe = _pg_refuse
+    pg_observe = _pg_refuse
 
 
 class ReclaimedConnection(_Reclaimed, GuardedConnection):
@@ -331,7 +368,7 @@ class AsyncReclaimedConnection(_Reclaimed, AsyncGuardedConnection):
 
 def mark_reclaimed(conn: Tracked, message: str) -> None:
     """Turn a connection poolguard took back into one whose every use raises ``message``."""
-    conn._pg_reclaimed = message
+    conn.pg_reclaimed = message
     conn.__class__ = (
         AsyncReclaimedConnection
         if isinstance(conn, psycopg.AsyncConnection)

@@ -1,7 +1,7 @@
 """GuardedPool and AsyncGuardedPool: psycopg_pool pools with a ledger, metrics and a clean return.
 
 The decisions (what to log, when a connection is dirty, how to word an error) live once in
-``_PoolCore``; the two public classes only do the I/O, one with ``await`` and one without.
+``PoolCore``; the two public classes only do the I/O, one with ``await`` and one without.
 """
 
 from __future__ import annotations
@@ -14,18 +14,19 @@ import weakref
 from collections.abc import Callable, Generator, Mapping
 from time import monotonic
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import psycopg_pool
 from psycopg.pq import TransactionStatus
 
-from . import _watchdog
 from ._budget import check_budget_on_open
 from ._connection import (
     AsyncGuardedConnection,
     GuardedConnection,
     Tracked,
+    last_statement,
+    mark_reclaimed,
     needs_cleaning,
     release_slot,
 )
@@ -35,6 +36,7 @@ from ._ledger import TAKEN_AT, Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
 from ._settings import Settings, redact_text
 from ._slots import Slots
+from ._startup import options_rejected, startup_options
 from ._toomany import Backoff, Step, is_too_many_connections, limit_text, refusal_text
 
 logger = logging.getLogger("poolguard")
@@ -45,13 +47,16 @@ _IN_TRANSACTION = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
 # Every pool ever built in this process, so a fork can make all of them forget the parent's
 # connections (see _forget_after_fork).
-_all_pools: weakref.WeakSet[_PoolCore] = weakref.WeakSet()
+_all_pools: weakref.WeakSet[PoolCore] = weakref.WeakSet()
 # In a forked child, the parent's psycopg pools: kept referenced so that they are never garbage
 # collected there (their __del__ would signal and join worker threads the child does not have).
 _inherited: list[object] = []
+# Arbitrates a reclaim (the watchdog's decision, see reclaim()) against a racing putconn() by
+# the holder: one of them takes the checkout, the other sees it gone.
+_reclaiming = threading.Lock()
 
 
-class _PoolCore:
+class PoolCore:
     """What GuardedPool and AsyncGuardedPool share: settings, ledger, metrics and decisions."""
 
     #: Extra psycopg.connect() arguments an adapter sets before the pool opens (the Django
@@ -172,12 +177,12 @@ class _PoolCore:
 
     def _connect_args(self) -> dict[str, Any]:
         if self._startup is None:
-            self._startup = _watchdog.startup_options(self.settings)
+            self._startup = startup_options(self.settings)
         return {**self.settings.connection_kwargs(), **self._startup}
 
     def _options_refused(self, exc: Exception) -> bool:
         """The probe met a pooler that rejects ``options``: go on without it (docs/leaks.md)."""
-        if self._startup is None or not _watchdog.options_rejected(exc):
+        if self._startup is None or not options_rejected(exc):
             return False
         if not self._startup:  # a concurrent probe (async first use) already switched it off
             return True
@@ -267,24 +272,26 @@ class _PoolCore:
         )
 
     def _on_connect(self, conn: Tracked) -> None:
-        conn._pg_attach(self.metrics, self._guard)
+        conn.pg_attach(self, self.metrics, self._guard)
         self._full.connected()
 
     def _record_checkout(self, conn: Tracked, started: float, depth: int, owner: int) -> None:
         now = monotonic()
         self.metrics.wait_time.add(now - started)
         code, line = caller_site(depth + 1)
-        self.ledger.take(id(conn), now, owner, code, line, conn._pg_backend_pid, conn._pg_weak)
+        self.ledger.take(id(conn), now, owner, code, line, conn.pg_backend_pid, conn.pg_weak)
 
-    def _record_return(self, conn: Tracked) -> Checkout | None:
+    def _record_return(self, conn: Tracked) -> Checkout | Literal[False] | None:
+        """The checkout ``conn`` ends; None when it goes straight back, the record when it must
+        be cleaned first, False when poolguard reclaimed it meanwhile (nothing left to do)."""
         entry = self.ledger.give_back(id(conn))
         if entry is None:
             if not isinstance(conn, Tracked):
                 raise psycopg.ProgrammingError(
                     f"pool {self.name!r}: putconn() got a connection no poolguard pool gave out"
                 )
-            if _watchdog.returned_unknown(conn):  # reclaimed meanwhile: slot already free
-                return None
+            if self._returned_reclaimed(conn):  # its slot is free already
+                return False
             # Shelving it again would hand one connection to two callers.
             raise psycopg.ProgrammingError(
                 f"pool {self.name!r}: putconn() got a connection that is not checked out "
@@ -293,10 +300,58 @@ class _PoolCore:
         self.metrics.use_time.add(monotonic() - entry[TAKEN_AT])
         return Checkout(id(conn), entry) if needs_cleaning(conn) else None
 
+    def _returned_reclaimed(self, conn: Tracked) -> bool:
+        """putconn() found no checkout: whether poolguard reclaimed it (then accept it quietly;
+        False means the caller has a bug).  The lock waits out a reclaim in progress."""
+        with _reclaiming:
+            reclaimed = conn.pg_reclaimed
+        if reclaimed:
+            logger.info("a reclaimed connection was returned by its holder (%s)", reclaimed)
+        return bool(reclaimed)
+
+    # --- what the watchdog asks of a pool (it decides, the pool does the I/O) ---------------
+
+    #: Whether checkouts belong to asyncio tasks (else to threads).
+    is_async = False
+
+    def conn_status(self, conn: Any) -> int:
+        """The connection's transaction status (psycopg.pq.TransactionStatus)."""
+        return int(conn.pgconn.transaction_status)
+
+    def conn_last_active(self, conn: Any) -> float:
+        """When the connection last sent a statement (monotonic)."""
+        return float(conn.pg_last_active)
+
+    def conn_statement(self, conn: Any) -> str:
+        """The last statement, shortened and masked, for reports."""
+        return last_statement(conn)
+
+    def reclaim(self, record: Checkout, message: str, claimed: Callable[[], None]) -> None:
+        """Take a checked-out connection back from its holder: close it and free its slot.
+
+        Nothing happens if a statement is running or the holder returns it first; otherwise
+        ``claimed()`` runs once the checkout is the pool's, and every later use by the holder
+        raises ConnectionReclaimed(``message``).
+        """
+        raise NotImplementedError
+
+    def drop_lost(self, conn: Any) -> None:
+        """Close a connection that was garbage-collected while checked out; free its slot."""
+        raise NotImplementedError
+
+    def _claim(self, conn: Any, record: Checkout, message: str) -> bool:
+        """Take ``record`` from under its holder (``_reclaiming`` held): putconn() or we win."""
+        if self.conn_status(conn) == TransactionStatus.ACTIVE:
+            return False
+        if not self.ledger.claim(record):
+            return False  # returned (and maybe taken again) meanwhile
+        mark_reclaimed(conn, message)
+        return True
+
     def _cleaning(self, conn: Tracked, record: Checkout) -> Generator[str, Exception | None, None]:
         """The return-path decisions for a connection that is not simply clean, written once.
 
-        Yields the I/O each pool must do on ``conn`` ("rollback", "_pg_reset" or "close") and is
+        Yields the I/O each pool must do on ``conn`` ("rollback", "pg_reset" or "close") and is
         sent back the psycopg error it raised, or None; GuardedPool and AsyncGuardedPool only
         run the steps, with and without ``await``.  A closed or busy connection is left to
         psycopg_pool, which discards it and opens a replacement.
@@ -315,9 +370,9 @@ class _PoolCore:
         elif status != _IDLE:  # a query still running: psycopg_pool closes the connection
             self._log_discard(record, "returned while a query was still running")
             return
-        if conn._pg_needs_reset():
+        if conn.pg_needs_reset():
             self.metrics.session_resets += 1
-            if (failed := (yield "_pg_reset")) is not None:
+            if (failed := (yield "pg_reset")) is not None:
                 self._log_discard(record, f"whose reset failed: {failed}")
                 yield "close"
 
@@ -386,12 +441,12 @@ def _block_end(conn: Any, exc_type: type[BaseException] | None) -> str | None:
     """
     if conn.pgconn.transaction_status == _IDLE:
         return None
-    if conn.closed and not (exc_type is None and conn._pg_reclaimed):
+    if conn.closed and not (exc_type is None and conn.pg_reclaimed):
         return None
     return "commit" if exc_type is None else "rollback"
 
 
-class _Checkout:
+class CheckoutBlock:
     """``with pool.connection() as conn``: commit on success, roll back on error, return."""
 
     __slots__ = ("_conn", "_pool", "_timeout")
@@ -433,7 +488,7 @@ def _wait_for_min_size(slots: Slots, min_size: int) -> bool:
     return 0 < min_size <= slots.free()
 
 
-class GuardedPool(_PoolCore):
+class GuardedPool(PoolCore):
     """A process-wide, guarded pool of psycopg connections.  Build it with poolguard.configure()."""
 
     def __init__(
@@ -489,7 +544,6 @@ class GuardedPool(_PoolCore):
                 else:
                     inner.open(wait=False)
                 self._inner = inner
-                _watchdog.watch(self)
             return self._inner
 
     def release_idle(self) -> None:
@@ -526,9 +580,9 @@ class GuardedPool(_PoolCore):
             inner.resize(self.settings.min_size, self.settings.max_size)
         return True
 
-    def connection(self, timeout: float | None = None) -> _Checkout:
+    def connection(self, timeout: float | None = None) -> CheckoutBlock:
         """``with pool.connection() as conn:`` commits on success and rolls back on error."""
-        return _Checkout(self, timeout)
+        return CheckoutBlock(self, timeout)
 
     def getconn(self, timeout: float | None = None, *, _depth: int = 1) -> psycopg.Connection[Any]:
         """Take a connection; hand it back with putconn().  Prefer connection()."""
@@ -548,14 +602,42 @@ class GuardedPool(_PoolCore):
         """Give a connection back: roll back what is open, reset what changed, then pool it."""
         record = self._record_return(conn)  # type: ignore[arg-type]
         if record is not None:  # the rare path: something must be cleaned first
+            if record is False:
+                return
             self._clean(conn, record)  # type: ignore[arg-type]
+        if self.slots.waiting and self.slots.pressure(self):
+            _retire(conn)
+        self._shelve(conn)
+
+    def _shelve(self, conn: psycopg.Connection[Any]) -> None:
         inner = self._inner
-        if inner is not None and conn._pool is inner:
-            if self.slots.waiting and self.slots.pressure(self):
-                _retire(conn)
+        if inner is None:
+            conn.close()  # the pool is closed
+            return
+        try:
             inner.putconn(conn)
-        else:
-            conn.close()  # from before a fork, or from a pool that is gone
+        except ValueError:  # psycopg_pool: not one of its connections (a pool closed since)
+            conn.close()
+
+    def reclaim(self, record: Checkout, message: str, claimed: Callable[[], None]) -> None:
+        conn = record.connection()
+        if conn is None:
+            return
+        lock: threading.Lock = conn.lock
+        if not lock.acquire(blocking=False):
+            return  # a statement is running: not idle after all, look again next tick
+        try:
+            with _reclaiming:  # held until the slot is back: a racing putconn() waits for it
+                if not self._claim(conn, record, message):
+                    return
+                claimed()
+                self.drop_lost(conn)
+        finally:
+            lock.release()
+
+    def drop_lost(self, conn: Any) -> None:
+        conn.close()  # psycopg_pool then opens a replacement
+        self._shelve(conn)
 
     def _clean(self, conn: GuardedConnection, record: Checkout) -> None:
         steps = self._cleaning(conn, record)
@@ -578,7 +660,7 @@ class GuardedPool(_PoolCore):
             inner.close(timeout)
 
 
-class _AsyncCheckout:
+class AsyncCheckoutBlock:
     """``async with pool.connection() as conn``: commit on success, roll back on error, return."""
 
     __slots__ = ("_conn", "_pool", "_timeout")
@@ -605,7 +687,7 @@ class _AsyncCheckout:
             await self._pool.putconn(conn)
 
 
-class AsyncGuardedPool(_PoolCore):
+class AsyncGuardedPool(PoolCore):
     """The asyncio twin of GuardedPool, bound to the event loop that first uses it."""
 
     def __init__(
@@ -683,7 +765,6 @@ class AsyncGuardedPool(_PoolCore):
         else:
             await inner.open(wait=False)
         self._inner, self._loop = inner, loop
-        _watchdog.watch(self)
 
     def release_idle(self) -> None:
         inner, loop = self._inner, self._loop
@@ -720,9 +801,9 @@ class AsyncGuardedPool(_PoolCore):
     async def _on_connect_async(self, conn: AsyncGuardedConnection) -> None:
         self._on_connect(conn)
 
-    def connection(self, timeout: float | None = None) -> _AsyncCheckout:
+    def connection(self, timeout: float | None = None) -> AsyncCheckoutBlock:
         """``async with pool.connection() as conn:`` commits on success, rolls back on error."""
-        return _AsyncCheckout(self, timeout)
+        return AsyncCheckoutBlock(self, timeout)
 
     async def getconn(
         self, timeout: float | None = None, *, _depth: int = 1
@@ -746,14 +827,54 @@ class AsyncGuardedPool(_PoolCore):
         """Give a connection back: roll back what is open, reset what changed, then pool it."""
         record = self._record_return(conn)  # type: ignore[arg-type]
         if record is not None:  # the rare path: something must be cleaned first
+            if record is False:
+                return
             await self._clean(conn, record)  # type: ignore[arg-type]
+        if self.slots.waiting and self.slots.pressure(self):
+            _retire(conn)
+        await self._shelve(conn)
+
+    async def _shelve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         inner = self._inner
-        if inner is not None and conn._pool is inner:
-            if self.slots.waiting and self.slots.pressure(self):
-                _retire(conn)
-            await inner.putconn(conn)
-        else:
+        if inner is None:
             await conn.close()
+            return
+        try:
+            await inner.putconn(conn)
+        except ValueError:  # psycopg_pool: not one of its connections (a pool closed since)
+            await conn.close()
+
+    is_async = True
+
+    def reclaim(self, record: Checkout, message: str, claimed: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                asyncio.run_coroutine_threadsafe(self._reclaim(record, message, claimed), loop)
+
+    async def _reclaim(self, record: Checkout, message: str, claimed: Callable[[], None]) -> None:
+        # On the pool's event loop: everything up to the first await runs without the holder.
+        conn = record.connection()
+        if conn is None or conn.lock.locked():
+            return
+        with _reclaiming:
+            if not self._claim(conn, record, message):
+                return
+        claimed()
+        await self._close_and_shelve(conn)
+
+    async def _close_and_shelve(self, conn: Any) -> None:
+        await conn.close()
+        await self._shelve(conn)
+
+    def drop_lost(self, conn: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(self._close_and_shelve(conn), loop)
+                return
+        conn.pgconn.finish()  # its loop is gone, and its pool with it
+        release_slot(conn)
 
     async def _clean(self, conn: AsyncGuardedConnection, record: Checkout) -> None:
         steps = self._cleaning(conn, record)

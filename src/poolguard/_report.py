@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass, field
 from time import monotonic, sleep
 from typing import IO, TYPE_CHECKING, Any
 
-from ._ledger import Entry, format_site
-from ._watchdog import Owners, last_statement, server_activity, state_of
+from ._connection import state_text
+from ._ledger import Checkout
+from ._state import configure, pools
+from ._watchdog import Owners, server_activity
 
 if TYPE_CHECKING:
-    from ._pool import _PoolCore
+    from ._pool import PoolCore
 
 
 @dataclass(frozen=True)
@@ -85,37 +87,35 @@ class Report:
         return {"checkouts": [asdict(c) for c in self.checkouts]}
 
 
-def _pools(name: str | None) -> list[_PoolCore]:
-    from ._state import pools
-
+def _pools(name: str | None) -> list[PoolCore]:
     return [p for p in pools() if name is None or p.name == name]
 
 
 def describe(
-    pool: _PoolCore, entries: list[Entry], *, owners: Owners | None = None, server: bool = False
+    pool: PoolCore, records: list[Checkout], *, owners: Owners | None = None, server: bool = False
 ) -> list[CheckoutReport]:
-    """Reports for some ledger entries of ``pool``."""
+    """Reports for some checkouts of ``pool``."""
     owners = owners or Owners(pool)
     now = monotonic()
-    activity = server_activity(pool.settings, [e[4] for e in entries]) if server else {}
+    activity = server_activity(pool.settings, [r.backend_pid for r in records]) if server else {}
     found = []
-    for entry in entries:
-        conn = entry[5]()
+    for record in records:
+        conn = record.connection()
         if conn is None:
             continue
         found.append(
             CheckoutReport(
                 pool=pool.name,
-                age=now - entry[0],
-                state=state_of(conn),
-                owner=owners.describe(entry[1]),
-                owner_alive=owners.alive(entry[1]),
-                taken_at=format_site(entry[2], entry[3]),
-                backend_pid=entry[4],
-                last_statement=last_statement(conn),
-                idle_for=now - max(conn._pg_last_active, entry[0]),
-                stack=tuple(owners.stack(entry[1])),
-                server=activity.get(entry[4]),
+                age=now - record.taken_at,
+                state=state_text(pool.conn_status(conn)),
+                owner=owners.describe(record.owner),
+                owner_alive=owners.alive(record.owner),
+                taken_at=record.site,
+                backend_pid=record.backend_pid,
+                last_statement=pool.conn_statement(conn),
+                idle_for=now - max(pool.conn_last_active(conn), record.taken_at),
+                stack=tuple(owners.stack(record.owner)),
+                server=activity.get(record.backend_pid),
             )
         )
     return found
@@ -129,7 +129,7 @@ def report(name: str | None = None, *, server: bool = False) -> Report:
     """
     found: list[CheckoutReport] = []
     for pool in _pools(name):
-        found += describe(pool, list(pool.ledger.out.values()), server=server)
+        found += describe(pool, pool.ledger.records(), server=server)
     return Report(tuple(sorted(found, key=lambda c: -c.age)))
 
 
@@ -148,14 +148,14 @@ def report_on_signal(signum: int = signal.SIGUSR1, file: IO[str] | None = None) 
 
 def checkouts_now() -> set[int]:
     """Identities of every ledger entry now, to compare with later (see leftovers)."""
-    return {id(entry) for pool in _pools(None) for entry in list(pool.ledger.out.values())}
+    return {id(record.token) for pool in _pools(None) for record in pool.ledger.records()}
 
 
 def leftovers(before: set[int]) -> list[CheckoutReport]:
     """Checkouts made since ``before = checkouts_now()`` and still out."""
     found: list[CheckoutReport] = []
     for pool in _pools(None):
-        fresh = [e for e in list(pool.ledger.out.values()) if id(e) not in before]
+        fresh = [r for r in pool.ledger.records() if id(r.token) not in before]
         found += describe(pool, fresh)
     return found
 
@@ -180,8 +180,6 @@ def leak_scene(dsn: str, *, threshold: float = 0.5, name: str = "leak-demo") -> 
     Takes about ``threshold`` + 0.1 s; uses its own pool ``name`` and closes it afterwards.
     """
     import logging
-
-    from ._state import configure
 
     namespace: dict[str, Any] = {}
     exec(compile(_SCENE_SOURCE, _SCENE_FILE, "exec"), namespace)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from . import _pool, _watchdog
 from ._errors import ConfigurationError
-from ._pool import AsyncGuardedPool, GuardedPool, _PoolCore
+from ._pool import AsyncGuardedPool, GuardedPool, PoolCore
 from ._probe import probe_pooler
 from ._settings import Settings, build_settings
 from ._slots import Slots
@@ -39,13 +39,13 @@ from ._slots import Slots
 ASYNC = "psycopg-async"
 ASYNCPG = "asyncpg"
 
-P = TypeVar("P", bound=_PoolCore)
+P = TypeVar("P", bound=PoolCore)
 
 _lock = threading.RLock()
 # name -> the configured (sync) pool: its settings are the name's settings.
 _pools: dict[str, GuardedPool] = {}
 # (name, flavor) -> the pool of that flavor, built from the configured pool's settings.
-_flavors: dict[tuple[str, str], _PoolCore] = {}
+_flavors: dict[tuple[str, str], PoolCore] = {}
 # name -> the connection budget every flavor of the name takes its server connections from.
 _slots: dict[str, Slots] = {}
 # Adapters' after-fork hooks (see at_fork), called last, in registration order.
@@ -62,6 +62,7 @@ def configure(dsn: str | None = None, *, name: str = "default", **options: Any) 
                 raise conflict(pool.settings, settings)
             return pool
         pool = _pools[name] = GuardedPool(settings, slots=_budget(settings), target=_target)
+        _watchdog.watch(pool)
         return pool
 
 
@@ -119,6 +120,7 @@ def flavor(name: str, kind: str, build: Callable[..., P]) -> P:
         pool = _flavors.get(key)
         if pool is None or pool.closed or pool.settings is not settings:
             pool = _flavors[key] = build(settings, slots=_budget(settings), target=_target)
+            _watchdog.watch(pool)
         return pool  # type: ignore[return-value]
 
 
@@ -127,9 +129,9 @@ def get_async_pool(name: str = "default") -> AsyncGuardedPool:
     return flavor(name, ASYNC, AsyncGuardedPool)
 
 
-def flavors_of(name: str) -> dict[str, _PoolCore]:
+def flavors_of(name: str) -> dict[str, PoolCore]:
     """Every pool serving ``name`` now, by flavor ("psycopg" for the configured one)."""
-    found: dict[str, _PoolCore] = {}
+    found: dict[str, PoolCore] = {}
     pool = _pools.get(name)
     if pool is not None:
         found["psycopg"] = pool
@@ -137,12 +139,12 @@ def flavors_of(name: str) -> dict[str, _PoolCore]:
     return found
 
 
-def pools() -> list[_PoolCore]:
+def pools() -> list[PoolCore]:
     """Every pool of this process, every flavor."""
     return _all_pools()
 
 
-def _all_pools() -> list[_PoolCore]:
+def _all_pools() -> list[PoolCore]:
     return [*_pools.values(), *_flavors.values()]
 
 
@@ -188,7 +190,7 @@ async def aclose_all(timeout: float = 5.0) -> None:
     await asyncio.to_thread(_stop_rewriters)
 
 
-def _forget_all() -> tuple[list[GuardedPool], list[_PoolCore]]:
+def _forget_all() -> tuple[list[GuardedPool], list[PoolCore]]:
     with _lock:
         sync, others = list(_pools.values()), list(_flavors.values())
         _pools.clear()
@@ -197,7 +199,7 @@ def _forget_all() -> tuple[list[GuardedPool], list[_PoolCore]]:
     return sync, others
 
 
-def _close_elsewhere(pool: _PoolCore, timeout: float) -> None:
+def _close_elsewhere(pool: PoolCore, timeout: float) -> None:
     """Close an event-loop-bound pool from outside its loop, as far as that is possible."""
     loop = pool.event_loop()
     if loop is None or loop.is_closed() or not loop.is_running():

@@ -121,11 +121,11 @@ def test_cursor_classes_are_djangos_and_statements_observed(
             with wrapper.cursor() as cursor:
                 assert wrapper.connection.cursor_factory is MyCursor
                 cursor.execute("SELECT %s", [f"debug={debug}"])
-                assert wrapper.connection._pg_last_sql == "SELECT %s"
+                assert wrapper.connection.pg_last_sql == "SELECT %s"
                 cursor.executemany("SELECT %s", [[1], [2]])
-                assert wrapper.connection._pg_last_sql == "SELECT %s"
+                assert wrapper.connection.pg_last_sql == "SELECT %s"
                 cursor.execute("SELECT 2")
-                assert wrapper.connection._pg_last_sql == "SELECT 2"
+                assert wrapper.connection.pg_last_sql == "SELECT 2"
     finally:
         wrapper.close()
         wrapper.close_pool()
@@ -196,7 +196,7 @@ def test_orm_atomic_select_for_update_and_return_to_pool() -> None:
             raise RuntimeError
     again = Item.objects.get(pk=item.pk)
     assert (again.value, again.data, again.created.tzinfo is not None) == (7, {"k": [1, 2]}, True)
-    assert connection.connection._pg_last_sql.startswith("SELECT")  # statements are observed
+    assert connection.connection.pg_last_sql.startswith("SELECT")  # statements are observed
     assert pool.stats()["db.client.connection.count"]["used"] == 1
     connection.close()
     stats = pool.stats()

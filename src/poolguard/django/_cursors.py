@@ -1,6 +1,6 @@
 """Django's cursor wrappers, each telling its poolguard connection what it runs.
 
-``_pg_observe`` keeps the last statement (leak reports show it) and feeds the session-state
+``pg_observe`` keeps the last statement (leak reports show it) and feeds the session-state
 guard.  It sits in Django's CursorWrapper, the one layer every ORM and ``connection.cursor()``
 statement passes, rather than in the psycopg cursor class: the connection's ``cursor_factory``
 then stays exactly Django's (or ``OPTIONS["cursor_factory"]``), so code that checks it sees
@@ -21,11 +21,11 @@ class _Observing:
     cursor: Any
 
     def execute(self, sql: Any, params: Any = None) -> Any:
-        self.cursor.connection._pg_observe(sql)
+        self.cursor.connection.pg_observe(sql)
         return super().execute(sql, params)  # type: ignore[misc]
 
     def executemany(self, sql: Any, param_list: Any) -> Any:
-        self.cursor.connection._pg_observe(sql)
+        self.cursor.connection.pg_observe(sql)
         return super().executemany(sql, param_list)  # type: ignore[misc]
 
 

@@ -24,11 +24,12 @@ from typing import Any
 import psycopg
 import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 
 from .. import _state
 from .._errors import ConfigurationError
 from .._ledger import TAKEN_AT, Checkout, caller_site
-from .._pool import _PoolCore
+from .._pool import PoolCore
 from .._settings import Settings, redact_text
 from .._slots import Slots
 
@@ -73,7 +74,7 @@ def _connect_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
-class AsyncpgPool(_PoolCore):
+class AsyncpgPool(PoolCore):
     """A small LIFO pool of asyncpg connections with poolguard's ledger, bound to one loop."""
 
     def __init__(
@@ -96,9 +97,53 @@ class AsyncpgPool(_PoolCore):
         self._checkouts: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting = 0
+        #: Connections poolguard took back from their holder: their putconn() is accepted.
+        self._reclaimed: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def _inner_pool(self) -> None:
         return None
+
+    # --- what the watchdog asks (see PoolCore) ---------------------------------------------
+
+    is_async = True
+
+    def conn_status(self, conn: Any) -> int:
+        if conn.is_closed():
+            return int(TransactionStatus.UNKNOWN)
+        return int(
+            TransactionStatus.INTRANS if conn.is_in_transaction() else TransactionStatus.IDLE
+        )
+
+    def conn_last_active(self, conn: Any) -> float:
+        return 0.0  # asyncpg does not say: idle time counts from the checkout
+
+    def conn_statement(self, conn: Any) -> str:
+        return "(not recorded for asyncpg connections)"
+
+    def reclaim(self, record: Checkout, message: str, claimed: Callable[[], None]) -> None:
+        def on_loop() -> None:
+            conn = record.connection()
+            if conn is not None and self.ledger.claim(record):
+                claimed()
+                self._take_back(conn)
+
+        self._on_loop(on_loop)
+
+    def drop_lost(self, conn: Any) -> None:
+        self._on_loop(lambda: self._take_back(conn))
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(fn)
+
+    def _take_back(self, conn: Any) -> None:
+        """Close a connection out of the pool and free its slots (on the pool's loop)."""
+        self._reclaimed.add(conn)
+        self._discard(conn)
+        if self._checkouts is not None:
+            self._checkouts.release()
 
     def is_open(self) -> bool:
         return not self._closed and self._checkouts is not None
@@ -216,6 +261,8 @@ class AsyncpgPool(_PoolCore):
         """Give a connection back: roll back what is open, then pool it."""
         entry = self.ledger.give_back(id(conn))
         if entry is None:
+            if conn in self._reclaimed:
+                return  # poolguard closed it and freed its slot already
             if self._born.get(id(conn)) is None:
                 raise psycopg.ProgrammingError(
                     f"pool {self.name!r}: putconn() got a connection this pool did not give out"
@@ -247,11 +294,16 @@ class AsyncpgPool(_PoolCore):
                 self._checkouts.release()
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Close the idle connections; connections still out are closed when returned."""
+        """Close every connection, the checked-out ones too (app shutdown, reset() in tests):
+        a holder's later use fails, its putconn() is accepted."""
         self._closed = True
         idle, self._idle = self._idle, deque()
         for conn, _, _ in idle:
             await self._close_one(conn, timeout)
+        for record in self.ledger.records():
+            conn = record.connection()
+            if conn is not None and self.ledger.claim(record):
+                self._take_back(conn)
 
     async def _close_one(self, conn: Any, timeout: float) -> None:
         if self._born.pop(id(conn), None) is not None:

@@ -16,7 +16,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool
 from sqlalchemy.util import concurrency
 
 from .. import _state
-from .._pool import AsyncGuardedPool, GuardedPool, _PoolCore
+from .._pool import AsyncGuardedPool, GuardedPool, PoolCore
 from ._asyncpg import AsyncpgPool, asyncpg_pool
 
 # Where a record keeps the physical connection it wraps (record_info outlives reconnects).
@@ -48,7 +48,7 @@ class Source:
         return pool
 
     @property
-    def pool(self) -> _PoolCore:
+    def pool(self) -> PoolCore:
         """The pool that checkouts use now."""
         return self.sync_pool()
 
