@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from sa_helpers import line_of_caller, sa_url
 from sqlalchemy import text
+from sqlalchemy.exc import InterfaceError
 
 import poolguard
 from poolguard.sqlalchemy import create_async_engine
@@ -57,6 +58,8 @@ def test_held_asyncpg_connection_is_reported_counted_warned_and_closed(
         else:  # from another thread, while this loop runs
             await asyncio.to_thread(poolguard.reset)
         after = await asyncio.to_thread(sessions, pg_dsn, app)
+        with pytest.raises(InterfaceError, match="closed"):  # the holder's late use fails
+            await held.close()
         return line, listing, counts, before, after
 
     with caplog.at_level(logging.WARNING, logger="poolguard.leaks"):
