@@ -128,6 +128,13 @@ class PoolCore:
         """Whether the pool has opened (and not closed): it may hold connections now."""
         return not self._closed and self._inner_pool() is not None
 
+    def _ready_count(self) -> int:
+        """Idle connections the pool keeps outside psycopg_pool (GuardedPool's _ready)."""
+        return 0
+
+    def tidy(self) -> None:
+        """Called by the watchdog every tick (see GuardedPool.tidy)."""
+
     def has_demand(self) -> bool:
         inner = self._inner_pool()
         return inner is not None and bool(inner.get_stats().get("requests_waiting"))
@@ -262,7 +269,7 @@ class PoolCore:
         """A pool connect failed: the back-off step if the server is full (53300), else None."""
         if inner is None or self._closed or not is_too_many_connections(exc):
             return None
-        live = inner.get_stats().get("pool_available", 0) + len(self.ledger)
+        live = inner.get_stats().get("pool_available", 0) + self._ready_count() + len(self.ledger)
         return self._full.refused(exc, live, monotonic())
 
     def _closed_while_full(self) -> psycopg_pool.PoolClosed:
@@ -418,7 +425,7 @@ class PoolCore:
         used = len(self.ledger)
         snapshot = self.metrics.snapshot(
             name=self.name,
-            idle=raw.get("pool_available", 0),
+            idle=raw.get("pool_available", 0) + self._ready_count(),
             used=used,
             max_size=self._full.cap or self.settings.max_size,  # lower while the server is full
             min_size=self.settings.min_size,
@@ -501,16 +508,30 @@ class GuardedPool(PoolCore):
         super().__init__(settings, slots=slots, target=target)
         self._inner: psycopg_pool.ConnectionPool[Any] | None = None
         self._open_lock = threading.Lock()
+        #: Clean connections returned since the watchdog's last tick, handed out again first
+        #: (LIFO) without a round trip through psycopg_pool, which counts them as checked
+        #: out meanwhile; tidy() gives them back to it every tick.
+        self._ready: list[GuardedConnection] = []
+        #: Callers waiting in psycopg_pool's getconn(): a return goes to them, not to _ready.
+        self._inner_waiters = 0
+        self._waiters_lock = threading.Lock()
         #: Set by close(): ends a back-off wait at once (see _server_full).
         self._closing = threading.Event()
 
     def _inner_pool(self) -> psycopg_pool.ConnectionPool[Any] | None:
         return self._inner
 
+    def _ready_count(self) -> int:
+        return len(self._ready)
+
     def _forget_after_fork(self) -> None:
         super()._forget_after_fork()
         _inherited.append(self._inner)
+        _inherited.append(self._ready)
         self._inner = None
+        self._ready = []
+        self._inner_waiters = 0
+        self._waiters_lock = threading.Lock()
         self._open_lock = threading.Lock()
         self._closing = threading.Event()
 
@@ -548,7 +569,10 @@ class GuardedPool(PoolCore):
 
     def release_idle(self) -> None:
         inner = self._inner
-        if inner is not None and inner.get_stats().get("pool_available"):
+        if inner is None:
+            return
+        self.tidy()
+        if inner.get_stats().get("pool_available"):
             threading.Thread(
                 target=self._release_one, args=(inner,), name="poolguard-release", daemon=True
             ).start()
@@ -586,17 +610,37 @@ class GuardedPool(PoolCore):
 
     def getconn(self, timeout: float | None = None, *, _depth: int = 1) -> psycopg.Connection[Any]:
         """Take a connection; hand it back with putconn().  Prefer connection()."""
-        inner = self._inner or self._ensure_open()
         started = monotonic()
         try:
-            conn: GuardedConnection = inner.getconn(timeout)
-        except psycopg_pool.PoolTimeout:
-            raw = inner.get_stats()
-            if not raw.get("pool_size"):  # not one connection: the server is the problem
-                self._probe_now()
-            raise self._exhausted(self._timeout(timeout), raw.get("requests_waiting", 0)) from None
+            conn = self._ready.pop()
+        except IndexError:
+            conn = self._from_inner(timeout)
         self._record_checkout(conn, started, _depth + 1, threading.get_ident())
         return conn
+
+    def _from_inner(self, timeout: float | None) -> GuardedConnection:
+        inner = self._inner or self._ensure_open()
+        with self._waiters_lock:
+            self._inner_waiters += 1
+        try:
+            # Checked again now that putconn() can see this caller: a connection it put in
+            # _ready before is taken here, one it puts there after goes to psycopg_pool.
+            try:
+                return self._ready.pop()
+            except IndexError:
+                pass
+            try:
+                conn: GuardedConnection = inner.getconn(timeout)
+            except psycopg_pool.PoolTimeout:
+                raw = inner.get_stats()
+                if not raw.get("pool_size"):  # not one connection: the server is the problem
+                    self._probe_now()
+                waiting = raw.get("requests_waiting", 0)
+                raise self._exhausted(self._timeout(timeout), waiting) from None
+            return conn
+        finally:
+            with self._waiters_lock:
+                self._inner_waiters -= 1
 
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
         """Give a connection back: roll back what is open, reset what changed, then pool it."""
@@ -605,11 +649,42 @@ class GuardedPool(PoolCore):
             if record is False:
                 return
             self._clean(conn, record)  # type: ignore[arg-type]
-        if self.slots.waiting and self.slots.pressure(self):
+            self._to_inner(conn)
+        elif self.slots.waiting and self.slots.pressure(self):
             _retire(conn)
-        self._shelve(conn)
+            self._to_inner(conn)
+        elif self._closed or not self._use_ready:
+            self._to_inner(conn)
+        else:
+            self._ready.append(conn)  # type: ignore[arg-type]
+            if self._inner_waiters:  # a caller started waiting in psycopg_pool meanwhile
+                self._hand_over()
 
-    def _shelve(self, conn: psycopg.Connection[Any]) -> None:
+    def _hand_over(self) -> None:
+        """Move one connection from _ready to psycopg_pool, for a caller waiting there."""
+        try:
+            conn = self._ready.pop()
+        except IndexError:
+            return  # the caller found it in _ready itself
+        self._to_inner(conn)
+
+    @property
+    def _use_ready(self) -> bool:
+        # psycopg_pool checks a connection on each checkout when health_check is on: every
+        # checkout goes through it then.
+        return not self.settings.health_check
+
+    def tidy(self) -> None:
+        """Give the connections in _ready back to psycopg_pool (the watchdog, every tick), so
+        its max_lifetime, max_idle and statistics apply to them."""
+        while True:
+            try:
+                conn = self._ready.pop()
+            except IndexError:
+                return
+            self._to_inner(conn)
+
+    def _to_inner(self, conn: psycopg.Connection[Any]) -> None:
         inner = self._inner
         if inner is None:
             conn.close()  # the pool is closed
@@ -637,7 +712,7 @@ class GuardedPool(PoolCore):
 
     def drop_lost(self, conn: Any) -> None:
         conn.close()  # psycopg_pool then opens a replacement
-        self._shelve(conn)
+        self._to_inner(conn)
 
     def _clean(self, conn: GuardedConnection, record: Checkout) -> None:
         steps = self._cleaning(conn, record)
@@ -654,6 +729,7 @@ class GuardedPool(PoolCore):
         """Close every connection; connections still checked out are closed when returned."""
         with self._open_lock:
             self._closed = True
+            self.tidy()
             inner, self._inner = self._inner, None
         self._closing.set()
         if inner is not None:
@@ -832,9 +908,9 @@ class AsyncGuardedPool(PoolCore):
             await self._clean(conn, record)  # type: ignore[arg-type]
         if self.slots.waiting and self.slots.pressure(self):
             _retire(conn)
-        await self._shelve(conn)
+        await self._to_inner(conn)
 
-    async def _shelve(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _to_inner(self, conn: psycopg.AsyncConnection[Any]) -> None:
         inner = self._inner
         if inner is None:
             await conn.close()
@@ -861,17 +937,17 @@ class AsyncGuardedPool(PoolCore):
             if not self._claim(conn, record, message):
                 return
         claimed()
-        await self._close_and_shelve(conn)
+        await self._close_and_return(conn)
 
-    async def _close_and_shelve(self, conn: Any) -> None:
+    async def _close_and_return(self, conn: Any) -> None:
         await conn.close()
-        await self._shelve(conn)
+        await self._to_inner(conn)
 
     def drop_lost(self, conn: Any) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                asyncio.run_coroutine_threadsafe(self._close_and_shelve(conn), loop)
+                asyncio.run_coroutine_threadsafe(self._close_and_return(conn), loop)
                 return
         conn.pgconn.finish()  # its loop is gone, and its pool with it
         release_slot(conn)

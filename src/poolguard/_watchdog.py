@@ -123,6 +123,7 @@ def _run() -> None:
             continue
         for pool in pools:
             if pool.is_open():
+                _guarded(pool.tidy)
                 _guarded(_check_pool, pool, now)
         next_tick = now + min(p.settings.watchdog_interval for p in pools)
 

@@ -57,7 +57,11 @@ def test_held_asyncpg_connection_is_reported_counted_warned_and_closed(
             await poolguard.aclose_all()
         else:  # from another thread, while this loop runs
             await asyncio.to_thread(poolguard.reset)
-        after = await asyncio.to_thread(sessions, pg_dsn, app)
+        deadline = time.monotonic() + 5  # a terminated backend leaves pg_stat_activity soon
+        while (after := await asyncio.to_thread(sessions, pg_dsn, app)) and (
+            time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.05)
         with pytest.raises(InterfaceError, match="closed"):  # the holder's late use fails
             await held.close()
         return line, listing, counts, before, after
