@@ -370,24 +370,14 @@ def test_connection_whose_rollback_fails_is_discarded_and_replaced(
         assert fresh.execute("SELECT pg_backend_pid()").fetchone() != (victim,)
 
 
-def _sessions(dsn: str, application_name: str) -> int:
-    with psycopg.connect(dsn, autocommit=True, application_name="counter") as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            [application_name],
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def test_min_size_one_holds_one_connection_after_the_first_checkout(pg_dsn: str) -> None:
     pool = poolguard.configure(pg_dsn, min_size=1, max_size=4)
     app = pool.settings.application_name
     with pool.connection() as conn:
         conn.execute("SELECT 1")
-        assert _sessions(pg_dsn, app) == 1
+        assert testing.count_sessions(pg_dsn, app) == 1
     time.sleep(0.3)  # a growth the first checkout started would have connected by now
-    assert _sessions(pg_dsn, app) == 1
+    assert testing.count_sessions(pg_dsn, app) == 1
     assert pool.stats()["db.client.connection.count"] == {"idle": 1, "used": 0}
 
 
@@ -400,9 +390,9 @@ def test_async_min_size_one_holds_one_connection_after_the_first_checkout(pg_dsn
     async def main() -> tuple[int, int]:
         async with poolguard.aconnection() as conn:
             await conn.execute("SELECT 1")
-            during = await asyncio.to_thread(_sessions, pg_dsn, app)
+            during = await asyncio.to_thread(testing.count_sessions, pg_dsn, app)
         await asyncio.sleep(0.3)
-        after = await asyncio.to_thread(_sessions, pg_dsn, app)
+        after = await asyncio.to_thread(testing.count_sessions, pg_dsn, app)
         await poolguard.get_async_pool().close()
         return during, after
 

@@ -80,6 +80,7 @@ class PoolCore:
         self.slots = slots if slots is not None else Slots(settings.name, settings.max_size)
         self.slots.join(self)
         self._target = target
+        self._fresh_state()
         self._full = Backoff(self.name, settings.max_size)
         self._guard = (
             SessionStateGuard(settings.guard)
@@ -156,6 +157,10 @@ class PoolCore:
         self.ledger = Ledger()
         self.metrics = PoolMetrics()
         self._full = Backoff(self.name, self.settings.max_size)
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """A flavor's own state, new (at construction, and in a forked child)."""
 
     def _inner_options(self, on_refused: Callable[..., Any]) -> dict[str, Any]:
         s = self.settings
@@ -498,14 +503,7 @@ def _wait_for_min_size(slots: Slots, min_size: int) -> bool:
 class GuardedPool(PoolCore):
     """A process-wide, guarded pool of psycopg connections.  Build it with poolguard.configure()."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        slots: Slots | None = None,
-        target: Callable[[Settings], str] | None = None,
-    ) -> None:
-        super().__init__(settings, slots=slots, target=target)
+    def _fresh_state(self) -> None:
         self._inner: psycopg_pool.ConnectionPool[Any] | None = None
         self._open_lock = threading.Lock()
         #: Clean connections returned since the watchdog's last tick, handed out again first
@@ -525,15 +523,8 @@ class GuardedPool(PoolCore):
         return len(self._ready)
 
     def _forget_after_fork(self) -> None:
+        _inherited.extend((self._inner, self._ready))
         super()._forget_after_fork()
-        _inherited.append(self._inner)
-        _inherited.append(self._ready)
-        self._inner = None
-        self._ready = []
-        self._inner_waiters = 0
-        self._waiters_lock = threading.Lock()
-        self._open_lock = threading.Lock()
-        self._closing = threading.Event()
 
     def open(self) -> None:
         """Connect now instead of on first use; raises PoolConnectError if the server refuses."""
@@ -766,14 +757,7 @@ class AsyncCheckoutBlock:
 class AsyncGuardedPool(PoolCore):
     """The asyncio twin of GuardedPool, bound to the event loop that first uses it."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        slots: Slots | None = None,
-        target: Callable[[Settings], str] | None = None,
-    ) -> None:
-        super().__init__(settings, slots=slots, target=target)
+    def _fresh_state(self) -> None:
         self._inner: psycopg_pool.AsyncConnectionPool[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
@@ -792,11 +776,8 @@ class AsyncGuardedPool(PoolCore):
         self._inner = None
 
     def _forget_after_fork(self) -> None:
-        super()._forget_after_fork()
         _inherited.append(self._inner)
-        self._inner = None
-        self._loop = None
-        self._opening = None
+        super()._forget_after_fork()
 
     async def open(self) -> None:
         """Connect now instead of on first use; raises PoolConnectError if the server refuses."""

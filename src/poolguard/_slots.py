@@ -117,16 +117,10 @@ class Slots:
         assert waiter.event is not None
         deadline = None if timeout is None else monotonic() + timeout
         while True:
-            self._ask_others(member)
-            step = _ASK_EVERY if deadline is None else min(_ASK_EVERY, deadline - monotonic())
-            if waiter.event.wait(max(0.0, step)):
+            if waiter.event.wait(self._step(member, deadline)):
                 return True
-            if member.is_closed() or (deadline is not None and monotonic() >= deadline):
-                with self._lock:
-                    if not waiter.granted:
-                        self._dequeue(waiter)
-                        return False
-                return True  # granted just now: the caller owns it
+            if (outcome := self._give_up(waiter, deadline)) is not None:
+                return outcome
 
     async def atake(self, member: Member, timeout: float | None = None) -> bool:
         """Take a slot without blocking the event loop; False on timeout or when closed."""
@@ -141,17 +135,11 @@ class Slots:
         deadline = None if timeout is None else monotonic() + timeout
         try:
             while True:
-                self._ask_others(member)
-                step = _ASK_EVERY if deadline is None else min(_ASK_EVERY, deadline - monotonic())
-                done, _ = await asyncio.wait((future,), timeout=max(0.0, step))
+                done, _ = await asyncio.wait((future,), timeout=self._step(member, deadline))
                 if done:
                     return True
-                if member.is_closed() or (deadline is not None and monotonic() >= deadline):
-                    with self._lock:
-                        if not waiter.granted:
-                            self._dequeue(waiter)
-                            return False
-                    return True
+                if (outcome := self._give_up(waiter, deadline)) is not None:
+                    return outcome
         except BaseException:  # cancelled: a slot granted meanwhile must not be lost
             with self._lock:
                 granted = waiter.granted
@@ -160,6 +148,22 @@ class Slots:
             if granted:
                 self.give()
             raise
+
+    def _step(self, member: Member, deadline: float | None) -> float:
+        """Ask the other flavors for an idle connection; how long to wait before asking again."""
+        self._ask_others(member)
+        return _ASK_EVERY if deadline is None else max(0.0, min(_ASK_EVERY, deadline - monotonic()))
+
+    def _give_up(self, waiter: _Waiter, deadline: float | None) -> bool | None:
+        """After a wait without a slot: None to wait on; False when the waiter's pool closed or
+        its time is up; True if a slot was granted at that very moment (the caller owns it)."""
+        if not (waiter.member.is_closed() or (deadline is not None and monotonic() >= deadline)):
+            return None
+        with self._lock:
+            if waiter.granted:
+                return True
+            self._dequeue(waiter)
+            return False
 
     def give(self) -> None:
         """A connection closed: hand its slot to the first waiter that can use it."""

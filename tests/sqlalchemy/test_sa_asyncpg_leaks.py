@@ -7,7 +7,6 @@ import asyncio
 import logging
 import time
 
-import psycopg
 import pytest
 from sa_helpers import line_of_caller, sa_url
 from sqlalchemy import text
@@ -15,18 +14,9 @@ from sqlalchemy.exc import InterfaceError
 
 import poolguard
 from poolguard.sqlalchemy import create_async_engine
+from poolguard.testing import count_sessions
 
 pytest_plugins = ["pytester"]
-
-
-def sessions(dsn: str, application_name: str) -> int:
-    with psycopg.connect(dsn, autocommit=True, application_name="counter") as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            [application_name],
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def wait_for(condition: object, seconds: float = 5.0) -> None:
@@ -52,13 +42,13 @@ def test_held_asyncpg_connection_is_reported_counted_warned_and_closed(
         await wait_for(lambda: any("not returned" in r.getMessage() for r in caplog.records))
         listing = str(poolguard.report())
         counts = poolguard.stats()
-        before = await asyncio.to_thread(sessions, pg_dsn, app)
+        before = await asyncio.to_thread(count_sessions, pg_dsn, app)
         if closer == "aclose_all":
             await poolguard.aclose_all()
         else:  # from another thread, while this loop runs
             await asyncio.to_thread(poolguard.reset)
         deadline = time.monotonic() + 5  # a terminated backend leaves pg_stat_activity soon
-        while (after := await asyncio.to_thread(sessions, pg_dsn, app)) and (
+        while (after := await asyncio.to_thread(count_sessions, pg_dsn, app)) and (
             time.monotonic() < deadline
         ):
             await asyncio.sleep(0.05)

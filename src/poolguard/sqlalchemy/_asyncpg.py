@@ -31,7 +31,6 @@ from .._errors import ConfigurationError
 from .._ledger import TAKEN_AT, Checkout, caller_site
 from .._pool import PoolCore
 from .._settings import Settings, redact_text
-from .._slots import Slots
 
 # libpq parameters asyncpg's connect() takes under the same name.
 _ASYNCPG_PARAMS = {"host", "port", "user", "password", "dbname", "passfile"}
@@ -77,19 +76,12 @@ def _connect_kwargs(settings: Settings) -> dict[str, Any]:
 class AsyncpgPool(PoolCore):
     """A small LIFO pool of asyncpg connections with poolguard's ledger, bound to one loop."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        slots: Slots | None = None,
-        target: Callable[[Settings], str] | None = None,
-    ) -> None:
-        super().__init__(settings, slots=slots, target=target)
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
         self._asyncpg = _driver()
         self._connect_kwargs = _connect_kwargs(settings)
-        self._reset_state()
+        super().__init__(settings, **kwargs)
 
-    def _reset_state(self) -> None:
+    def _fresh_state(self) -> None:
         # (connection, opened at, idle since); the right end is the most recently returned.
         self._idle: deque[tuple[Any, float, float]] = deque()
         self._born: dict[int, float] = {}
@@ -171,10 +163,6 @@ class AsyncpgPool(PoolCore):
             self.slots.give()  # its socket dies with its event loop
         self._idle = deque()
 
-    def _forget_after_fork(self) -> None:
-        super()._forget_after_fork()
-        self._reset_state()  # the parent's sockets are left alone: it still uses them
-
     def _bind_loop(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
         if self._closed:
@@ -185,7 +173,7 @@ class AsyncpgPool(PoolCore):
                     f"asyncpg pool {self.name!r} belongs to another running event loop: use it "
                     "from that loop, or give each loop its own pool name"
                 )
-            self._reset_state()  # connections of a finished loop cannot be used or closed
+            self._fresh_state()  # connections of a finished loop cannot be used or closed
             self._checkouts = asyncio.Semaphore(self.settings.max_size)
             self._loop = loop
         return self._checkouts

@@ -405,3 +405,14 @@ pidfile = {basedir / "pgbouncer.pid"}
     )  # fmt: skip
     _wait_until_ready(bouncer, process, "PgBouncer")
     return bouncer
+
+
+def count_sessions(dsn: str, application_name: str) -> int:
+    """How many sessions pg_stat_activity shows for ``application_name`` (a pool's is
+    "poolguard:<name>" unless configured), counted over a connection of its own."""
+    with psycopg.connect(dsn, autocommit=True, application_name="poolguard:count") as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            [application_name],
+        ).fetchone()
+    return int(row[0]) if row else 0
