@@ -1,46 +1,122 @@
 """Pool metrics named after OpenTelemetry's ``db.client.connection.*`` semantic conventions.
 
-Durations go into fixed-size reservoirs of the most recent samples: appending is one deque
-operation on the hot path, and percentiles are computed only when someone asks for them.
+Durations go into fixed-bucket histograms (seconds, 1 ms .. 30 s): adding a sample is one
+bisect and two additions on the hot path, and bucket counts add up across pools, processes
+and hosts, which a window of recent samples cannot.  Percentiles are read from the buckets
+only when someone asks for them.
+
+Exporters that need every raw sample (OpenTelemetry's histograms aggregate samples
+themselves) switch on *taps* with :func:`enable_taps`: each sample is then also appended to a
+list the exporter drains at collection time.  With no exporter the cost is one ``is None``.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Any
+import weakref
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
 
-RESERVOIR_SIZE = 4096
+#: Upper bounds (seconds, inclusive) of the histogram buckets; one more bucket holds the rest.
+#: From 1 ms (a free connection) to 30 s (past any sane request timeout); 100 ms, the usual
+#: alert threshold for client waits, is a bound so that alert reads exact counts.
+BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+#: Names of the three timings in stats() and in the exporters.
+TIMINGS: Final = ("wait_time", "use_time", "create_time")
+#: poolguard's own counters: stats() key -> short name used by the exporters.
+COUNTERS: Final = {
+    "db.client.connection.timeouts": "timeouts",
+    "poolguard.connection.leaks": "leaks",
+    "poolguard.connection.reclaimed": "reclaimed",
+    "poolguard.connection.rollbacks_on_return": "rollbacks_on_return",
+    "poolguard.connection.discarded_on_return": "discarded_on_return",
+    "poolguard.connection.session_resets": "session_resets",
+    "poolguard.connection.capped": "capped",
+    "poolguard.connection.server_refusals": "server_refusals",
+}
 
 
 class Timings:
-    """Recent durations (seconds) plus an all-time count and sum."""
+    """A fixed-bucket histogram of durations in seconds, with count, sum and max."""
 
-    __slots__ = ("count", "recent", "total")
+    __slots__ = ("__weakref__", "buckets", "count", "max", "tap", "total")
 
     def __init__(self) -> None:
-        self.recent: deque[float] = deque(maxlen=RESERVOIR_SIZE)
+        self.buckets = [0] * (len(BUCKETS) + 1)
         self.count = 0
         self.total = 0.0
+        self.max = 0.0
+        #: Raw samples not yet drained by an exporter; None when no exporter wants them.
+        self.tap: list[float] | None = [] if _taps_on else None
+        _all_timings.add(self)
 
     def add(self, seconds: float) -> None:
-        self.recent.append(seconds)
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
         self.count += 1
         self.total += seconds
+        if seconds > self.max:
+            self.max = seconds
+        tap = self.tap
+        if tap is not None:
+            tap.append(seconds)
 
-    def summary(self) -> dict[str, float | int]:
-        ordered = sorted(self.recent)
+    def drain(self) -> list[float]:
+        """The raw samples since the last drain (taps on), else []."""
+        tap = self.tap
+        if tap is None:
+            return []
+        self.tap = []  # one assignment: a racing add() lands in one list or the other
+        return tap
 
-        def pct(p: float) -> float:
-            return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else 0.0
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.buckets, self.count, self.total, self.max)
 
-        return {
-            "count": self.count,
-            "sum": self.total,
-            "p50": pct(0.50),
-            "p95": pct(0.95),
-            "p99": pct(0.99),
-            "max": ordered[-1] if ordered else 0.0,
-        }
+
+def summarize(buckets: list[int], count: int, total: float, top: float) -> dict[str, Any]:
+    """stats()' shape of one timing: count, sum, p50/p95/p99 (from the buckets), max, buckets."""
+    return {
+        "count": count,
+        "sum": total,
+        "p50": quantile(buckets, 0.50, top),
+        "p95": quantile(buckets, 0.95, top),
+        "p99": quantile(buckets, 0.99, top),
+        "max": top,
+        "buckets": list(buckets),
+    }
+
+
+def quantile(buckets: list[int], q: float, top: float = 0.0) -> float:
+    """The q-quantile of a bucketed histogram, interpolated inside its bucket (as Prometheus'
+    histogram_quantile does); never above the largest sample ``top`` when that is known."""
+    count = sum(buckets)
+    if not count:
+        return 0.0
+    rank = q * count
+    seen = 0
+    for i, n in enumerate(buckets):
+        if n and seen + n >= rank:
+            lower = BUCKETS[i - 1] if i else 0.0
+            upper = BUCKETS[i] if i < len(BUCKETS) else max(top, BUCKETS[-1])
+            value = lower + (upper - lower) * (rank - seen) / n
+            return min(value, top) if top else value
+        seen += n
+    return top
 
 
 class PoolMetrics:
@@ -61,6 +137,7 @@ class PoolMetrics:
         self.session_resets = 0
         self.leaks = 0
         self.reclaimed = 0
+        self.server_refusals = 0
 
     def snapshot(
         self, *, name: str, idle: int, used: int, max_size: int, min_size: int, pending: int
@@ -69,6 +146,8 @@ class PoolMetrics:
             "db.client.connection.pool.name": name,
             "db.client.connection.count": {"idle": idle, "used": used},
             "db.client.connection.max": max_size,
+            # psycopg_pool keeps up to max_size connections idle: there is no separate bound.
+            "db.client.connection.idle.max": max_size,
             "db.client.connection.idle.min": min_size,
             "db.client.connection.pending_requests": pending,
             "db.client.connection.timeouts": self.timeouts,
@@ -80,4 +159,55 @@ class PoolMetrics:
             "poolguard.connection.session_resets": self.session_resets,
             "poolguard.connection.leaks": self.leaks,
             "poolguard.connection.reclaimed": self.reclaimed,
+            "poolguard.connection.server_refusals": self.server_refusals,
         }
+
+
+def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One stats() dict from several pools' (the flavors of one name, or many processes'):
+    counts, counters and bucket counts add up; percentiles are read from the summed buckets."""
+    items = list(snapshots)
+    if not items:
+        raise ValueError("merge() needs at least one stats() snapshot")
+    merged: dict[str, Any] = dict(items[0])
+    for key, value in items[0].items():
+        if isinstance(value, bool) or key == "db.client.connection.pool.name":
+            continue
+        if isinstance(value, (int, float)):
+            merged[key] = sum(s.get(key, 0) for s in items)
+        elif key == "db.client.connection.count":
+            merged[key] = {
+                state: sum(s[key].get(state, 0) for s in items) for state in ("idle", "used")
+            }
+        elif isinstance(value, dict) and "buckets" in value:
+            timings = [s[key] for s in items]
+            buckets = [sum(col) for col in zip(*(t["buckets"] for t in timings), strict=True)]
+            merged[key] = summarize(
+                buckets,
+                sum(t["count"] for t in timings),
+                sum(t["sum"] for t in timings),
+                max(t["max"] for t in timings),
+            )
+    return merged
+
+
+# Every Timings alive, so that enable_taps() reaches the pools that exist already.
+_all_timings: weakref.WeakSet[Timings] = weakref.WeakSet()
+_taps_on = False
+
+
+def enable_taps() -> None:
+    """Keep raw samples for an exporter from now on, in every pool, existing and future."""
+    global _taps_on
+    _taps_on = True
+    for timings in list(_all_timings):
+        if timings.tap is None:
+            timings.tap = []
+
+
+def disable_taps() -> None:
+    """Stop keeping raw samples (the exporter was removed)."""
+    global _taps_on
+    _taps_on = False
+    for timings in list(_all_timings):
+        timings.tap = None

@@ -24,6 +24,7 @@ from . import _watchdog
 from ._budget import check_budget_on_open
 from ._connection import AsyncGuardedConnection, GuardedConnection, Tracked, _needs_cleaning
 from ._errors import PoolConnectError, PoolExhausted
+from ._events import Events
 from ._guard import SessionStateGuard
 from ._ledger import Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
@@ -56,6 +57,7 @@ class _PoolCore:
         self.name = settings.name
         self.ledger = Ledger()
         self.metrics = PoolMetrics()
+        self.events = Events(self.name, settings.on_event, settings.event_interval)
         self._closed = False
         self._full = Backoff(self.name, settings.max_size)
         self._guard = (
@@ -142,18 +144,21 @@ class _PoolCore:
 
     def _connect_error(self, exc: Exception) -> PoolConnectError:
         if is_too_many_connections(exc):
-            return PoolConnectError(
+            error = PoolConnectError(
                 f"pool {self.name!r} cannot connect to {self.settings.target}: the server has no "
                 f"connection slot left (SQLSTATE 53300, {limit_text(self._full.limits)}: "
                 f"{refusal_text(exc)}); close idle connections elsewhere, lower max_size x "
                 "processes, raise max_connections, or put PgBouncer in front (`poolguard "
                 "doctor` shows the budget)"
             )
-        message = redact_text(str(exc).strip(), self.settings.conninfo)
-        return PoolConnectError(
-            f"pool {self.name!r} cannot connect to {self.settings.target}: {message} "
-            "(check the host, port, user, password and database in the DSN)"
-        )
+        else:
+            message = redact_text(str(exc).strip(), self.settings.conninfo)
+            error = PoolConnectError(
+                f"pool {self.name!r} cannot connect to {self.settings.target}: {message} "
+                "(check the host, port, user, password and database in the DSN)"
+            )
+        self.events.emit("connection_refused", str(error))
+        return error
 
     def _probe_now(self, *, check_budget: bool = False) -> None:
         """Connect once outside the pool; raise PoolConnectError with the server's reason.
@@ -193,7 +198,11 @@ class _PoolCore:
         if inner is None or self._closed or not is_too_many_connections(exc):
             return None
         live = inner.get_stats().get("pool_available", 0) + len(self.ledger)
-        return self._full.refused(exc, live, monotonic())
+        self.metrics.server_refusals += 1
+        step = self._full.refused(exc, live, monotonic())
+        if step is not None and step.cap is not None:
+            self.events.emit("server_full", refusal_text(exc), cap=step.cap, retry_in=step.delay)
+        return step
 
     def _closed_while_full(self) -> psycopg_pool.PoolClosed:
         # psycopg_pool logs it once (the attempt in flight at close), instead of the refusal.
@@ -257,21 +266,40 @@ class _PoolCore:
 
     def _exhausted(self, timeout: float, pending: int) -> PoolExhausted:
         self.metrics.timeouts += 1
+        self.metrics.wait_time.add(timeout)  # a wait that timed out is a wait: p99 must see it
         oldest = self.ledger.oldest()
         where = (
             f"; oldest checkout {oldest.age:.1f} s at {oldest.site} ({oldest.owner_name()})"
             if oldest
             else ""
         )
-        return PoolExhausted(
+        error = PoolExhausted(
             f"pool {self.name!r} exhausted after {timeout:.1f} s: "
             f"{len(self.ledger)}/{self.settings.max_size} connections in use, "
             f"{pending} waiting{where} (raise max_size, or find the holder with poolguard.report())"
         )
+        if self.events.hooks:
+            site, age = (oldest.site, oldest.age) if oldest else (None, None)
+            self.events.emit(
+                "exhausted",
+                str(error),
+                site,
+                age,
+                in_use=len(self.ledger),
+                max_size=self.settings.max_size,
+                pending=pending,
+            )
+        return error
 
     def _log_dirty_return(self, status: int, record: Checkout) -> None:
         self.metrics.rollbacks_on_return += 1
         kind = "a failed" if status == TransactionStatus.INERROR else "an open"
+        self.events.emit(
+            "dirty_return",
+            f"returned inside {kind} transaction; rolled back",
+            record.site,
+            record.age,
+        )
         logger.warning(
             "pool %r: connection returned inside %s transaction (taken at %s, held %.2f s); "
             "rolled back",
@@ -283,6 +311,7 @@ class _PoolCore:
 
     def _log_discard(self, record: Checkout, why: str) -> None:
         self.metrics.discarded_on_return += 1
+        self.events.emit("discarded", f"discarding a connection {why}", record.site, record.age)
         logger.warning(
             "pool %r: discarding a connection %s (taken at %s)", self.name, why, record.site
         )

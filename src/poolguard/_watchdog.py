@@ -189,6 +189,14 @@ def _check_pool(pool: _PoolCore, now: float) -> None:
         if s.leak_threshold and age >= s.leak_threshold and not seen.leak_reported:
             seen.leak_reported = True
             pool.metrics.leaks += 1
+            pool.events.emit(
+                "leak",
+                "connection not returned",
+                format_site(entry[2], entry[3]),
+                age,
+                backend_pid=entry[4],
+                statement=last_statement(conn),
+            )
             warn.append(
                 (
                     f"connection not returned after {age:.1f} s "
@@ -206,6 +214,15 @@ def _check_pool(pool: _PoolCore, now: float) -> None:
             if idle >= s.idle_in_transaction_threshold:
                 seen.idle_reported = seen.last_active
                 kind = "a failed transaction" if status == _INERROR else "a transaction"
+                pool.events.emit(
+                    "idle_in_transaction",
+                    f"connection idle in {kind} for {idle:.1f} s",
+                    format_site(entry[2], entry[3]),
+                    now - entry[0],
+                    idle=idle,
+                    backend_pid=entry[4],
+                    statement=last_statement(conn),
+                )
                 warn.append(
                     (
                         f"connection idle in {kind} for {idle:.1f} s "
@@ -449,6 +466,9 @@ def _log_reclaimed(pool: _PoolCore, message: str, seen: _Seen) -> None:
     pool.metrics.reclaimed += 1
     if not seen.leak_reported:  # one leak, counted once
         pool.metrics.leaks += 1
+        pool.events.emit(
+            "leak", message, format_site(seen.entry[2], seen.entry[3]), monotonic() - seen.entry[0]
+        )
     logger.warning("pool %r: %s; its slot is free again", pool.name, message)
 
 
@@ -504,6 +524,13 @@ def _collect_lost(pool: _PoolCore, conn: Tracked) -> None:
         return
     pool.metrics.leaks += 1
     pool.metrics.reclaimed += 1
+    pool.events.emit(
+        "leak",
+        "connection garbage-collected without being returned",
+        format_site(entry[2], entry[3]),
+        monotonic() - entry[0],
+        backend_pid=entry[4],
+    )
     logger.warning(
         "pool %r: connection taken at %s was garbage-collected without being returned "
         "(held %.2f s, backend pid %s, last statement: %s); its slot is free again",
