@@ -674,3 +674,8 @@ def _forget_all_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_all_after_fork)
+
+
+def live_pools() -> list[_PoolCore]:
+    """Every pool of this process that is not closed, of every flavor (what exporters read)."""
+    return [pool for pool in list(_all_pools) if not pool._closed]
