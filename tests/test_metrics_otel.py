@@ -13,10 +13,10 @@ import poolguard
 
 pytest.importorskip("opentelemetry.sdk")
 
-from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-import poolguard.otel  # noqa: E402
+import poolguard.otel
 
 POOL = "db.client.connection.pool.name"
 

@@ -1,0 +1,270 @@
+"""Prometheus metrics for every poolguard pool, multiprocess mode (gunicorn) included.
+
+Needs ``pip install 'poolguard[prometheus]'``.  One line at start-up::
+
+    poolguard.prometheus.instrument()
+
+then expose them with :func:`wsgi_app`, :func:`asgi_app` or :func:`django_view` (or any
+prometheus_client exposition).  Names follow OpenTelemetry's, the Prometheus way: base units in
+the name, ``_total`` on counters, labels ``pool`` and ``state``.
+
+Why values are pushed rather than collected: in prometheus_client's multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``, one process per gunicorn worker) a scrape is answered by one
+worker that reads the other workers' files; custom collectors and ``set_function`` only ever
+show that one worker.  So a daemon thread in each process copies its pools' figures into
+ordinary metrics every ``interval`` seconds (gauges as ``livesum``, so a scrape sums the live
+workers; counters and histograms by their increase), and each exposition below pushes its
+own process's figures first.  Without multiprocess mode the same metrics are plain ones.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+try:
+    import prometheus_client
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "poolguard.prometheus needs prometheus_client: pip install 'poolguard[prometheus]'"
+    ) from exc
+
+from ._exporting import stats_by_name
+from ._metrics import BUCKETS, COUNTERS
+
+#: stats() key of each gauge -> Prometheus name (no unit: they count connections or requests).
+GAUGES = {
+    "db.client.connection.max": "db_client_connection_max",
+    "db.client.connection.idle.max": "db_client_connection_idle_max",
+    "db.client.connection.idle.min": "db_client_connection_idle_min",
+    "db.client.connection.pending_requests": "db_client_connection_pending_requests",
+}
+#: stats() key of each counter -> Prometheus name (prometheus_client adds ``_total``).
+COUNTER_NAMES = {key: key.replace(".", "_") for key in COUNTERS}
+#: stats() key of each histogram -> Prometheus name (seconds, the base unit).
+HISTOGRAMS = {
+    "db.client.connection.wait_time": "db_client_connection_wait_time_seconds",
+    "db.client.connection.use_time": "db_client_connection_use_time_seconds",
+    "db.client.connection.create_time": "db_client_connection_create_time_seconds",
+}
+COUNT = "db_client_connection_count"
+
+
+def metric_names() -> set[str]:
+    """Every series name this exporter writes (for alert rules and dashboards)."""
+    names = {COUNT, *GAUGES.values()}
+    names |= {f"{name}_total" for name in COUNTER_NAMES.values()}
+    for name in HISTOGRAMS.values():
+        names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+    return names
+
+
+class Exporter:
+    """The metrics of one registry and the thread that keeps them current."""
+
+    def __init__(self, registry: CollectorRegistry, interval: float) -> None:
+        self.interval = interval
+        self.registry = registry
+        live: Any = {"multiprocess_mode": "livesum"}
+        self._count = Gauge(
+            COUNT, "Connections by state (idle, used)", ["pool", "state"], registry=registry, **live
+        )
+        self._gauges = {
+            key: Gauge(name, f"OpenTelemetry {key}", ["pool"], registry=registry, **live)
+            for key, name in GAUGES.items()
+        }
+        self._counters = {
+            key: Counter(name, f"poolguard {key}", ["pool"], registry=registry)
+            for key, name in COUNTER_NAMES.items()
+        }
+        self._histograms = {
+            key: Histogram(
+                name, f"OpenTelemetry {key}", ["pool"], buckets=BUCKETS, registry=registry
+            )
+            for key, name in HISTOGRAMS.items()
+        }
+        _check_histogram_layout(next(iter(self._histograms.values())))
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str], Any] = {}
+        self._names: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.start()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="poolguard-prometheus", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.push()
+
+    def push(self) -> None:
+        """Copy this process's pool figures into the metrics now."""
+        with self._lock:
+            current = stats_by_name()
+            for name in self._names - current.keys():  # closed since: its gauges drop to 0
+                for state in ("idle", "used"):
+                    self._count.labels(name, state).set(0)
+                for gauge in self._gauges.values():
+                    gauge.labels(name).set(0)
+            self._names = set(current)
+            for name, stats in current.items():
+                for state, value in stats["db.client.connection.count"].items():
+                    self._count.labels(name, state).set(value)
+                for key, gauge in self._gauges.items():
+                    gauge.labels(name).set(stats.get(key, 0))
+                for key, counter in self._counters.items():
+                    value = stats.get(key, 0)
+                    child = counter.labels(name)  # a 0 series from the start, for alerts
+                    grown = self._grown((name, key), value)
+                    if grown:
+                        child.inc(grown)
+                for key, histogram in self._histograms.items():
+                    self._push_histogram(histogram.labels(name), (name, key), stats[key])
+
+    def _grown(self, where: tuple[str, str], value: Any) -> Any:
+        """How much a cumulative figure grew since the last push (all of it after a reset)."""
+        last = self._seen.get(where)
+        self._seen[where] = value
+        if last is None or value < last:
+            return value
+        return value - last
+
+    def _push_histogram(self, child: Any, where: tuple[str, str], timing: dict[str, Any]) -> None:
+        # prometheus_client has no public "add n samples to bucket i"; a histogram child keeps
+        # one value per bucket (non-cumulative, +Inf last, the same layout as ours, checked at
+        # start) and one for the sum, each with inc() (a file write in multiprocess mode).
+        count = timing["count"]
+        last = self._seen.get(where)
+        if last is not None and count < last["count"]:
+            last = None  # the pool was rebuilt (fork, reset): count from zero
+        self._seen[where] = timing
+        before = last["buckets"] if last else [0] * len(timing["buckets"])
+        for i, (now, then) in enumerate(zip(timing["buckets"], before, strict=True)):
+            if now > then:
+                child._buckets[i].inc(now - then)
+        grown = timing["sum"] - (last["sum"] if last else 0.0)
+        if grown > 0:
+            child._sum.inc(grown)
+
+    def _after_fork_in_child(self) -> None:
+        # The child's pools start from zero and prometheus_client starts its files afresh.
+        self._lock = threading.Lock()
+        self._seen.clear()
+        self._names.clear()
+        self._stop = threading.Event()
+        self.start()
+
+    def stop(self) -> None:
+        """Stop the thread (the metrics stay registered)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def _check_histogram_layout(histogram: Histogram) -> None:
+    child = histogram.labels("_layout_check")
+    if len(getattr(child, "_buckets", ())) != len(BUCKETS) + 1 or not hasattr(child, "_sum"):
+        raise RuntimeError(
+            f"prometheus_client {getattr(prometheus_client, '__version__', '?')} keeps histogram "
+            "buckets in an unknown layout: pin prometheus-client to a version poolguard supports"
+        )
+    histogram.remove("_layout_check")
+
+
+_current: Exporter | None = None
+_lock = threading.Lock()
+
+
+def instrument(registry: CollectorRegistry | None = None, interval: float = 1.0) -> Exporter:
+    """Export every pool's metrics through prometheus_client (once per process; later calls
+    return the first exporter).  ``interval``: seconds between two pushes of this process's
+    figures; a scrape through this module's apps is always current for the process it hits."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Exporter(registry or prometheus_client.REGISTRY, interval)
+        return _current
+
+
+def uninstrument() -> None:
+    """Stop the exporter and unregister its metrics (for tests)."""
+    global _current
+    with _lock:
+        exporter, _current = _current, None
+    if exporter is not None:
+        exporter.stop()
+        for metric in (
+            exporter._count,
+            *exporter._gauges.values(),
+            *exporter._counters.values(),
+            *exporter._histograms.values(),
+        ):
+            exporter.registry.unregister(metric)
+
+
+def exposition() -> tuple[bytes, str]:
+    """(body, content type) of a scrape: this process pushed first; every worker's figures in
+    multiprocess mode."""
+    if _current is not None:
+        _current.push()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry = prometheus_client.REGISTRY
+    return prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST
+
+
+def wsgi_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """A WSGI app that answers every request with the metrics (mount it at /metrics)."""
+    body, content_type = exposition()
+    start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+async def asgi_app(
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[Any]],
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+) -> None:
+    """An ASGI app that answers every HTTP request with the metrics (FastAPI: app.mount)."""
+    if scope["type"] != "http":
+        return
+    body, content_type = exposition()
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def django_view(request: Any) -> Any:
+    """A Django view: ``path("metrics", poolguard.prometheus.django_view)``."""
+    from django.http import HttpResponse  # type: ignore[import-untyped]
+
+    body, content_type = exposition()
+    return HttpResponse(body, content_type=content_type)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn's ``child_exit`` hook: drop a dead worker's live gauges (gunicorn.conf.py:
+    ``from poolguard.prometheus import child_exit``)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    if _current is not None:
+        _current._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

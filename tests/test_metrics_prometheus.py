@@ -1,0 +1,113 @@
+"""poolguard.prometheus under real gunicorn workers in prometheus_client's multiprocess mode."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+pytest.importorskip("gunicorn")
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from poolguard.testing import free_port
+
+APPS = Path(__file__).parent / "apps"
+WORKERS = 3
+
+
+@contextlib.contextmanager
+def gunicorn(dsn: str, multiproc_dir: Path, log: Path) -> Iterator[int]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "POOLGUARD_DSN": dsn,
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
+        "PYTHONPATH": str(APPS),
+    }
+    argv = [
+        sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--bind",
+        f"127.0.0.1:{port}", "--log-level", "warning", "prometheus_wsgi:app",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"gunicorn did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(15)
+
+
+def get(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return bytes(response.read())
+
+
+def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """{sample name: {sorted labels: value}} of one scrape."""
+    found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(get(port, "/metrics").decode()):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            found.setdefault(sample.name, {})[labels] = sample.value
+    return found
+
+
+@pytest.mark.slow
+def test_gunicorn_three_workers_one_scrape_sums_them(pg_dsn: str, tmp_path: Path) -> None:
+    multiproc = tmp_path / "prom"
+    multiproc.mkdir()
+    with gunicorn(pg_dsn, multiproc, tmp_path / "gunicorn.log") as port:
+        pids: set[int] = set()
+        work = starve = 0
+        # Bounded: sync workers take connections in turn, so every worker serves within a few
+        # dozen requests; each request counts once whichever worker serves it.
+        for _ in range(300):
+            pids.add(json.loads(get(port, "/work"))["pid"])
+            work += 1
+            if len(pids) == WORKERS and work >= 30:
+                break
+        assert len(pids) == WORKERS, f"only {len(pids)} workers served"
+        for _ in range(6):
+            assert json.loads(get(port, "/starve")).get("timed_out") is True
+            starve += 1
+        # Each worker pushes its figures every 0.2 s; the one answering the scrape pushes first.
+        time.sleep(1.0)
+        metrics = scrape(port)
+
+    pool = (("pool", "web"),)
+    checkouts = work + 2 * starve  # a starve request takes one and times out on a second
+    assert metrics["db_client_connection_wait_time_seconds_count"][pool] == checkouts
+    buckets = metrics["db_client_connection_wait_time_seconds_bucket"]
+    assert buckets[(("le", "+Inf"), ("pool", "web"))] == checkouts
+    assert buckets[(("le", "0.001"), ("pool", "web"))] < checkouts  # the 50 ms timeouts
+    assert metrics["db_client_connection_wait_time_seconds_sum"][pool] >= starve * 0.05
+    assert metrics["db_client_connection_timeouts_total"][pool] == starve
+    assert metrics["db_client_connection_use_time_seconds_count"][pool] == work + starve
+    # Gauges are summed over the live workers: max_size 1 each, one idle connection each.
+    assert metrics["db_client_connection_max"][pool] == WORKERS
+    assert metrics["db_client_connection_count"][(("pool", "web"), ("state", "idle"))] == WORKERS
+    assert metrics["db_client_connection_count"][(("pool", "web"), ("state", "used"))] == 0
+    assert metrics["db_client_connection_pending_requests"][pool] == 0
+    assert metrics["poolguard_connection_leaks_total"][pool] == 0
