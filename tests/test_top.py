@@ -1,0 +1,126 @@
+"""``poolguard top`` against a real server with two app processes and an idle transaction."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from poolguard._top import main, pool_of
+from poolguard.testing import free_port
+
+APPS = Path(__file__).parent / "apps"
+SECRET = "card-4111-1111"
+
+
+@contextlib.contextmanager
+def app_process(dsn: str, name: str) -> Iterator[str]:
+    """A poolguard app process with pool ``name``; yields its metrics URL."""
+    port = free_port()
+    with subprocess.Popen(
+        [sys.executable, str(APPS / "top_app.py"), name, str(port)],
+        env={**os.environ, "POOLGUARD_DSN": dsn},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            yield f"http://127.0.0.1:{port}/metrics"
+        finally:
+            proc.stdin.close()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(15)
+
+
+@pytest.fixture
+def scene(pg_dsn: str) -> Iterator[tuple[str, list[str], int]]:
+    """Two app processes (pools 'orders' and 'billing') and one session idle in a transaction."""
+    with app_process(pg_dsn, "orders") as orders, app_process(pg_dsn, "billing") as billing:
+        with psycopg.connect(pg_dsn, application_name="reporting-script") as idle:
+            idle.execute(f"SELECT '{SECRET}' AS card")  # opens a transaction, then sits idle
+            time.sleep(1.2)
+            yield pg_dsn, [orders, billing], idle.info.backend_pid
+
+
+def test_pool_of() -> None:
+    assert pool_of("poolguard:orders") == "orders"
+    assert pool_of("poolguard:orders:watchdog") == "orders"
+    assert pool_of("psql") is None
+
+
+def test_once_json_shows_pools_idle_transaction_and_slots(
+    scene: tuple[str, list[str], int],
+) -> None:
+    dsn, urls, idle_pid = scene
+    out = io.StringIO()
+    assert main([dsn, "--once", "--json", "--metrics", *urls], out=out) == 0
+    text = out.getvalue()
+    found = json.loads(text)
+    assert found["by_pool"]["orders"] >= 2 and found["by_pool"]["billing"] >= 2
+    assert found["by_application"]["reporting-script"] == 1
+    assert found["by_state"]["idle in transaction"] == 1
+    [idle] = found["idle_in_transaction"]
+    assert idle["pid"] == idle_pid and idle["idle_seconds"] >= 1.0
+    assert idle["query"].startswith("SELECT '") and idle["query"].endswith("AS card")
+    slots = found["slots"]
+    assert slots["max_connections"] >= 10 and 5 <= slots["used"] < slots["max_connections"]
+    apps = found["apps"]["pools"]
+    assert apps["orders"]["in_use"] == 1 and apps["billing"]["in_use"] == 1
+    assert apps["orders"]["waiting"] == 0 and apps["orders"]["leaks"] == 0
+    assert 0 < apps["orders"]["p99_wait_seconds"] < 1
+    password = conninfo_to_dict(dsn)["password"]
+    assert SECRET not in text and str(password) not in text
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_live_view_in_a_terminal(scene: tuple[str, list[str], int], tmp_path: Path) -> None:
+    dsn, urls, idle_pid = scene
+    socket = str(tmp_path / "tmux.sock")
+    command = " ".join(
+        [sys.executable, "-m", "poolguard.cli", "top", f'"{dsn}"', "--metrics", *urls]
+    )
+
+    def tmux(*args: str) -> str:
+        return subprocess.run(
+            ["tmux", "-S", socket, *args], capture_output=True, text=True, timeout=10
+        ).stdout
+
+    tmux("new-session", "-d", "-x", "160", "-y", "50", "-s", "top", command)
+    try:
+        deadline = time.monotonic() + 15
+        screen = ""
+        while "billing" not in screen or "app pools" not in screen:
+            assert time.monotonic() < deadline, f"top never drew its screen:\n{screen}"
+            time.sleep(0.3)
+            screen = tmux("capture-pane", "-p", "-t", "top")
+        assert "orders=" in screen and "billing=" in screen
+        assert f"pid {idle_pid}" in screen and "AS card" in screen, screen
+        assert "idle in transaction=1" in screen
+        assert "slots:" in screen and "q: quit" in screen
+        assert SECRET not in screen and str(conninfo_to_dict(dsn)["password"]) not in screen
+        first = screen
+        time.sleep(2.2)  # refreshed every second: the idle age moves on
+        assert tmux("capture-pane", "-p", "-t", "top") != first
+        tmux("send-keys", "-t", "top", "q")
+        deadline = time.monotonic() + 10
+        while "top" in tmux("list-sessions"):
+            assert time.monotonic() < deadline, "q did not quit"
+            time.sleep(0.2)
+    finally:
+        tmux("kill-server")
