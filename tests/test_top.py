@@ -51,11 +51,14 @@ def app_process(dsn: str, name: str) -> Iterator[str]:
 @pytest.fixture
 def scene(pg_dsn: str) -> Iterator[tuple[str, list[str], int]]:
     """Two app processes (pools 'orders' and 'billing') and one session idle in a transaction."""
-    with app_process(pg_dsn, "orders") as orders, app_process(pg_dsn, "billing") as billing:
-        with psycopg.connect(pg_dsn, application_name="reporting-script") as idle:
-            idle.execute(f"SELECT '{SECRET}' AS card")  # opens a transaction, then sits idle
-            time.sleep(1.2)
-            yield pg_dsn, [orders, billing], idle.info.backend_pid
+    with (
+        app_process(pg_dsn, "orders") as orders,
+        app_process(pg_dsn, "billing") as billing,
+        psycopg.connect(pg_dsn, application_name="reporting-script") as idle,
+    ):
+        idle.execute(f"SELECT '{SECRET}' AS card")  # opens a transaction, then sits idle
+        time.sleep(1.2)
+        yield pg_dsn, [orders, billing], idle.info.backend_pid
 
 
 def test_pool_of() -> None:
