@@ -23,6 +23,7 @@ from ._errors import (
     PoolExhausted,
     PoolGuardWarning,
 )
+from ._events import PoolEvent
 from ._guard import SessionStateError, SessionStateWarning
 from ._pool import AsyncGuardedPool, GuardedPool, _AsyncCheckout, _Checkout
 from ._report import Report, report, report_on_signal
@@ -39,6 +40,7 @@ __all__ = [
     "ConnectionReclaimed",
     "GuardedPool",
     "PoolConnectError",
+    "PoolEvent",
     "PoolExhausted",
     "PoolGuardWarning",
     "Report",
@@ -80,5 +82,5 @@ def stats(name: str = "default") -> dict[str, Any]:
     return pool.stats()
 
 
-for _cls in (AsyncGuardedPool, GuardedPool, Report, Settings):
+for _cls in (AsyncGuardedPool, GuardedPool, PoolEvent, Report, Settings):
     _cls.__module__ = "poolguard"
