@@ -73,7 +73,7 @@ def test_exhaustion_storm_is_one_event_per_interval_naming_the_holder(pg_dsn: st
         assert "exhausted after 0.3 s" in event.message
         time.sleep(2.1)  # the next interval: the next timeout is news again, with the count
         assert storm(1, 0.05) == 1
-        first, second = hook.of("exhausted")
+        _, second = hook.of("exhausted")
         assert second.suppressed == 199
     finally:
         pool.putconn(held)
