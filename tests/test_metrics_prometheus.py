@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 pytest.importorskip("prometheus_client")
@@ -27,18 +28,9 @@ WORKERS = 3
 
 
 @contextlib.contextmanager
-def gunicorn(dsn: str, multiproc_dir: Path, log: Path) -> Iterator[int]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "POOLGUARD_DSN": dsn,
-        "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
-        "PYTHONPATH": str(APPS),
-    }
-    argv = [
-        sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--bind",
-        f"127.0.0.1:{port}", "--log-level", "warning", "prometheus_wsgi:app",
-    ]  # fmt: skip
+def serve(argv: list[str], port: int, env: dict[str, str], log: Path) -> Iterator[int]:
+    env = {**os.environ, "PYTHONPATH": str(APPS), **env}
+    argv = [sys.executable, "-m", *argv]
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -47,7 +39,7 @@ def gunicorn(dsn: str, multiproc_dir: Path, log: Path) -> Iterator[int]:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gunicorn did not start:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"{argv[2]} did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.1)
         yield port
     finally:
@@ -78,7 +70,13 @@ def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 def test_gunicorn_three_workers_one_scrape_sums_them(pg_dsn: str, tmp_path: Path) -> None:
     multiproc = tmp_path / "prom"
     multiproc.mkdir()
-    with gunicorn(pg_dsn, multiproc, tmp_path / "gunicorn.log") as port:
+    port = free_port()
+    argv = [
+        "gunicorn", "--workers", str(WORKERS), "--bind", f"127.0.0.1:{port}",
+        "--log-level", "warning", "prometheus_wsgi:app",
+    ]  # fmt: skip
+    env = {"POOLGUARD_DSN": pg_dsn, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
+    with serve(argv, port, env, tmp_path / "gunicorn.log"):
         pids: set[int] = set()
         work = starve = 0
         # Bounded: sync workers take connections in turn, so every worker serves within a few
@@ -111,3 +109,27 @@ def test_gunicorn_three_workers_one_scrape_sums_them(pg_dsn: str, tmp_path: Path
     assert metrics["db_client_connection_count"][(("pool", "web"), ("state", "used"))] == 0
     assert metrics["db_client_connection_pending_requests"][pool] == 0
     assert metrics["poolguard_connection_leaks_total"][pool] == 0
+    # The server's slots: the highest figure any live worker read.
+    assert metrics["poolguard_server_connections"][pool] >= WORKERS
+    with psycopg.connect(pg_dsn) as conn:
+        limit = conn.execute(
+            "SELECT current_setting('max_connections')::int"
+            " - current_setting('superuser_reserved_connections')::int"
+            " - coalesce(current_setting('reserved_connections', true), '0')::int"
+        ).fetchone()
+    assert limit is not None
+    assert metrics["poolguard_server_connections_max"][pool] == limit[0]
+
+
+def test_asgi_app_under_uvicorn(pg_dsn: str, tmp_path: Path) -> None:
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    argv = ["uvicorn", "--port", str(port), "--log-level", "warning", "prometheus_asgi:app"]
+    with serve(argv, port, {"POOLGUARD_DSN": pg_dsn}, tmp_path / "uvicorn.log"):
+        for _ in range(7):
+            assert get(port, "/work") == b"ok"
+        metrics = scrape(port)
+    pool = (("pool", "asgi"),)
+    assert metrics["db_client_connection_wait_time_seconds_count"][pool] == 7
+    assert metrics["db_client_connection_use_time_seconds_count"][pool] == 7
+    assert metrics["db_client_connection_count"][(("pool", "asgi"), ("state", "used"))] == 0

@@ -6,10 +6,16 @@ watches: their stats() are merged, so gauges, counters and histogram buckets add
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import psycopg
 
 from ._metrics import TIMINGS, merge
 from ._pool import live_pools
+from ._settings import Settings, redact_text
+
+logger = logging.getLogger("poolguard")
 
 
 def stats_by_name() -> dict[str, dict[str, Any]]:
@@ -20,6 +26,11 @@ def stats_by_name() -> dict[str, dict[str, Any]]:
     return {name: merge(snapshots) for name, snapshots in sorted(by_name.items())}
 
 
+def settings_by_name() -> dict[str, Settings]:
+    """{pool name: its settings} (the flavors of one name share them)."""
+    return {pool.name: pool.settings for pool in live_pools()}
+
+
 def drain_samples() -> dict[str, dict[str, list[float]]]:
     """{pool name: {timing: raw samples since the last drain}} (taps must be on)."""
     drained: dict[str, dict[str, list[float]]] = {}
@@ -28,3 +39,33 @@ def drain_samples() -> dict[str, dict[str, list[float]]]:
         for timing in TIMINGS:
             per_timing[timing].extend(getattr(pool.metrics, timing).drain())
     return drained
+
+
+def server_slots(settings: Settings) -> tuple[int, int] | None:
+    """(client sessions, slots for clients) of the pool's server, over a short connection of
+    its own (so the pool's wait and use figures stay the app's); None if it cannot be read.
+
+    Slots for clients: max_connections less the reserved ones.  Behind a pooler the query
+    runs on the server through it, and counts every database's sessions, as the limit does.
+    """
+    conninfo = settings.direct_conninfo or settings.conninfo
+    try:
+        with psycopg.connect(
+            conninfo,
+            autocommit=True,
+            connect_timeout=2,
+            application_name=f"{settings.application_name}:exporter"[:63],
+        ) as conn:
+            row = conn.execute(_SLOTS).fetchone()
+    except psycopg.Error as exc:
+        logger.debug("server slots unreadable: %s", redact_text(str(exc), conninfo))
+        return None
+    return (int(row[0]), int(row[1])) if row else None
+
+
+_SLOTS = """
+SELECT (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),
+       current_setting('max_connections')::int
+       - current_setting('superuser_reserved_connections')::int
+       - coalesce(current_setting('reserved_connections', true), '0')::int
+"""

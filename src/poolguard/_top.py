@@ -50,7 +50,10 @@ def pool_of(application_name: str) -> str | None:
     if not application_name.startswith("poolguard:"):
         return None
     name = application_name[len("poolguard:") :]
-    return name[: -len(":watchdog")] if name.endswith(":watchdog") else name
+    for helper in (":watchdog", ":exporter"):
+        if name.endswith(helper):
+            return name[: -len(helper)]
+    return name
 
 
 def server_snapshot(conn: psycopg.Connection[Any]) -> dict[str, Any]:

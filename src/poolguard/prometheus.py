@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -33,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "poolguard.prometheus needs prometheus_client: pip install 'poolguard[prometheus]'"
     ) from exc
 
-from ._exporting import stats_by_name
+from ._exporting import server_slots, settings_by_name, stats_by_name
 from ._metrics import BUCKETS, COUNTERS
 
 #: stats() key of each gauge -> Prometheus name (no unit: they count connections or requests).
@@ -52,11 +53,13 @@ HISTOGRAMS = {
     "db.client.connection.create_time": "db_client_connection_create_time_seconds",
 }
 COUNT = "db_client_connection_count"
+#: The server's figures, read every ``server_interval`` s: sessions, and slots for clients.
+SERVER = ("poolguard_server_connections", "poolguard_server_connections_max")
 
 
 def metric_names() -> set[str]:
     """Every series name this exporter writes (for alert rules and dashboards)."""
-    names = {COUNT, *GAUGES.values()}
+    names = {COUNT, *GAUGES.values(), *SERVER}
     names |= {f"{name}_total" for name in COUNTER_NAMES.values()}
     for name in HISTOGRAMS.values():
         names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
@@ -66,8 +69,11 @@ def metric_names() -> set[str]:
 class Exporter:
     """The metrics of one registry and the thread that keeps them current."""
 
-    def __init__(self, registry: CollectorRegistry, interval: float) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, interval: float, server_interval: float
+    ) -> None:
         self.interval = interval
+        self.server_interval = server_interval
         self.registry = registry
         live: Any = {"multiprocess_mode": "livesum"}
         self._count = Gauge(
@@ -81,6 +87,24 @@ class Exporter:
             key: Counter(name, f"poolguard {key}", ["pool"], registry=registry)
             for key, name in COUNTER_NAMES.items()
         }
+        # Every worker sees the same server: the highest live figure, not the sum.
+        server: Any = {"multiprocess_mode": "livemax"}
+        self._server = (
+            Gauge(
+                SERVER[0],
+                "Client sessions on the pool's server",
+                ["pool"],
+                registry=registry,
+                **server,
+            ),
+            Gauge(
+                SERVER[1],
+                "max_connections less reserved slots",
+                ["pool"],
+                registry=registry,
+                **server,
+            ),
+        )
         self._histograms = {
             key: Histogram(
                 name, f"OpenTelemetry {key}", ["pool"], buckets=BUCKETS, registry=registry
@@ -100,8 +124,20 @@ class Exporter:
         self._thread.start()
 
     def _run(self) -> None:
+        next_server_check = 0.0
         while not self._stop.wait(self.interval):
             self.push()
+            if self.server_interval and time.monotonic() >= next_server_check:
+                next_server_check = time.monotonic() + self.server_interval
+                self.push_server()
+
+    def push_server(self) -> None:
+        """Read each pool's server slots now (a short connection per pool name)."""
+        for name, settings in settings_by_name().items():
+            slots = server_slots(settings)
+            if slots is not None:
+                self._server[0].labels(name).set(slots[0])
+                self._server[1].labels(name).set(slots[1])
 
     def push(self) -> None:
         """Copy this process's pool figures into the metrics now."""
@@ -181,14 +217,19 @@ _current: Exporter | None = None
 _lock = threading.Lock()
 
 
-def instrument(registry: CollectorRegistry | None = None, interval: float = 1.0) -> Exporter:
+def instrument(
+    registry: CollectorRegistry | None = None,
+    interval: float = 1.0,
+    server_interval: float = 15.0,
+) -> Exporter:
     """Export every pool's metrics through prometheus_client (once per process; later calls
     return the first exporter).  ``interval``: seconds between two pushes of this process's
-    figures; a scrape through this module's apps is always current for the process it hits."""
+    figures; a scrape through this module's apps is always current for the process it hits.
+    ``server_interval``: seconds between two reads of the server's slots (0: never)."""
     global _current
     with _lock:
         if _current is None:
-            _current = Exporter(registry or prometheus_client.REGISTRY, interval)
+            _current = Exporter(registry or prometheus_client.REGISTRY, interval, server_interval)
         return _current
 
 
@@ -204,6 +245,7 @@ def uninstrument() -> None:
             *exporter._gauges.values(),
             *exporter._counters.values(),
             *exporter._histograms.values(),
+            *exporter._server,
         ):
             exporter.registry.unregister(metric)
 
