@@ -1,0 +1,88 @@
+"""Fixed-bucket timings: what stats() reports and how snapshots of several pools add up."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from poolguard._metrics import BUCKETS, PoolMetrics, Timings, merge, quantile
+
+
+def test_bucket_bounds_are_inclusive_like_prometheus_le() -> None:
+    t = Timings()
+    for seconds in (0.0, 0.001, 0.0010001, 30.0, 31.0):
+        t.add(seconds)
+    assert t.buckets[0] == 2  # 0 and exactly 1 ms: le="0.001"
+    assert t.buckets[1] == 1
+    assert t.buckets[len(BUCKETS) - 1] == 1  # exactly 30 s
+    assert t.buckets[-1] == 1  # +Inf
+    assert t.count == 5 and t.max == 31.0
+
+
+def test_percentiles_from_buckets_are_within_one_bucket_of_the_truth() -> None:
+    rng = random.Random(7)
+    samples = [rng.lognormvariate(-5, 1.2) for _ in range(20_000)]
+    t = Timings()
+    for s in samples:
+        t.add(s)
+    ordered = sorted(samples)
+    for q in (0.5, 0.95, 0.99):
+        true = ordered[int(q * len(ordered))]
+        got = quantile(t.buckets, q, t.max)
+        i = next(i for i, b in enumerate(BUCKETS) if true <= b)
+        lower = BUCKETS[i - 1] if i else 0.0
+        assert lower <= got <= BUCKETS[i], (q, true, got)
+    summary = t.summary()
+    assert summary["p50"] <= summary["p95"] <= summary["p99"] <= summary["max"]
+    assert summary["count"] == 20_000 and summary["sum"] == pytest.approx(sum(samples))
+
+
+def test_empty_and_overflow() -> None:
+    assert quantile([0] * (len(BUCKETS) + 1), 0.99) == 0.0
+    t = Timings()
+    t.add(45.0)
+    assert quantile(t.buckets, 0.99, t.max) <= 45.0
+
+
+def snapshot(waits: list[float], used: int, timeouts: int) -> dict[str, object]:
+    m = PoolMetrics()
+    for w in waits:
+        m.wait_time.add(w)
+    m.timeouts = timeouts
+    return m.snapshot(name="p", idle=1, used=used, max_size=4, min_size=1, pending=2)
+
+
+def test_merge_adds_counts_counters_and_buckets() -> None:
+    a = snapshot([0.001] * 98, used=1, timeouts=0)
+    b = snapshot([2.0, 2.0], used=3, timeouts=1)
+    merged = merge([a, b])
+    assert merged["db.client.connection.pool.name"] == "p"
+    assert merged["db.client.connection.count"] == {"idle": 2, "used": 4}
+    assert merged["db.client.connection.max"] == 8
+    assert merged["db.client.connection.pending_requests"] == 4
+    assert merged["db.client.connection.timeouts"] == 1
+    wait = merged["db.client.connection.wait_time"]
+    assert wait["count"] == 100 and wait["max"] == 2.0
+    assert wait["sum"] == pytest.approx(0.098 + 4.0)
+    assert wait["p50"] <= 0.001 < 1.0 < wait["p99"] <= 2.0  # the slow 2 % set the p99
+    with pytest.raises(ValueError):
+        merge([])
+
+
+def test_taps_keep_raw_samples_only_when_on() -> None:
+    from poolguard._metrics import disable_taps, enable_taps
+
+    t = Timings()
+    t.add(0.5)
+    assert t.drain() == []
+    enable_taps()
+    try:
+        t.add(0.25)
+        fresh = Timings()
+        fresh.add(0.125)
+        assert t.drain() == [0.25] and t.drain() == [] and fresh.drain() == [0.125]
+    finally:
+        disable_taps()
+    t.add(1.0)
+    assert t.drain() == []
