@@ -53,28 +53,32 @@ COUNTERS: Final = {
 
 
 class Timings:
-    """A fixed-bucket histogram of durations in seconds, with count, sum and max."""
+    """A fixed-bucket histogram of durations in seconds, with the sum and the max."""
 
-    __slots__ = ("__weakref__", "buckets", "count", "max", "tap", "total")
+    __slots__ = ("__weakref__", "buckets", "max", "tap", "total")
 
     def __init__(self) -> None:
         self.buckets = [0] * (len(BUCKETS) + 1)
-        self.count = 0
         self.total = 0.0
         self.max = 0.0
-        #: Raw samples not yet drained by an exporter; None when no exporter wants them.
-        self.tap: list[float] | None = [] if _taps_on else None
+        #: Raw samples not yet drained by an exporter (taps on, see _TappedTimings), else None.
+        self.tap: list[float] | None = None
         _all_timings.add(self)
+        if _taps_on:
+            _tap(self)
 
-    def add(self, seconds: float) -> None:
-        self.buckets[bisect_left(BUCKETS, seconds)] += 1
-        self.count += 1
+    def add(
+        self, seconds: float, _bucket: Any = bisect_left, _bounds: tuple[float, ...] = BUCKETS
+    ) -> None:
+        # Twice per checkout: the defaults save global lookups, and a free pool's waits (the
+        # common case) land in the first bucket without a bisect.
         self.total += seconds
         if seconds > self.max:
             self.max = seconds
-        tap = self.tap
-        if tap is not None:
-            tap.append(seconds)
+        if seconds <= 0.001:
+            self.buckets[0] += 1
+        else:
+            self.buckets[_bucket(_bounds, seconds)] += 1
 
     def drain(self) -> list[float]:
         """The raw samples since the last drain (taps on), else []."""
@@ -84,8 +88,37 @@ class Timings:
         self.tap = []  # one assignment: a racing add() lands in one list or the other
         return tap
 
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
     def summary(self) -> dict[str, Any]:
-        return summarize(self.buckets, self.count, self.total, self.max)
+        buckets = list(self.buckets)
+        return summarize(buckets, sum(buckets), self.total, self.max)
+
+
+class _TappedTimings(Timings):
+    """Timings whose samples an exporter also wants raw: enable_taps() swaps the class, so
+    that without an exporter add() does not even test for a tap."""
+
+    __slots__ = ()
+
+    def add(
+        self, seconds: float, _bucket: Any = bisect_left, _bounds: tuple[float, ...] = BUCKETS
+    ) -> None:
+        # Timings.add's body again, not a call to it: a Python call costs as much as the rest.
+        self.total += seconds
+        if seconds > self.max:
+            self.max = seconds
+        self.buckets[0 if seconds <= 0.001 else _bucket(_bounds, seconds)] += 1
+        tap = self.tap
+        if tap is not None:
+            tap.append(seconds)
+
+
+def _tap(timings: Timings) -> None:
+    timings.tap = []
+    timings.__class__ = _TappedTimings
 
 
 def summarize(buckets: list[int], count: int, total: float, top: float) -> dict[str, Any]:
@@ -202,7 +235,7 @@ def enable_taps() -> None:
     _taps_on = True
     for timings in list(_all_timings):
         if timings.tap is None:
-            timings.tap = []
+            _tap(timings)
 
 
 def disable_taps() -> None:
@@ -210,4 +243,5 @@ def disable_taps() -> None:
     global _taps_on
     _taps_on = False
     for timings in list(_all_timings):
+        timings.__class__ = Timings
         timings.tap = None

@@ -115,11 +115,12 @@ class Exporter:
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, str], Any] = {}
         self._names: set[str] = set()
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.start()
 
     def start(self) -> None:
+        """Start (or restart, after stop()) the push thread."""
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poolguard-prometheus", daemon=True)
         self._thread.start()
 
@@ -193,7 +194,6 @@ class Exporter:
         self._lock = threading.Lock()
         self._seen.clear()
         self._names.clear()
-        self._stop = threading.Event()
         self.start()
 
     def stop(self) -> None:

@@ -1,0 +1,97 @@
+"""Metrics cost on checkout+return: off vs on vs on with both exporters running.
+
+Run on demand:  python benchmarks/bench_metrics.py [--rounds 9] [--ops 20000]
+One pool, one server (DATABASE_URL, else a private one), interleaved round by round, best
+round of each compared:
+  off        Timings.add replaced by a no-op: no histogram, no tap
+  on         the pool's own histograms (always on in poolguard)
+  exporters  on, plus poolguard.otel.instrument() (samples kept for the SDK) and
+             poolguard.prometheus.instrument() (its push thread running every second)
+The OpenTelemetry SDK records the kept samples when it collects, off the hot path; that cost
+is printed separately, per sample.  Target (issue 12): on / off and exporters / off <= 1.03.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from _common import database, parse_args, per_op
+
+import poolguard
+from poolguard._metrics import Timings, disable_taps, enable_taps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__, ops=20000, argv=argv)
+    import poolguard.otel
+    import poolguard.prometheus
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from prometheus_client import CollectorRegistry
+
+    dsn, server = database()
+    pool = poolguard.configure(dsn, name="bench", min_size=2, max_size=4, leak_threshold=0)
+    pool.open()
+
+    def checkout() -> None:
+        with pool.connection():
+            pass
+
+    real_add = Timings.add
+
+    def noop_add(self: Timings, seconds: float) -> None:
+        pass
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    otel = poolguard.otel.instrument(meter_provider=provider)
+    prometheus = poolguard.prometheus.instrument(registry=CollectorRegistry())
+
+    def set_mode(mode: str) -> None:
+        Timings.add = noop_add if mode == "off" else real_add  # type: ignore[method-assign]
+        prometheus.stop()
+        if mode == "exporters":
+            enable_taps()
+            prometheus.start()
+        else:
+            disable_taps()
+
+    best = {"off": float("inf"), "on": float("inf"), "exporters": float("inf")}
+    collect: list[float] = []
+    try:
+        for _ in range(3):  # warm up the server connections and the code paths
+            per_op(checkout, 1000)
+        for _ in range(args.rounds):
+            for mode in best:
+                set_mode(mode)
+                best[mode] = min(best[mode], per_op(checkout, args.ops))
+                if mode == "exporters":
+                    started = time.perf_counter()
+                    data = reader.get_metrics_data()  # records the round's kept samples
+                    collect.append((time.perf_counter() - started) / (2 * args.ops))
+                    assert data is not None
+        set_mode("on")
+    finally:
+        Timings.add = real_add  # type: ignore[method-assign]
+        otel.uninstrument()
+        poolguard.prometheus.uninstrument()
+        provider.shutdown()
+        poolguard.reset()
+        if server:
+            server.stop()
+    show: Callable[[str], str] = lambda m: f"{best[m] * 1e6:7.2f} us/op"  # noqa: E731
+    on, exp = best["on"] / best["off"], best["exporters"] / best["off"]
+    print(f"checkout+return  off {show('off')}   on {show('on')}   exporters {show('exporters')}")
+    print(f"ratio on/off {on:.3f}   exporters/off {exp:.3f}   (target <= 1.03)")
+    print(
+        f"OpenTelemetry collection: {min(collect) * 1e6:.2f} us per kept sample (off the hot path)"
+    )
+    ok = on <= 1.03 and exp <= 1.03
+    print("ok" if ok else "MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
