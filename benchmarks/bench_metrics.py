@@ -18,18 +18,18 @@ import time
 from collections.abc import Callable
 
 from _common import database, parse_args, per_op
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client import CollectorRegistry
 
 import poolguard
+import poolguard.otel
+import poolguard.prometheus
 from poolguard._metrics import Timings, disable_taps, enable_taps
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__, ops=20000, argv=argv)
-    import poolguard.otel
-    import poolguard.prometheus
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-    from prometheus_client import CollectorRegistry
 
     dsn, server = database()
     pool = poolguard.configure(dsn, name="bench", min_size=2, max_size=4, leak_threshold=0)
