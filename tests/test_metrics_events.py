@@ -213,3 +213,9 @@ def test_webhook_failure_logs_the_host_not_the_token(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING, logger="poolguard.alerts"):
         hook(PoolEvent("leak", "p", "connection not returned"))
     assert "127.0.0.1" in caplog.text and "SECRET" not in caplog.text
+
+
+def test_docs_show_the_webhook_example_as_shipped() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "observability.md").read_text()
+    shown = page.split("<!-- test: file=webhook.py -->\n```python\n", 1)[1].split("```\n", 1)[0]
+    assert shown == (EXAMPLES / "webhook.py").read_text()

@@ -10,6 +10,7 @@ webhook never delays a caller and a failing one never raises into the pool.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -178,3 +179,5 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+# A short script's last events would die with the daemon thread: give them a moment at exit.
+atexit.register(flush, 2.0)

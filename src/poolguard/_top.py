@@ -23,7 +23,7 @@ from typing import IO, Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from ._guard import mask_literals
+from ._sqltokens import mask_literals
 from ._metrics import BUCKETS, quantile
 from ._settings import parse_dsn, redact_text
 
