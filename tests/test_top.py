@@ -91,8 +91,11 @@ def test_once_json_shows_pools_idle_transaction_and_slots(
     assert SECRET not in text and str(password) not in text
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_live_view_in_a_terminal(scene: tuple[str, list[str], int], tmp_path: Path) -> None:
+    if shutil.which("tmux") is None:
+        if os.environ.get("CI"):
+            pytest.fail("tmux is not installed (.ci/run installs it)")
+        pytest.skip("needs tmux")
     dsn, urls, idle_pid = scene
     socket = str(tmp_path / "tmux.sock")
     command = " ".join(
