@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 logger = logging.getLogger("poolguard")
 
@@ -32,15 +32,7 @@ EventKind = Literal[
     "discarded",
     "connection_refused",
 ]
-EVENT_KINDS: tuple[EventKind, ...] = (
-    "exhausted",
-    "leak",
-    "idle_in_transaction",
-    "server_full",
-    "dirty_return",
-    "discarded",
-    "connection_refused",
-)
+EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
 
 
 @dataclass(frozen=True)

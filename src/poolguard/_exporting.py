@@ -6,16 +6,12 @@ watches: their stats() are merged, so gauges, counters and histogram buckets add
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-import psycopg
 
 from ._metrics import TIMINGS, merge
 from ._pool import live_pools
-from ._settings import Settings, redact_text
-
-logger = logging.getLogger("poolguard")
+from ._settings import Settings
+from ._watchdog import server_query
 
 
 def stats_by_name() -> dict[str, dict[str, Any]]:
@@ -48,19 +44,8 @@ def server_slots(settings: Settings) -> tuple[int, int] | None:
     Slots for clients: max_connections less the reserved ones.  Behind a pooler the query
     runs on the server through it, and counts every database's sessions, as the limit does.
     """
-    conninfo = settings.direct_conninfo or settings.conninfo
-    try:
-        with psycopg.connect(
-            conninfo,
-            autocommit=True,
-            connect_timeout=2,
-            application_name=f"{settings.application_name}:exporter"[:63],
-        ) as conn:
-            row = conn.execute(_SLOTS).fetchone()
-    except psycopg.Error as exc:
-        logger.debug("server slots unreadable: %s", redact_text(str(exc), conninfo))
-        return None
-    return (int(row[0]), int(row[1])) if row else None
+    rows = server_query(settings, "exporter", _SLOTS)
+    return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
 
 _SLOTS = """

@@ -87,6 +87,7 @@ class _PoolCore:
         """
         self.ledger = Ledger()
         self.metrics = PoolMetrics()
+        self.events = Events(self.name, self.settings.on_event, self.settings.event_interval)
         self._full = Backoff(self.name, self.settings.max_size)
 
     def _inner_options(self, on_refused: Callable[..., Any]) -> dict[str, Any]:

@@ -23,9 +23,9 @@ from typing import IO, Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from ._sqltokens import mask_literals
 from ._metrics import BUCKETS, quantile
 from ._settings import parse_dsn, redact_text
+from ._sqltokens import mask_literals
 
 #: application_name of top's own session: not "poolguard:…", so never counted as a pool.
 APPLICATION_NAME = "poolguard-top"

@@ -365,6 +365,25 @@ def _describe(
     )
 
 
+def server_query(
+    settings: Settings, purpose: str, sql: str, params: list[Any] | None = None
+) -> list[tuple[Any, ...]] | None:
+    """Rows of one query over a short-lived connection beside the pool, named
+    ``<application_name>:<purpose>`` (direct DSN if configured); None if it failed."""
+    conninfo = settings.direct_conninfo or settings.conninfo
+    try:
+        with psycopg.connect(
+            conninfo,
+            autocommit=True,
+            connect_timeout=2,
+            application_name=f"{settings.application_name}:{purpose}"[:63],
+        ) as conn:
+            return conn.execute(sql, params).fetchall()
+    except psycopg.Error as exc:
+        logger.debug("%s query failed: %s", purpose, redact_text(str(exc), conninfo))
+        return None
+
+
 def server_activity(settings: Settings, pids: list[int]) -> dict[int, dict[str, Any]]:
     """What pg_stat_activity says about these backends, over a short-lived connection.
 
@@ -374,22 +393,15 @@ def server_activity(settings: Settings, pids: list[int]) -> dict[int, dict[str, 
     """
     if not pids:
         return {}
-    conninfo = settings.direct_conninfo or settings.conninfo
-    try:
-        with psycopg.connect(
-            conninfo,
-            autocommit=True,
-            connect_timeout=2,
-            application_name=f"{settings.application_name}:watchdog"[:63],
-        ) as conn:
-            rows = conn.execute(
-                "SELECT pid, state, extract(epoch FROM now() - xact_start)::float8,"
-                " extract(epoch FROM now() - state_change)::float8, wait_event_type, wait_event"
-                " FROM pg_stat_activity WHERE pid = ANY(%s)",
-                [pids],
-            ).fetchall()
-    except psycopg.Error as exc:
-        logger.debug("pg_stat_activity cross-check failed: %s", redact_text(str(exc), conninfo))
+    rows = server_query(
+        settings,
+        "watchdog",
+        "SELECT pid, state, extract(epoch FROM now() - xact_start)::float8,"
+        " extract(epoch FROM now() - state_change)::float8, wait_event_type, wait_event"
+        " FROM pg_stat_activity WHERE pid = ANY(%s)",
+        [pids],
+    )
+    if rows is None:
         return {}
     return {
         row[0]: {
