@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import poolguard
+import poolguard.testing
 from poolguard import ConfigurationError, PoolEvent, PoolExhausted
 from poolguard._events import Events, flush
 
@@ -219,3 +220,30 @@ def test_docs_show_the_webhook_example_as_shipped() -> None:
     page = (Path(__file__).parent.parent / "docs" / "observability.md").read_text()
     shown = page.split("<!-- test: file=webhook.py -->\n```python\n", 1)[1].split("```\n", 1)[0]
     assert shown == (EXAMPLES / "webhook.py").read_text()
+
+
+def test_full_server_gives_one_server_full_event(postgres_factory: Any) -> None:
+    server = postgres_factory(max_connections=8)
+    hook = Recorder()
+    held = [server.connect() for _ in range(5)]  # 3 slots left, superuser ones included
+    try:
+        pool = poolguard.configure(
+            server.dsn, name="alerts", min_size=1, max_size=6, budget="off", on_event=hook
+        )
+
+        def request() -> None:
+            with pool.connection() as conn:
+                conn.execute("SELECT pg_sleep(0.05)")
+
+        seen = poolguard.testing.run_users(8, 5, lambda user, i: request())
+        assert (seen.ok, seen.failures) == (40, [])
+        [event] = hook.of("server_full")
+        assert "too many clients" in event.message
+        assert 1 <= event.details["cap"] <= 3 and event.details["retry_in"] > 0
+        stats = pool.stats()
+        assert stats["poolguard.connection.server_refusals"] >= 1
+        assert stats["poolguard.connection.capped"] == 1
+    finally:
+        poolguard.reset()
+        for conn in held:
+            conn.close()

@@ -190,3 +190,36 @@ def test_async_and_sync_flavors_of_one_name_are_one_pool(
     }
     assert count == {"idle": 2, "used": 0}  # one idle connection in each flavor
     assert points(metrics["db.client.connection.max"], "both")[0].value == 4
+
+
+def test_asyncpg_flavor_is_reported_with_its_timed_out_wait(
+    reader: InMemoryMetricReader, pg_dsn: str
+) -> None:
+    import asyncio
+
+    pytest.importorskip("asyncpg")
+    from poolguard.sqlalchemy._asyncpg import asyncpg_pool
+
+    pool = asyncpg_pool(poolguard.configure(pg_dsn, name="apg", max_size=1).settings)
+
+    async def body() -> dict[str, Any]:
+        for _ in range(3):
+            await pool.putconn(await pool.getconn())
+        held = await pool.getconn()
+        with pytest.raises(poolguard.PoolExhausted):
+            await pool.getconn(timeout=0.05)
+        try:
+            return collect(reader)
+        finally:
+            await pool.putconn(held)
+            await pool.close()
+
+    metrics = asyncio.run(body())
+    wait = points(metrics["db.client.connection.wait_time"], "apg")[0]
+    assert wait.count == 5  # 3 + the holder's + the timed-out one
+    assert points(metrics["db.client.connection.timeouts"], "apg")[0].value == 1
+    used = {
+        p.attributes["db.client.connection.state"]: p.value
+        for p in points(metrics["db.client.connection.count"], "apg")
+    }
+    assert used["used"] == 1
