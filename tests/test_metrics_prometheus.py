@@ -133,3 +133,39 @@ def test_asgi_app_under_uvicorn(pg_dsn: str, tmp_path: Path) -> None:
     assert metrics["db_client_connection_wait_time_seconds_count"][pool] == 7
     assert metrics["db_client_connection_use_time_seconds_count"][pool] == 7
     assert metrics["db_client_connection_count"][(("pool", "asgi"), ("state", "used"))] == 0
+
+
+def test_django_view(pg_dsn: str, tmp_path: Path) -> None:
+    """The view in a real Django request cycle (its test client), in a process of its own."""
+    pytest.importorskip("django")
+    script = tmp_path / "django_view.py"
+    script.write_text(
+        "import django\n"
+        "from django.conf import settings\n"
+        "from django.urls import path\n"
+        "import poolguard, poolguard.prometheus\n"
+        "urlpatterns = [path('metrics', poolguard.prometheus.django_view)]\n"
+        "settings.configure(ROOT_URLCONF=__name__, ALLOWED_HOSTS=['testserver'], DATABASES={})\n"
+        "django.setup()\n"
+        "from django.test import Client\n"
+        "poolguard.prometheus.instrument()\n"
+        "pool = poolguard.configure(name='dj')\n"
+        "for _ in range(4):\n"
+        "    with pool.connection() as conn:\n"
+        "        conn.execute('SELECT 1')\n"
+        "response = Client().get('/metrics')\n"
+        "assert response.status_code == 200, response.status_code\n"
+        "print(response['Content-Type'])\n"
+        "print(response.content.decode())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        env={**os.environ, "POOLGUARD_DSN": pg_dsn},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    content_type, _, body = done.stdout.partition("\n")
+    assert content_type.startswith("text/plain")
+    assert 'db_client_connection_wait_time_seconds_count{pool="dj"} 4.0' in body
