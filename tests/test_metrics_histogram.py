@@ -86,3 +86,18 @@ def test_taps_keep_raw_samples_only_when_on() -> None:
         disable_taps()
     t.add(1.0)
     assert t.drain() == []
+
+
+def test_taps_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from poolguard import _metrics
+
+    monkeypatch.setattr(_metrics, "TAP_LIMIT", 3)
+    _metrics.enable_taps()
+    try:
+        t = Timings()
+        for i in range(5):
+            t.add(i / 1000)
+        assert t.drain() == [0.0, 0.001, 0.002]  # an exporter that never drains: bounded
+        assert t.count == 5  # the pool's own histogram has them all
+    finally:
+        _metrics.disable_taps()

@@ -13,6 +13,7 @@ list the exporter drains at collection time.  With no exporter the cost is one `
 from __future__ import annotations
 
 import weakref
+from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -36,6 +37,11 @@ BUCKETS: Final = (
     10.0,
     30.0,
 )
+
+#: Raw samples kept per timing between two drains (8 bytes each): an exporter that never
+#: collects (an SDK that was never set up) costs at most this much memory; the samples past it
+#: are in the pool's own histogram, not in the exporter's.
+TAP_LIMIT: Final = 1_000_000
 
 #: Names of the three timings in stats() and in the exporters.
 TIMINGS: Final = ("wait_time", "use_time", "create_time")
@@ -62,7 +68,7 @@ class Timings:
         self.total = 0.0
         self.max = 0.0
         #: Raw samples not yet drained by an exporter (taps on, see _TappedTimings), else None.
-        self.tap: list[float] | None = None
+        self.tap: array[float] | None = None
         _all_timings.add(self)
         if _taps_on:
             _tap(self)
@@ -85,8 +91,8 @@ class Timings:
         tap = self.tap
         if tap is None:
             return []
-        self.tap = []  # one assignment: a racing add() lands in one list or the other
-        return tap
+        self.tap = array("d")  # one assignment: a racing add() lands in one or the other
+        return tap.tolist()
 
     @property
     def count(self) -> int:
@@ -112,12 +118,12 @@ class _TappedTimings(Timings):
             self.max = seconds
         self.buckets[0 if seconds <= 0.001 else _bucket(_bounds, seconds)] += 1
         tap = self.tap
-        if tap is not None:
+        if tap is not None and len(tap) < TAP_LIMIT:
             tap.append(seconds)
 
 
 def _tap(timings: Timings) -> None:
-    timings.tap = []
+    timings.tap = array("d")
     timings.__class__ = _TappedTimings
 
 
