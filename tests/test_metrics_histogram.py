@@ -64,40 +64,29 @@ def test_merge_adds_counts_counters_and_buckets() -> None:
     assert merged["db.client.connection.timeouts"] == 1
     wait = merged["db.client.connection.wait_time"]
     assert wait["count"] == 100 and wait["max"] == 2.0
+    assert wait["bucket_sums"][0] == pytest.approx(0.098)
     assert wait["sum"] == pytest.approx(0.098 + 4.0)
     assert wait["p50"] <= 0.001 < 1.0 < wait["p99"] <= 2.0  # the slow 2 % set the p99
     with pytest.raises(ValueError):
         merge([])
 
 
-def test_taps_keep_raw_samples_only_when_on() -> None:
-    from poolguard._metrics import disable_taps, enable_taps
+def test_increase_replays_new_samples_per_bucket_exactly() -> None:
+    from poolguard._exporting import Increase
 
     t = Timings()
-    t.add(0.5)
-    assert t.drain() == []
-    enable_taps()
-    try:
-        t.add(0.25)
-        fresh = Timings()
-        fresh.add(0.125)
-        assert t.drain() == [0.25] and t.drain() == [] and fresh.drain() == [0.125]
-    finally:
-        disable_taps()
-    t.add(1.0)
-    assert t.drain() == []
-
-
-def test_taps_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from poolguard import _metrics
-
-    monkeypatch.setattr(_metrics, "TAP_LIMIT", 3)
-    _metrics.enable_taps()
-    try:
-        t = Timings()
-        for i in range(5):
-            t.add(i / 1000)
-        assert t.drain() == [0.0, 0.001, 0.002]  # an exporter that never drains: bounded
-        assert t.count == 5  # the pool's own histogram has them all
-    finally:
-        _metrics.disable_taps()
+    seen = Increase()
+    for seconds in (0.0002, 0.0004, 0.2, 3.0):
+        t.add(seconds)
+    first = seen.timing("k", t.summary())
+    assert [(i, n) for i, n, _ in first] == [(0, 2), (7, 1), (11, 1)]
+    assert [total for _, _, total in first] == pytest.approx([0.0006, 0.2, 3.0])
+    for i, n, total in first:  # each bucket's mean lies inside the bucket: replay is exact
+        assert (BUCKETS[i - 1] if i else 0.0) < total / n <= BUCKETS[i]
+    assert seen.timing("k", t.summary()) == []
+    t.add(0.15)
+    assert seen.timing("k", t.summary()) == [(7, 1, pytest.approx(0.15))]
+    rebuilt = Timings()  # a pool rebuilt after fork or reset: everything is new again
+    rebuilt.add(0.0001)
+    assert seen.timing("k", rebuilt.summary()) == [(0, 1, pytest.approx(0.0001))]
+    assert seen.counter("c", 5) == 5 and seen.counter("c", 7) == 2 and seen.counter("c", 1) == 1

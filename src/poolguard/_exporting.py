@@ -6,9 +6,10 @@ watches: their stats() are merged, so gauges, counters and histogram buckets add
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from typing import Any
 
-from ._metrics import TIMINGS, merge
+from ._metrics import merge
 from ._pool import live_pools
 from ._settings import Settings
 from ._watchdog import server_query
@@ -27,14 +28,36 @@ def settings_by_name() -> dict[str, Settings]:
     return {pool.name: pool.settings for pool in live_pools()}
 
 
-def drain_samples() -> dict[str, dict[str, list[float]]]:
-    """{pool name: {timing: raw samples since the last drain}} (taps must be on)."""
-    drained: dict[str, dict[str, list[float]]] = {}
-    for pool in live_pools():
-        per_timing = drained.setdefault(pool.name, {t: [] for t in TIMINGS})
-        for timing in TIMINGS:
-            per_timing[timing].extend(getattr(pool.metrics, timing).drain())
-    return drained
+class Increase:
+    """What grew since the last look, key by key, for exporters that add increments.
+
+    A figure that went down (a pool closed or rebuilt, a fork) starts again from zero: all of
+    it is new, as Prometheus treats a counter reset.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[Hashable, Any] = {}
+
+    def counter(self, key: Hashable, value: float) -> float:
+        last = self._last.get(key, 0)
+        self._last[key] = value
+        return value if value < last else value - last
+
+    def timing(self, key: Hashable, timing: Mapping[str, Any]) -> list[tuple[int, int, float]]:
+        """(bucket index, new samples, their sum) for each bucket that grew."""
+        buckets, sums = timing["buckets"], timing["bucket_sums"]
+        last = self._last.get(key)
+        self._last[key] = (buckets, sums)
+        if last is None or any(now < then for now, then in zip(buckets, last[0], strict=True)):
+            last = ([0] * len(buckets), [0.0] * len(sums))
+        return [
+            (i, n - last[0][i], sums[i] - last[1][i])
+            for i, n in enumerate(buckets)
+            if n > last[0][i]
+        ]
+
+    def clear(self) -> None:
+        self._last.clear()
 
 
 def server_slots(settings: Settings) -> tuple[int, int] | None:

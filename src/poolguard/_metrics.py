@@ -1,19 +1,13 @@
 """Pool metrics named after OpenTelemetry's ``db.client.connection.*`` semantic conventions.
 
-Durations go into fixed-bucket histograms (seconds, 1 ms .. 30 s): adding a sample is one
-bisect and two additions on the hot path, and bucket counts add up across pools, processes
-and hosts, which a window of recent samples cannot.  Percentiles are read from the buckets
-only when someone asks for them.
-
-Exporters that need every raw sample (OpenTelemetry's histograms aggregate samples
-themselves) switch on *taps* with :func:`enable_taps`: each sample is then also appended to a
-list the exporter drains at collection time.  With no exporter the cost is one ``is None``.
+Durations go into fixed-bucket histograms (seconds, 1 ms .. 30 s): adding a sample is at most
+one bisect and two additions on the hot path, and bucket counts add up across pools,
+processes and hosts, which a window of recent samples cannot.  Percentiles are read from the
+buckets only when someone asks for them.  Exporters read the same figures (see _exporting).
 """
 
 from __future__ import annotations
 
-import weakref
-from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -38,11 +32,6 @@ BUCKETS: Final = (
     30.0,
 )
 
-#: Raw samples kept per timing between two drains (8 bytes each): an exporter that never
-#: collects (an SDK that was never set up) costs at most this much memory; the samples past it
-#: are in the pool's own histogram, not in the exporter's.
-TAP_LIMIT: Final = 1_000_000
-
 #: Names of the three timings in stats() and in the exporters.
 TIMINGS: Final = ("wait_time", "use_time", "create_time")
 #: poolguard's own counters: stats() key -> short name used by the exporters.
@@ -59,84 +48,52 @@ COUNTERS: Final = {
 
 
 class Timings:
-    """A fixed-bucket histogram of durations in seconds, with the sum and the max."""
+    """A fixed-bucket histogram of durations in seconds: per bucket a count and a sum; the max.
 
-    __slots__ = ("__weakref__", "buckets", "max", "tap", "total")
+    The per-bucket sums cost the same as one running total, and let an exporter replay the
+    samples it has not seen yet as ``count`` samples of their mean: that mean lies inside the
+    bucket, so counts, buckets and sum stay exact without keeping any raw sample.
+    """
+
+    __slots__ = ("buckets", "max", "sums")
 
     def __init__(self) -> None:
         self.buckets = [0] * (len(BUCKETS) + 1)
-        self.total = 0.0
+        self.sums = [0.0] * (len(BUCKETS) + 1)
         self.max = 0.0
-        #: Raw samples not yet drained by an exporter (taps on, see _TappedTimings), else None.
-        self.tap: array[float] | None = None
-        _all_timings.add(self)
-        if _taps_on:
-            _tap(self)
 
     def add(
         self, seconds: float, _bucket: Any = bisect_left, _bounds: tuple[float, ...] = BUCKETS
     ) -> None:
         # Twice per checkout: the defaults save global lookups, and a free pool's waits (the
         # common case) land in the first bucket without a bisect.
-        self.total += seconds
+        i = 0 if seconds <= 0.001 else _bucket(_bounds, seconds)
+        self.buckets[i] += 1
+        self.sums[i] += seconds
         if seconds > self.max:
             self.max = seconds
-        if seconds <= 0.001:
-            self.buckets[0] += 1
-        else:
-            self.buckets[_bucket(_bounds, seconds)] += 1
-
-    def drain(self) -> list[float]:
-        """The raw samples since the last drain (taps on), else []."""
-        tap = self.tap
-        if tap is None:
-            return []
-        self.tap = array("d")  # one assignment: a racing add() lands in one or the other
-        return tap.tolist()
 
     @property
     def count(self) -> int:
         return sum(self.buckets)
 
     def summary(self) -> dict[str, Any]:
-        buckets = list(self.buckets)
-        return summarize(buckets, sum(buckets), self.total, self.max)
+        buckets, sums = list(self.buckets), list(self.sums)
+        return summarize(buckets, sums, self.max)
 
 
-class _TappedTimings(Timings):
-    """Timings whose samples an exporter also wants raw: enable_taps() swaps the class, so
-    that without an exporter add() does not even test for a tap."""
-
-    __slots__ = ()
-
-    def add(
-        self, seconds: float, _bucket: Any = bisect_left, _bounds: tuple[float, ...] = BUCKETS
-    ) -> None:
-        # Timings.add's body again, not a call to it: a Python call costs as much as the rest.
-        self.total += seconds
-        if seconds > self.max:
-            self.max = seconds
-        self.buckets[0 if seconds <= 0.001 else _bucket(_bounds, seconds)] += 1
-        tap = self.tap
-        if tap is not None and len(tap) < TAP_LIMIT:
-            tap.append(seconds)
-
-
-def _tap(timings: Timings) -> None:
-    timings.tap = array("d")
-    timings.__class__ = _TappedTimings
-
-
-def summarize(buckets: list[int], count: int, total: float, top: float) -> dict[str, Any]:
-    """stats()' shape of one timing: count, sum, p50/p95/p99 (from the buckets), max, buckets."""
+def summarize(buckets: list[int], sums: list[float], top: float) -> dict[str, Any]:
+    """stats()' shape of one timing: count, sum, p50/p95/p99 (from the buckets), max, and
+    per bucket the count and the sum of its samples."""
     return {
-        "count": count,
-        "sum": total,
+        "count": sum(buckets),
+        "sum": sum(sums),
         "p50": quantile(buckets, 0.50, top),
         "p95": quantile(buckets, 0.95, top),
         "p99": quantile(buckets, 0.99, top),
         "max": top,
         "buckets": list(buckets),
+        "bucket_sums": list(sums),
     }
 
 
@@ -220,34 +177,9 @@ def merge(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             }
         elif isinstance(value, dict) and "buckets" in value:
             timings = [s[key] for s in items]
-            buckets = [sum(col) for col in zip(*(t["buckets"] for t in timings), strict=True)]
             merged[key] = summarize(
-                buckets,
-                sum(t["count"] for t in timings),
-                sum(t["sum"] for t in timings),
+                [sum(col) for col in zip(*(t["buckets"] for t in timings), strict=True)],
+                [sum(col) for col in zip(*(t["bucket_sums"] for t in timings), strict=True)],
                 max(t["max"] for t in timings),
             )
     return merged
-
-
-# Every Timings alive, so that enable_taps() reaches the pools that exist already.
-_all_timings: weakref.WeakSet[Timings] = weakref.WeakSet()
-_taps_on = False
-
-
-def enable_taps() -> None:
-    """Keep raw samples for an exporter from now on, in every pool, existing and future."""
-    global _taps_on
-    _taps_on = True
-    for timings in list(_all_timings):
-        if timings.tap is None:
-            _tap(timings)
-
-
-def disable_taps() -> None:
-    """Stop keeping raw samples (the exporter was removed)."""
-    global _taps_on
-    _taps_on = False
-    for timings in list(_all_timings):
-        timings.__class__ = Timings
-        timings.tap = None

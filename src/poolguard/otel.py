@@ -3,9 +3,11 @@
 Needs ``pip install 'poolguard[otel]'``.  Registers the semantic-convention instruments
 (``db.client.connection.*``, attribute ``db.client.connection.pool.name``) and poolguard's own
 counters (``poolguard.connection.*``) on the global meter provider, or on the one given.
-Gauges and counters are observed at collection time from stats(); the three duration
-histograms get every sample, kept by the pools as they happen and recorded when the SDK
-collects, so nothing is added to a checkout but one list append.
+Everything is read when the SDK collects, so instrumenting adds nothing to a checkout: gauges
+and counters from stats(), and the three duration histograms from the pools' own buckets.
+Samples a histogram has not seen yet are recorded then, bucket by bucket, as that many samples
+of their mean (which lies inside the bucket): counts, buckets and sums are exact, and min/max
+are those means.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import __version__
-from ._exporting import drain_samples, stats_by_name
-from ._metrics import BUCKETS, COUNTERS, TIMINGS, disable_taps, enable_taps
+from ._exporting import Increase, stats_by_name
+from ._metrics import BUCKETS, COUNTERS
 
 POOL = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
@@ -73,6 +75,7 @@ class Instrumentation:
         meter = metrics.get_meter("poolguard", __version__, meter_provider=meter_provider)
         self.active = True
         self._lock = threading.Lock()
+        self._increase = Increase()
         self._histograms = {
             timing: meter.create_histogram(
                 f"db.client.connection.{timing}",
@@ -82,8 +85,8 @@ class Instrumentation:
             )
             for timing, text in HISTOGRAMS.items()
         }
-        # Registered first: the SDK runs callbacks in registration order, before it reads the
-        # histograms, so the samples recorded here are part of the same collection.
+        # Registered first: the SDK runs the callbacks before it reads the histograms, so the
+        # samples recorded in this one are part of the same collection.
         meter.create_observable_up_down_counter(
             "db.client.connection.count",
             [self._observe_count],
@@ -105,23 +108,25 @@ class Instrumentation:
                 else "The number of connection timeouts that have occurred trying to "
                 "obtain a connection from the pool",
             )
-        enable_taps()
 
-    def record_samples(self) -> None:
-        """Record the durations the pools kept since the last collection."""
+    def _record(self, current: dict[str, dict[str, Any]]) -> None:
+        """Record into the histograms the samples the pools took since the last collection."""
         with self._lock:  # two readers collecting at once must not record a sample twice
-            for name, timings in drain_samples().items():
+            for name, stats in current.items():
                 attributes = {POOL: name}
-                for timing in TIMINGS:
-                    record = self._histograms[timing].record
-                    for seconds in timings[timing]:
-                        record(seconds, attributes)
+                for timing, histogram in self._histograms.items():
+                    key = f"db.client.connection.{timing}"
+                    for _, count, total in self._increase.timing((name, key), stats[key]):
+                        mean = total / count
+                        for _ in range(count):
+                            histogram.record(mean, attributes)
 
     def _observe_count(self, options: CallbackOptions) -> Iterator[Observation]:
         if not self.active:
             return
-        self.record_samples()
-        for name, stats in stats_by_name().items():
+        current = stats_by_name()
+        self._record(current)
+        for name, stats in current.items():
             for state, value in stats["db.client.connection.count"].items():
                 yield Observation(value, {POOL: name, STATE: state})
 
@@ -135,10 +140,9 @@ class Instrumentation:
         return observe
 
     def uninstrument(self) -> None:
-        """Stop reporting and stop keeping samples (the instruments stay registered, silent)."""
+        """Stop reporting (the instruments stay registered, silent)."""
         global _current
         self.active = False
-        disable_taps()
         if _current is self:
             _current = None
 

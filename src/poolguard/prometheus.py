@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "poolguard.prometheus needs prometheus_client: pip install 'poolguard[prometheus]'"
     ) from exc
 
-from ._exporting import server_slots, settings_by_name, stats_by_name
+from ._exporting import Increase, server_slots, settings_by_name, stats_by_name
 from ._metrics import BUCKETS, COUNTERS
 
 #: stats() key of each gauge -> Prometheus name (no unit: they count connections or requests).
@@ -113,7 +113,7 @@ class Exporter:
         }
         _check_histogram_layout(next(iter(self._histograms.values())))
         self._lock = threading.Lock()
-        self._seen: dict[tuple[str, str], Any] = {}
+        self._increase = Increase()
         self._names: set[str] = set()
         self._thread: threading.Thread | None = None
         self.start()
@@ -156,43 +156,23 @@ class Exporter:
                 for key, gauge in self._gauges.items():
                     gauge.labels(name).set(stats.get(key, 0))
                 for key, counter in self._counters.items():
-                    value = stats.get(key, 0)
                     child = counter.labels(name)  # a 0 series from the start, for alerts
-                    grown = self._grown((name, key), value)
+                    grown = self._increase.counter((name, key), stats.get(key, 0))
                     if grown:
                         child.inc(grown)
                 for key, histogram in self._histograms.items():
-                    self._push_histogram(histogram.labels(name), (name, key), stats[key])
-
-    def _grown(self, where: tuple[str, str], value: Any) -> Any:
-        """How much a cumulative figure grew since the last push (all of it after a reset)."""
-        last = self._seen.get(where)
-        self._seen[where] = value
-        if last is None or value < last:
-            return value
-        return value - last
-
-    def _push_histogram(self, child: Any, where: tuple[str, str], timing: dict[str, Any]) -> None:
-        # prometheus_client has no public "add n samples to bucket i"; a histogram child keeps
-        # one value per bucket (non-cumulative, +Inf last, the same layout as ours, checked at
-        # start) and one for the sum, each with inc() (a file write in multiprocess mode).
-        count = timing["count"]
-        last = self._seen.get(where)
-        if last is not None and count < last["count"]:
-            last = None  # the pool was rebuilt (fork, reset): count from zero
-        self._seen[where] = timing
-        before = last["buckets"] if last else [0] * len(timing["buckets"])
-        for i, (now, then) in enumerate(zip(timing["buckets"], before, strict=True)):
-            if now > then:
-                child._buckets[i].inc(now - then)
-        grown = timing["sum"] - (last["sum"] if last else 0.0)
-        if grown > 0:
-            child._sum.inc(grown)
+                    bins: Any = histogram.labels(name)
+                    # prometheus_client has no public "add n samples to bucket i"; a child keeps
+                    # one value per bucket (not cumulative, +Inf last: our layout, checked at
+                    # start) and one for the sum, each with inc() (a file in multiprocess mode).
+                    for i, count, total in self._increase.timing((name, key), stats[key]):
+                        bins._buckets[i].inc(count)
+                        bins._sum.inc(total)
 
     def _after_fork_in_child(self) -> None:
         # The child's pools start from zero and prometheus_client starts its files afresh.
         self._lock = threading.Lock()
-        self._seen.clear()
+        self._increase.clear()
         self._names.clear()
         self.start()
 
