@@ -71,22 +71,34 @@ def test_merge_adds_counts_counters_and_buckets() -> None:
         merge([])
 
 
-def test_increase_replays_new_samples_per_bucket_exactly() -> None:
-    from poolguard._exporting import Increase
+def test_increase_per_pool_summed_by_name() -> None:
+    """Exporters add what grew per pool: a closed flavor never makes a name count twice."""
+    import asyncio
 
-    t = Timings()
+    import poolguard
+    from poolguard._exporting import TIMING_KEYS, Increase
+    from poolguard._metrics import PoolMetrics
+
+    wait = TIMING_KEYS[0]
+    sync = poolguard.configure("postgresql://nowhere.invalid/db", name="inc")  # never opened
+    twin = poolguard.get_async_pool("inc")
+    for seconds in (0.0002, 0.0004, 0.2):
+        sync.metrics.wait_time.add(seconds)
+    twin.metrics.wait_time.add(3.0)
+    twin.metrics.leaks = 2
     seen = Increase()
-    for seconds in (0.0002, 0.0004, 0.2, 3.0):
-        t.add(seconds)
-    first = seen.timing("k", t.summary())
-    assert [(i, n) for i, n, _ in first] == [(0, 2), (7, 1), (11, 1)]
-    assert [total for _, _, total in first] == pytest.approx([0.0006, 0.2, 3.0])
-    for i, n, total in first:  # each bucket's mean lies inside the bucket: replay is exact
+    first = seen.collect()["inc"]
+    assert [(i, n) for i, n, _ in first[wait]] == [(0, 2), (7, 1), (11, 1)]
+    assert [total for _, _, total in first[wait]] == pytest.approx([0.0006, 0.2, 3.0])
+    for i, n, total in first[wait]:  # each bucket's mean lies inside it: the replay is exact
         assert (BUCKETS[i - 1] if i else 0.0) < total / n <= BUCKETS[i]
-    assert seen.timing("k", t.summary()) == []
-    t.add(0.15)
-    assert seen.timing("k", t.summary()) == [(7, 1, pytest.approx(0.15))]
-    rebuilt = Timings()  # a pool rebuilt after fork or reset: everything is new again
-    rebuilt.add(0.0001)
-    assert seen.timing("k", rebuilt.summary()) == [(0, 1, pytest.approx(0.0001))]
-    assert seen.counter("c", 5) == 5 and seen.counter("c", 7) == 2 and seen.counter("c", 1) == 1
+    assert first["poolguard.connection.leaks"] == 2
+    assert seen.collect()["inc"][wait] == []
+    asyncio.run(twin.close())  # the async flavor goes away: nothing is counted again
+    sync.metrics.wait_time.add(0.15)
+    again = seen.collect()["inc"]
+    assert again[wait] == [(7, 1, pytest.approx(0.15))]
+    assert again["poolguard.connection.leaks"] == 0
+    sync.metrics = PoolMetrics()  # rebuilt, as after a fork: everything in it is new
+    sync.metrics.wait_time.add(0.0001)
+    assert seen.collect()["inc"][wait] == [(0, 1, pytest.approx(0.0001))]

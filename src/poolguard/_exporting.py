@@ -6,10 +6,9 @@ watches: their stats() are merged, so gauges, counters and histogram buckets add
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
 from typing import Any
 
-from ._metrics import merge
+from ._metrics import COUNTERS, TIMINGS, merge
 from ._pool import live_pools
 from ._settings import Settings
 from ._watchdog import server_query
@@ -29,35 +28,53 @@ def settings_by_name() -> dict[str, Settings]:
 
 
 class Increase:
-    """What grew since the last look, key by key, for exporters that add increments.
+    """What grew since the last look, pool by pool, summed by pool name: for exporters that
+    add increments (Prometheus counters, OpenTelemetry histograms).
 
-    A figure that went down (a pool closed or rebuilt, a fork) starts again from zero: all of
-    it is new, as Prometheus treats a counter reset.
+    Each pool's figures only grow, so per pool the increase is a difference; summing first
+    would not do, since a closed flavor would make a name's totals go down.  A pool whose
+    figures went down was rebuilt (a fork gives it new metrics): all of it is new.
     """
 
     def __init__(self) -> None:
-        self._last: dict[Hashable, Any] = {}
+        self._last: dict[tuple[int, str], Any] = {}
 
-    def counter(self, key: Hashable, value: float) -> float:
-        last = self._last.get(key, 0)
-        self._last[key] = value
-        return value if value < last else value - last
-
-    def timing(self, key: Hashable, timing: Mapping[str, Any]) -> list[tuple[int, int, float]]:
-        """(bucket index, new samples, their sum) for each bucket that grew."""
-        buckets, sums = timing["buckets"], timing["bucket_sums"]
-        last = self._last.get(key)
-        self._last[key] = (buckets, sums)
-        if last is None or any(now < then for now, then in zip(buckets, last[0], strict=True)):
-            last = ([0] * len(buckets), [0.0] * len(sums))
-        return [
-            (i, n - last[0][i], sums[i] - last[1][i])
-            for i, n in enumerate(buckets)
-            if n > last[0][i]
-        ]
+    def collect(self) -> dict[str, dict[str, Any]]:
+        """{pool name: {counter key: increase, timing key: [(bucket, new samples, their sum)]}}
+        since the previous call, for every live pool."""
+        grown: dict[str, dict[str, Any]] = {}
+        last, self._last = self._last, {}
+        for pool in live_pools():
+            token = id(pool.metrics)
+            stats = pool.stats()
+            into = grown.setdefault(pool.name, {})
+            for key in COUNTERS:
+                value = stats.get(key, 0)
+                before = last.get((token, key), 0)
+                self._last[token, key] = value
+                into[key] = into.get(key, 0) + (value if value < before else value - before)
+            for key in TIMING_KEYS:
+                buckets, sums = stats[key]["buckets"], stats[key]["bucket_sums"]
+                seen = last.get((token, key))
+                self._last[token, key] = (buckets, sums)
+                if seen is None or any(n < m for n, m in zip(buckets, seen[0], strict=True)):
+                    seen = ([0] * len(buckets), [0.0] * len(sums))
+                per_bucket = into.setdefault(key, {})
+                for i, n in enumerate(buckets):
+                    if n > seen[0][i]:
+                        count, total = per_bucket.get(i, (0, 0.0))
+                        per_bucket[i] = (count + n - seen[0][i], total + sums[i] - seen[1][i])
+        for into in grown.values():
+            for key in TIMING_KEYS:
+                into[key] = [(i, n, total) for i, (n, total) in sorted(into[key].items())]
+        return grown
 
     def clear(self) -> None:
         self._last.clear()
+
+
+#: stats() keys of the three timings.
+TIMING_KEYS = tuple(f"db.client.connection.{timing}" for timing in TIMINGS)
 
 
 def server_slots(settings: Settings) -> tuple[int, int] | None:

@@ -109,14 +109,13 @@ class Instrumentation:
                 "obtain a connection from the pool",
             )
 
-    def _record(self, current: dict[str, dict[str, Any]]) -> None:
+    def _record(self) -> None:
         """Record into the histograms the samples the pools took since the last collection."""
         with self._lock:  # two readers collecting at once must not record a sample twice
-            for name, stats in current.items():
+            for name, grown in self._increase.collect().items():
                 attributes = {POOL: name}
                 for timing, histogram in self._histograms.items():
-                    key = f"db.client.connection.{timing}"
-                    for _, count, total in self._increase.timing((name, key), stats[key]):
+                    for _, count, total in grown[f"db.client.connection.{timing}"]:
                         mean = total / count
                         for _ in range(count):
                             histogram.record(mean, attributes)
@@ -124,9 +123,8 @@ class Instrumentation:
     def _observe_count(self, options: CallbackOptions) -> Iterator[Observation]:
         if not self.active:
             return
-        current = stats_by_name()
-        self._record(current)
-        for name, stats in current.items():
+        self._record()
+        for name, stats in stats_by_name().items():
             for state, value in stats["db.client.connection.count"].items():
                 yield Observation(value, {POOL: name, STATE: state})
 

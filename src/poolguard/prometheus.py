@@ -155,17 +155,17 @@ class Exporter:
                     self._count.labels(name, state).set(value)
                 for key, gauge in self._gauges.items():
                     gauge.labels(name).set(stats.get(key, 0))
+            for name, grown in self._increase.collect().items():
                 for key, counter in self._counters.items():
                     child = counter.labels(name)  # a 0 series from the start, for alerts
-                    grown = self._increase.counter((name, key), stats.get(key, 0))
-                    if grown:
-                        child.inc(grown)
+                    if grown[key]:
+                        child.inc(grown[key])
                 for key, histogram in self._histograms.items():
                     bins: Any = histogram.labels(name)
                     # prometheus_client has no public "add n samples to bucket i"; a child keeps
                     # one value per bucket (not cumulative, +Inf last: our layout, checked at
                     # start) and one for the sum, each with inc() (a file in multiprocess mode).
-                    for i, count, total in self._increase.timing((name, key), stats[key]):
+                    for i, count, total in grown[key]:
                         bins._buckets[i].inc(count)
                         bins._sum.inc(total)
 
