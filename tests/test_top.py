@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,15 +51,34 @@ def app_process(dsn: str, name: str) -> Iterator[str]:
 
 @pytest.fixture
 def scene(pg_dsn: str) -> Iterator[tuple[str, list[str], int]]:
-    """Two app processes (pools 'orders' and 'billing') and one session idle in a transaction."""
+    """Two app processes (pools 'orders' and 'billing'), one session idle in a transaction
+    holding a row lock, and one session waiting for that lock."""
+    with psycopg.connect(pg_dsn, autocommit=True) as setup:
+        setup.execute("CREATE TABLE cards (id int PRIMARY KEY, note text)")
+        setup.execute("INSERT INTO cards VALUES (1, '')")
+    blocked_done = threading.Event()
+
+    def blocked(dsn: str) -> None:
+        with psycopg.connect(dsn, application_name="billing-job", autocommit=True) as conn:
+            conn.execute("UPDATE cards SET note = 'later' WHERE id = 1")  # waits for the lock
+        blocked_done.set()
+
     with (
         app_process(pg_dsn, "orders") as orders,
         app_process(pg_dsn, "billing") as billing,
         psycopg.connect(pg_dsn, application_name="reporting-script") as idle,
     ):
-        idle.execute(f"SELECT '{SECRET}' AS card")  # opens a transaction, then sits idle
+        idle.execute(f"UPDATE cards SET note = '{SECRET}' WHERE id = 1")  # takes the row lock
+        idle.execute(f"SELECT '{SECRET}' AS card")  # then sits idle in its transaction
+        waiter = threading.Thread(target=blocked, args=(pg_dsn,), daemon=True)
+        waiter.start()
         time.sleep(1.2)
-        yield pg_dsn, [orders, billing], idle.info.backend_pid
+        try:
+            yield pg_dsn, [orders, billing], idle.info.backend_pid
+        finally:
+            idle.rollback()
+            waiter.join(10)
+    assert blocked_done.is_set()
 
 
 def test_pool_of() -> None:
@@ -77,10 +97,14 @@ def test_once_json_shows_pools_idle_transaction_and_slots(
     found = json.loads(text)
     assert found["by_pool"]["orders"] >= 2 and found["by_pool"]["billing"] >= 2
     assert found["by_application"]["reporting-script"] == 1
+    assert found["by_application"]["billing-job"] == 1
     assert found["by_state"]["idle in transaction"] == 1
     [idle] = found["idle_in_transaction"]
     assert idle["pid"] == idle_pid and idle["idle_seconds"] >= 1.0
     assert idle["query"].startswith("SELECT '") and idle["query"].endswith("AS card")
+    [waiting] = found["lock_waits"]
+    assert waiting["application"] == "billing-job" and waiting["blocked_by"] == [idle_pid]
+    assert waiting["query"].startswith("UPDATE cards SET note = '")
     slots = found["slots"]
     assert slots["max_connections"] >= 10 and 5 <= slots["used"] < slots["max_connections"]
     apps = found["apps"]["pools"]
@@ -118,6 +142,7 @@ def test_live_view_in_a_terminal(scene: tuple[str, list[str], int], tmp_path: Pa
         assert "orders=" in screen and "billing=" in screen
         assert f"pid {idle_pid}" in screen and "AS card" in screen, screen
         assert "idle in transaction=1" in screen
+        assert f"blocked by {idle_pid}" in screen
         assert "slots:" in screen and "q: quit" in screen
         assert SECRET not in screen and str(conninfo_to_dict(dsn)["password"]) not in screen
         first = screen
