@@ -13,10 +13,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from poolguard._top import main, pool_of
 from poolguard.testing import free_port
@@ -155,3 +156,12 @@ def test_live_view_in_a_terminal(scene: tuple[str, list[str], int], tmp_path: Pa
             time.sleep(0.2)
     finally:
         tmux("kill-server")
+
+
+def test_a_refused_login_is_reported_without_the_password(
+    postgres_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dsn = make_conninfo(postgres_server.dsn, password="hunter2-not-it")
+    assert main([dsn, "--once"]) == 1
+    err = capsys.readouterr().err
+    assert "password authentication failed" in err and "hunter2-not-it" not in err
