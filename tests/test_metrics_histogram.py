@@ -38,6 +38,16 @@ def test_percentiles_from_buckets_are_within_one_bucket_of_the_truth() -> None:
     assert summary["count"] == 20_000 and summary["sum"] == pytest.approx(sum(samples))
 
 
+def test_max_under_one_millisecond_is_the_first_bound() -> None:
+    t = Timings()
+    t.add(0.0002)
+    t.add(0.0004)
+    summary = t.summary()
+    assert summary["max"] == 0.001 and 0 < summary["p50"] <= summary["p99"] <= 0.001
+    t.add(0.004)
+    assert t.summary()["max"] == 0.004
+
+
 def test_empty_and_overflow() -> None:
     assert quantile([0] * (len(BUCKETS) + 1), 0.99) == 0.0
     t = Timings()

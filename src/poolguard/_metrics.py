@@ -48,7 +48,8 @@ COUNTERS: Final = {
 
 
 class Timings:
-    """A fixed-bucket histogram of durations in seconds: per bucket a count and a sum; the max.
+    """A fixed-bucket histogram of durations in seconds: per bucket a count and a sum; the max
+    (exact from 1 ms up; 1 ms when every sample was shorter).
 
     The per-bucket sums cost the same as one running total, and let an exporter replay the
     samples it has not seen yet as ``count`` samples of their mean: that mean lies inside the
@@ -65,9 +66,13 @@ class Timings:
     def add(
         self, seconds: float, _bucket: Any = bisect_left, _bounds: tuple[float, ...] = BUCKETS
     ) -> None:
-        # Twice per checkout: the defaults save global lookups, and a free pool's waits (the
-        # common case) land in the first bucket without a bisect.
-        i = 0 if seconds <= 0.001 else _bucket(_bounds, seconds)
+        # Twice per checkout, so every step counts: the defaults save global lookups, and a
+        # free pool's waits (the common case) take the first bucket without a bisect or a max.
+        if seconds <= 0.001:
+            self.buckets[0] += 1
+            self.sums[0] += seconds
+            return
+        i = _bucket(_bounds, seconds)
         self.buckets[i] += 1
         self.sums[i] += seconds
         if seconds > self.max:
@@ -79,7 +84,10 @@ class Timings:
 
     def summary(self) -> dict[str, Any]:
         buckets, sums = list(self.buckets), list(self.sums)
-        return summarize(buckets, sums, self.max)
+        # Samples under 1 ms do not update max (see add): when they are all there is, the
+        # max reported is that bucket's bound.
+        top = self.max or (BUCKETS[0] if buckets[0] else 0.0)
+        return summarize(buckets, sums, top)
 
 
 def summarize(buckets: list[int], sums: list[float], top: float) -> dict[str, Any]:
