@@ -13,10 +13,11 @@ def test_bucket_bounds_are_inclusive_like_prometheus_le() -> None:
     t = Timings()
     for seconds in (0.0, 0.001, 0.0010001, 30.0, 31.0):
         t.add(seconds)
-    assert t.buckets[0] == 2  # 0 and exactly 1 ms: le="0.001"
-    assert t.buckets[1] == 1
-    assert t.buckets[len(BUCKETS) - 1] == 1  # exactly 30 s
-    assert t.buckets[-1] == 1  # +Inf
+    buckets = t.summary()["buckets"]
+    assert buckets[0] == 2  # 0 and exactly 1 ms: le="0.001"
+    assert buckets[1] == 1
+    assert buckets[len(BUCKETS) - 1] == 1  # exactly 30 s
+    assert buckets[-1] == 1  # +Inf
     assert t.count == 5 and t.max == 31.0
 
 
@@ -29,7 +30,7 @@ def test_percentiles_from_buckets_are_within_one_bucket_of_the_truth() -> None:
     ordered = sorted(samples)
     for q in (0.5, 0.95, 0.99):
         true = ordered[int(q * len(ordered))]
-        got = quantile(t.buckets, q, t.max)
+        got = quantile(t.summary()["buckets"], q, t.max)
         i = next(i for i, b in enumerate(BUCKETS) if true <= b)
         lower = BUCKETS[i - 1] if i else 0.0
         assert lower <= got <= BUCKETS[i], (q, true, got)
@@ -52,7 +53,7 @@ def test_empty_and_overflow() -> None:
     assert quantile([0] * (len(BUCKETS) + 1), 0.99) == 0.0
     t = Timings()
     t.add(45.0)
-    assert quantile(t.buckets, 0.99, t.max) <= 45.0
+    assert quantile(t.summary()["buckets"], 0.99, t.max) <= 45.0
 
 
 def snapshot(waits: list[float], used: int, timeouts: int) -> dict[str, object]:

@@ -56,9 +56,12 @@ class Timings:
     bucket, so counts, buckets and sum stay exact without keeping any raw sample.
     """
 
-    __slots__ = ("buckets", "max", "sums")
+    __slots__ = ("buckets", "fast", "fast_sum", "max", "sums")
 
     def __init__(self) -> None:
+        # The first bucket lives in two plain attributes (see add); its list slots stay 0.
+        self.fast = 0
+        self.fast_sum = 0.0
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.sums = [0.0] * (len(BUCKETS) + 1)
         self.max = 0.0
@@ -69,8 +72,8 @@ class Timings:
         # Twice per checkout, so every step counts: the defaults save global lookups, and a
         # free pool's waits (the common case) take the first bucket without a bisect or a max.
         if seconds <= 0.001:
-            self.buckets[0] += 1
-            self.sums[0] += seconds
+            self.fast += 1
+            self.fast_sum += seconds
             return
         i = _bucket(_bounds, seconds)
         self.buckets[i] += 1
@@ -80,10 +83,11 @@ class Timings:
 
     @property
     def count(self) -> int:
-        return sum(self.buckets)
+        return self.fast + sum(self.buckets)
 
     def summary(self) -> dict[str, Any]:
         buckets, sums = list(self.buckets), list(self.sums)
+        buckets[0], sums[0] = self.fast, self.fast_sum
         # Samples under 1 ms do not update max (see add): when they are all there is, the
         # max reported is that bucket's bound.
         top = self.max or (BUCKETS[0] if buckets[0] else 0.0)
