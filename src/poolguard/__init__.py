@@ -23,6 +23,7 @@ from ._errors import (
     PoolExhausted,
     PoolGuardWarning,
 )
+from ._events import PoolEvent
 from ._guard import SessionStateError, SessionStateWarning
 from ._lost import ConnectionLeakWarning
 from ._pool import AsyncCheckoutBlock, AsyncGuardedPool, CheckoutBlock, GuardedPool
@@ -40,6 +41,7 @@ __all__ = [
     "ConnectionReclaimed",
     "GuardedPool",
     "PoolConnectError",
+    "PoolEvent",
     "PoolExhausted",
     "PoolGuardWarning",
     "Report",
@@ -79,5 +81,5 @@ def stats(name: str = "default") -> dict[str, Any]:
     return combine({kind: pool.stats() for kind, pool in flavors_of(name).items()})
 
 
-for _cls in (AsyncGuardedPool, GuardedPool, Report, Settings):
+for _cls in (AsyncGuardedPool, GuardedPool, PoolEvent, Report, Settings):
     _cls.__module__ = "poolguard"

@@ -31,6 +31,7 @@ from ._connection import (
     release_slot,
 )
 from ._errors import PoolConnectError, PoolExhausted
+from ._events import Events
 from ._guard import SessionStateGuard
 from ._ledger import TAKEN_AT, Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
@@ -74,6 +75,7 @@ class PoolCore:
         self.name = settings.name
         self.ledger = Ledger()
         self.metrics = PoolMetrics()
+        self.events = Events(self.name, settings.on_event, settings.event_interval)
         self._closed = False
         #: The budget shared with the other flavors of this name (a private one when built
         #: outside poolguard's registry).
@@ -129,6 +131,10 @@ class PoolCore:
         """Whether the pool has opened (and not closed): it may hold connections now."""
         return not self._closed and self._inner_pool() is not None
 
+    def _pending(self, raw: Mapping[str, int]) -> int:
+        """Callers waiting for a connection now."""
+        return raw.get("requests_waiting", 0)
+
     def _ready_count(self) -> int:
         """Idle connections the pool keeps outside psycopg_pool (GuardedPool's _ready)."""
         return 0
@@ -138,7 +144,7 @@ class PoolCore:
 
     def has_demand(self) -> bool:
         inner = self._inner_pool()
-        return inner is not None and bool(inner.get_stats().get("requests_waiting"))
+        return inner is not None and bool(self._pending(inner.get_stats()))
 
     def set_connect_kwargs(self, kwargs: Mapping[str, Any]) -> bool:
         """Extra psycopg.connect() arguments (an adapter's); False if the pool is open already,
@@ -156,6 +162,7 @@ class PoolCore:
         """
         self.ledger = Ledger()
         self.metrics = PoolMetrics()
+        self.events = Events(self.name, self.settings.on_event, self.settings.event_interval)
         self._full = Backoff(self.name, self.settings.max_size)
         self._fresh_state()
 
@@ -216,18 +223,21 @@ class PoolCore:
 
     def _connect_error(self, exc: Exception) -> PoolConnectError:
         if is_too_many_connections(exc):
-            return PoolConnectError(
+            error = PoolConnectError(
                 f"pool {self.name!r} cannot connect to {self.settings.target}: the server has no "
                 f"connection slot left (SQLSTATE 53300, {limit_text(self._full.limits)}: "
                 f"{refusal_text(exc)}); close idle connections elsewhere, lower max_size x "
                 "processes, raise max_connections, or put PgBouncer in front (`poolguard "
                 "doctor` shows the budget)"
             )
-        message = redact_text(str(exc).strip(), self.settings.conninfo)
-        return PoolConnectError(
-            f"pool {self.name!r} cannot connect to {self.settings.target}: {message} "
-            "(check the host, port, user, password and database in the DSN)"
-        )
+        else:
+            message = redact_text(str(exc).strip(), self.settings.conninfo)
+            error = PoolConnectError(
+                f"pool {self.name!r} cannot connect to {self.settings.target}: {message} "
+                "(check the host, port, user, password and database in the DSN)"
+            )
+        self.events.emit("connection_refused", str(error))
+        return error
 
     def _probe_now(self, *, check_budget: bool = False) -> None:
         """Connect once outside the pool; raise PoolConnectError with the server's reason.
@@ -275,7 +285,11 @@ class PoolCore:
         if inner is None or self._closed or not is_too_many_connections(exc):
             return None
         live = inner.get_stats().get("pool_available", 0) + self._ready_count() + len(self.ledger)
-        return self._full.refused(exc, live, monotonic())
+        self.metrics.server_refusals += 1
+        step = self._full.refused(exc, live, monotonic())
+        if step is not None and step.cap is not None:
+            self.events.emit("server_full", refusal_text(exc), cap=step.cap, retry_in=step.delay)
+        return step
 
     def _closed_while_full(self) -> psycopg_pool.PoolClosed:
         # psycopg_pool logs it once (the attempt in flight at close), instead of the refusal.
@@ -390,21 +404,40 @@ class PoolCore:
 
     def _exhausted(self, timeout: float, pending: int) -> PoolExhausted:
         self.metrics.timeouts += 1
+        self.metrics.wait_time.add(timeout)  # a wait that timed out is a wait: p99 must see it
         oldest = self.ledger.oldest()
         where = (
             f"; oldest checkout {oldest.age:.1f} s at {oldest.site} ({oldest.owner_name()})"
             if oldest
             else ""
         )
-        return PoolExhausted(
+        error = PoolExhausted(
             f"pool {self.name!r} exhausted after {timeout:.1f} s: "
             f"{len(self.ledger)}/{self.settings.max_size} connections in use, "
             f"{pending} waiting{where} (raise max_size, or find the holder with poolguard.report())"
         )
+        if self.events.hooks:
+            site, age = (oldest.site, oldest.age) if oldest else (None, None)
+            self.events.emit(
+                "exhausted",
+                str(error),
+                site,
+                age,
+                in_use=len(self.ledger),
+                max_size=self.settings.max_size,
+                pending=pending,
+            )
+        return error
 
     def _log_dirty_return(self, status: int, record: Checkout) -> None:
         self.metrics.rollbacks_on_return += 1
         kind = "a failed" if status == TransactionStatus.INERROR else "an open"
+        self.events.emit(
+            "dirty_return",
+            f"returned inside {kind} transaction; rolled back",
+            record.site,
+            record.age,
+        )
         logger.warning(
             "pool %r: connection returned inside %s transaction (taken at %s, held %.2f s); "
             "rolled back",
@@ -416,6 +449,7 @@ class PoolCore:
 
     def _log_discard(self, record: Checkout, why: str) -> None:
         self.metrics.discarded_on_return += 1
+        self.events.emit("discarded", f"discarding a connection {why}", record.site, record.age)
         logger.warning(
             "pool %r: discarding a connection %s (taken at %s)", self.name, why, record.site
         )
@@ -434,7 +468,7 @@ class PoolCore:
             used=used,
             max_size=self._full.cap or self.settings.max_size,  # lower while the server is full
             min_size=self.settings.min_size,
-            pending=raw.get("requests_waiting", 0),
+            pending=self._pending(raw),
         )
         snapshot["poolguard.connection.capped"] = self._full.caps
         return snapshot
@@ -521,6 +555,11 @@ class GuardedPool(PoolCore):
 
     def _ready_count(self) -> int:
         return len(self._ready)
+
+    def _pending(self, raw: Mapping[str, int]) -> int:
+        # psycopg_pool's requests_waiting keeps a caller that timed out until a connection is
+        # returned to it, which _ready may delay for a watchdog tick: count live callers.
+        return self._inner_waiters
 
     def _forget_after_fork(self) -> None:
         _inherited.extend((self._inner, self._ready))
@@ -967,3 +1006,8 @@ def forget_all_after_fork() -> None:
     connections without touching their sockets."""
     for pool in list(_all_pools):
         pool._forget_after_fork()
+
+
+def live_pools() -> list[PoolCore]:
+    """Every pool of this process that is not closed, of every flavor (what exporters read)."""
+    return [pool for pool in list(_all_pools) if not pool._closed]

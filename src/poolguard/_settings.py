@@ -98,10 +98,20 @@ class Settings:
     #: Seconds between two watchdog checks.  1 s: a report comes at most this late, and one
     #: scan of the ledger per second costs nothing measurable.
     watchdog_interval: float = 1.0
+    #: Callables given a poolguard.PoolEvent when the pool finds trouble (docs/observability.md).
+    on_event: Any = ()
+    #: Seconds during which further events of one kind from this pool are only counted.
+    event_interval: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.application_name:
             object.__setattr__(self, "application_name", f"poolguard:{self.name}")
+        if callable(self.on_event) or isinstance(self.on_event, list):
+            object.__setattr__(
+                self,
+                "on_event",
+                (self.on_event,) if callable(self.on_event) else tuple(self.on_event),
+            )
         _validate(self)
 
     def __repr__(self) -> str:
@@ -322,6 +332,12 @@ def _validate(s: Settings) -> None:
     )
     check(isinstance(s.application_name, str), "application_name", "a string")
     check(isinstance(s.rewriter, bool), "rewriter", "True or False")
+    check(
+        isinstance(s.on_event, tuple) and all(callable(h) for h in s.on_event),
+        "on_event",
+        "a callable taking a poolguard.PoolEvent, or a list of them",
+    )
+    check(is_number(s.event_interval) and s.event_interval >= 0, "event_interval", "seconds >= 0")
     if s.mode == "transaction" and s.prepare_threshold is not None and not s.rewriter:
         raise ConfigurationError(
             f"prepare_threshold={s.prepare_threshold} for pool {s.name!r} needs mode='session': "

@@ -167,6 +167,14 @@ def _check_pool(pool: PoolCore, now: float) -> None:
         if s.leak_threshold and age >= s.leak_threshold and not seen.leak_reported:
             seen.leak_reported = True
             pool.metrics.leaks += 1
+            pool.events.emit(
+                "leak",
+                "connection not returned",
+                record.site,
+                age,
+                backend_pid=record.backend_pid,
+                statement=pool.conn_statement(conn),
+            )
             warn.append(
                 (
                     f"connection not returned after {age:.1f} s "
@@ -184,6 +192,15 @@ def _check_pool(pool: PoolCore, now: float) -> None:
             if idle >= s.idle_in_transaction_threshold:
                 seen.idle_reported = seen.last_active
                 kind = "a failed transaction" if status == _INERROR else "a transaction"
+                pool.events.emit(
+                    "idle_in_transaction",
+                    f"connection idle in {kind} for {idle:.1f} s",
+                    record.site,
+                    now - record.taken_at,
+                    idle=idle,
+                    backend_pid=record.backend_pid,
+                    statement=pool.conn_statement(conn),
+                )
                 warn.append(
                     (
                         f"connection idle in {kind} for {idle:.1f} s "
@@ -311,6 +328,25 @@ def _describe(
     )
 
 
+def server_query(
+    settings: Settings, purpose: str, sql: str, params: list[Any] | None = None
+) -> list[tuple[Any, ...]] | None:
+    """Rows of one query over a short-lived connection beside the pool, named
+    ``<application_name>:<purpose>`` (direct DSN if configured); None if it failed."""
+    conninfo = settings.direct_conninfo or settings.conninfo
+    try:
+        with psycopg.connect(
+            conninfo,
+            autocommit=True,
+            connect_timeout=2,
+            application_name=f"{settings.application_name}:{purpose}"[:63],
+        ) as conn:
+            return conn.execute(sql, params).fetchall()
+    except psycopg.Error as exc:
+        logger.debug("%s query failed: %s", purpose, redact_text(str(exc), conninfo))
+        return None
+
+
 def server_activity(settings: Settings, pids: list[int]) -> dict[int, dict[str, Any]]:
     """What pg_stat_activity says about these backends, over a short-lived connection.
 
@@ -320,22 +356,15 @@ def server_activity(settings: Settings, pids: list[int]) -> dict[int, dict[str, 
     """
     if not pids:
         return {}
-    conninfo = settings.direct_conninfo or settings.conninfo
-    try:
-        with psycopg.connect(
-            conninfo,
-            autocommit=True,
-            connect_timeout=2,
-            application_name=f"{settings.application_name}:watchdog"[:63],
-        ) as conn:
-            rows = conn.execute(
-                "SELECT pid, state, extract(epoch FROM now() - xact_start)::float8,"
-                " extract(epoch FROM now() - state_change)::float8, wait_event_type, wait_event"
-                " FROM pg_stat_activity WHERE pid = ANY(%s)",
-                [pids],
-            ).fetchall()
-    except psycopg.Error as exc:
-        logger.debug("pg_stat_activity cross-check failed: %s", redact_text(str(exc), conninfo))
+    rows = server_query(
+        settings,
+        "watchdog",
+        "SELECT pid, state, extract(epoch FROM now() - xact_start)::float8,"
+        " extract(epoch FROM now() - state_change)::float8, wait_event_type, wait_event"
+        " FROM pg_stat_activity WHERE pid = ANY(%s)",
+        [pids],
+    )
+    if rows is None:
         return {}
     return {
         row[0]: {
@@ -364,6 +393,7 @@ def _reclaim(pool: PoolCore, record: Checkout, why: str, seen: _Seen) -> None:
         pool.metrics.reclaimed += 1
         if not seen.leak_reported:  # one leak, counted once
             pool.metrics.leaks += 1
+            pool.events.emit("leak", message, record.site, monotonic() - record.taken_at)
         logger.warning("pool %r: %s; its slot is free again", pool.name, message)
 
     pool.reclaim(record, message, claimed)
@@ -375,6 +405,13 @@ def _collect_lost(pool: PoolCore, conn: Any) -> None:
         return
     pool.metrics.leaks += 1
     pool.metrics.reclaimed += 1
+    pool.events.emit(
+        "leak",
+        "connection garbage-collected without being returned",
+        record.site,
+        monotonic() - record.taken_at,
+        backend_pid=record.backend_pid,
+    )
     logger.warning(
         "pool %r: connection taken at %s was garbage-collected without being returned "
         "(held %.2f s, backend pid %s, last statement: %s); its slot is free again",
