@@ -106,5 +106,5 @@ def test_direct_url_falls_back_to_a_direct_dsn_only(
     assert url.password == postgres_server.password  # a URL for a tool to connect with
     pooled = make_conninfo(pgbouncer_server.dsn, dbname=conninfo_to_dict(pg_dsn)["dbname"])
     poolguard.configure(pooled, name="pooled")
-    with pytest.raises(poolguard.ConfigurationError, match="transaction-mode pooler: set DIRECT"):
+    with pytest.raises(poolguard.ConfigurationError, match="-mode pooler: set DIRECT_URL"):
         direct_url("pooled")

@@ -81,7 +81,7 @@ def test_alembic_without_a_direct_url(
         check=False,
     )
     assert done.returncode != 0
-    assert "transaction-mode pooler: set DIRECT_URL" in done.stderr, done.stderr[-2000:]
+    assert "a transaction-mode pooler: set DIRECT_URL" in done.stderr, done.stderr[-2000:]
     run(argv, DATABASE_URL=pg_dsn)  # probed: direct, so the pool's own DSN is used
 
 

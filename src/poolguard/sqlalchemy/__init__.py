@@ -154,9 +154,9 @@ def direct_url(name: str = "default", driver: str = "psycopg") -> URL:
         found = probe_pooler(settings.conninfo).mode
         if found not in ("direct", "session"):
             raise ConfigurationError(
-                f"pool {name!r} has no direct_dsn and its DSN ({settings.target}) goes through a "
-                f"{found}-mode pooler: set DIRECT_URL (or poolguard.configure(..., direct_dsn=...)) "
-                "to a URL that reaches PostgreSQL without a transaction-mode pooler"
+                f"pool {name!r} has no direct_dsn and its DSN ({settings.target}) goes through "
+                f"a {found}-mode pooler: set DIRECT_URL (or poolguard.configure(..., "
+                "direct_dsn=...)) to a URL that reaches PostgreSQL without a transaction pooler"
             )
         conninfo = settings.conninfo
     return _url_from_conninfo(conninfo, f"postgresql+{driver}", password=True)
