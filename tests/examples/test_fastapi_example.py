@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from exhelpers import EXAMPLES, example_env, hammer, serve
 
-from conftest import EXAMPLES, example_env, hammer, serve
 from poolguard.testing import PostgresServer
 
 pytest.importorskip("fastapi")
