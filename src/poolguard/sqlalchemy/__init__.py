@@ -149,7 +149,7 @@ def direct_url(name: str = "default", driver: str = "psycopg") -> URL:
     settings = _state.get_pool(name).settings
     conninfo = settings.direct_conninfo
     if not conninfo:
-        from .._doctor import probe_pooler
+        from .._probe import probe_pooler
 
         found = probe_pooler(settings.conninfo).mode
         if found not in ("direct", "session"):
