@@ -90,7 +90,7 @@ def hammer(base: str, paths: list[str], concurrency: int, server: PostgresServer
 
     load = Load()
     stop = threading.Event()
-    sampler = threading.Thread(target=_sample, args=(server, db, load, stop), daemon=True)
+    sampler = threading.Thread(target=sample_sessions, args=(server, db, load, stop), daemon=True)
     sampler.start()
 
     async def client(i: int, http: httpx.AsyncClient, start: asyncio.Event) -> None:
@@ -125,7 +125,8 @@ def hammer(base: str, paths: list[str], concurrency: int, server: PostgresServer
     return load
 
 
-def _sample(server: PostgresServer, db: str, load: Load, stop: threading.Event) -> None:
+def sample_sessions(server: PostgresServer, db: str, load: Load, stop: threading.Event) -> None:
+    """Record in ``load`` the most server sessions seen on ``db`` until ``stop`` is set."""
     with server.connect() as conn:
         while not stop.is_set():
             row = conn.execute(
