@@ -7,15 +7,15 @@
     POOLGUARD_MAX_SIZE=1 celery -A tasks worker --pool prefork --concurrency 4
     python send.py 200
 
-Without a broker server (development, CI): CELERY_BROKER_URL=filesystem:// and
-CELERY_DATA_FOLDER=/some/folder use kombu's filesystem transport and a file result backend.
+Without Redis or RabbitMQ (development, CI), PostgreSQL itself can carry the queue and the
+results (SQLAlchemy is then needed; these connections are Celery's, outside poolguard's pool):
+CELERY_BROKER_URL=sqla+postgresql+psycopg://... CELERY_RESULT_BACKEND=db+postgresql+psycopg://...
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -26,17 +26,6 @@ import poolguard
 app = Celery("tasks")
 app.conf.broker_url = os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0")
 app.conf.result_backend = os.environ.get("CELERY_RESULT_BACKEND", "redis://localhost:6379/1")
-if app.conf.broker_url == "filesystem://":
-    folder = Path(os.environ["CELERY_DATA_FOLDER"])
-    for sub in ("queue", "results"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    app.conf.broker_transport_options = {
-        "data_folder_in": str(folder / "queue"),
-        "data_folder_out": str(folder / "queue"),
-        "store_processed": False,
-        "polling_interval": 0.05,
-    }
-    app.conf.result_backend = f"file://{folder / 'results'}"
 
 # At import, which for `celery worker --pool prefork` happens in the parent process, before it
 # forks its children: the pool is created there but opens no connection.  Each child opens its

@@ -125,12 +125,17 @@ def hammer(base: str, paths: list[str], concurrency: int, server: PostgresServer
     return load
 
 
-def sample_sessions(server: PostgresServer, db: str, load: Load, stop: threading.Event) -> None:
-    """Record in ``load`` the most server sessions seen on ``db`` until ``stop`` is set."""
+def sample_sessions(
+    server: PostgresServer, db: str, load: Load, stop: threading.Event, app: str = "%"
+) -> None:
+    """Record in ``load`` the most server sessions seen on ``db`` until ``stop`` is set (only
+    those whose application_name is LIKE ``app``)."""
     with server.connect() as conn:
         while not stop.is_set():
             row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (db,)
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                " AND application_name LIKE %s",
+                (db, app),
             ).fetchone()
             load.peak_sessions = max(load.peak_sessions, row[0] if row else 0)
             time.sleep(0.02)
