@@ -36,6 +36,12 @@ def test_another_databases_url_is_refused_by_name() -> None:
         build_settings("postgresql://db/app", direct_dsn="sqlite:///x.db", env={})
 
 
+def test_a_malformed_url_is_a_configuration_error_without_the_password() -> None:
+    with pytest.raises(poolguard.ConfigurationError, match="not a valid PostgreSQL URL") as info:
+        parse_dsn("postgresql+asyncpg://app:s3cr3t@[db/app", "dsn")
+    assert "s3cr3t" not in str(info.value)
+
+
 def test_database_url_with_asyncpg_driver_works_in_configure(
     pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -209,7 +209,13 @@ def parse_dsn(dsn: str, setting: str) -> tuple[str, dict[str, str]]:
     hints: dict[str, str] = {}
     if _URL.match(dsn):
         dsn = _without_driver(dsn, setting)
-        parts = urlsplit(dsn)
+        try:
+            parts = urlsplit(dsn)
+        except ValueError as exc:  # "Invalid IPv6 URL" and the like
+            raise ConfigurationError(
+                f"{setting} is not a valid PostgreSQL URL: {exc} (write it as "
+                "postgresql://user:password@host:port/dbname)"
+            ) from None
         query = parse_qsl(parts.query, keep_blank_values=True)
         hints = {k: v.lower() for k, v in query if k in _URL_HINTS}
         kept = [(k, v) for k, v in query if k not in _URL_HINTS]
