@@ -9,7 +9,8 @@ preload_app = True
 # their turn for 4 connections instead of opening more.
 worker_class = "gthread"
 threads = 8
-# workers: gunicorn reads WEB_CONCURRENCY (default 1), and so does poolguard's budget check.
+# workers: gunicorn reads WEB_CONCURRENCY (default 1; it never sets it); poolguard's budget
+# check counts the workers the same way (or from -w).
 
 
 def worker_exit(server, worker):

@@ -5,8 +5,8 @@
 
 DATABASE_URL may name a driver (postgresql+asyncpg://, the usual FastAPI form): poolguard drops
 it for psycopg.  Each uvicorn worker process has its own pools; poolguard's connection budget
-reads WEB_CONCURRENCY (which uvicorn and gunicorn read for their worker count) or
-POOLGUARD_PROCESSES to check workers x max_size against the server at start-up.
+counts the workers (uvicorn's --workers, else WEB_CONCURRENCY, which uvicorn reads and never
+sets) to check workers x max_size against the server at start-up.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ preload_app = True
 # Threads share their worker's pool: 8 threads, max_size 4 connections (they queue for one).
 worker_class = "gthread"
 threads = 8
-# workers: gunicorn reads WEB_CONCURRENCY (default 1); poolguard reads the same variable to
-# check workers x max_size against the server's max_connections when the pool opens.
+# workers: gunicorn reads WEB_CONCURRENCY (default 1; it never sets it); poolguard counts the
+# workers the same way (or from -w) to check workers x max_size against max_connections.
 
 
 def worker_exit(server, worker):
