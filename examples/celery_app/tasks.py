@@ -46,13 +46,13 @@ def record(n: int) -> int:
 @worker_process_shutdown.connect
 def close_pool(**kwargs: Any) -> None:
     """A child is exiting (warm shutdown, max_tasks_per_child): end its sessions now."""
-    poolguard.reset()
+    poolguard.close_all()
 
 
 def init_db() -> None:
     with poolguard.connection() as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS jobs (id serial PRIMARY KEY, n int NOT NULL)")
-    poolguard.reset()
+    poolguard.close_all()
     print("jobs table ready")
 
 

@@ -15,4 +15,4 @@ threads = 8
 
 def worker_exit(server, worker):
     """A worker is stopping: close its pools now, so its server sessions end with it."""
-    poolguard.reset()
+    poolguard.close_all()

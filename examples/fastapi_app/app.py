@@ -35,10 +35,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = poolguard.sqlalchemy.create_async_engine("postgresql+asyncpg://")
     Session.configure(bind=engine)
     yield
-    # Shutdown: the async pools belong to this event loop, so close them on it.
+    # Shutdown: the async pools belong to this event loop, so close them on it (aclose_all,
+    # not close_all, which could only schedule that from inside the running loop).
     await engine.dispose()
-    await poolguard.sqlalchemy.aclose()
-    poolguard.reset()
+    await poolguard.aclose_all()
 
 
 app = FastAPI(lifespan=lifespan)

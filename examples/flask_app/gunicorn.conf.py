@@ -14,4 +14,4 @@ threads = 8
 
 def worker_exit(server, worker):
     """A worker is stopping: close its pool, so its server sessions end now."""
-    poolguard.reset()
+    poolguard.close_all()

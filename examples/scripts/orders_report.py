@@ -45,7 +45,7 @@ def main() -> None:
         print(f"total {sum(totals):.1f} from {len(totals)} blocks")
         print(f"connections opened: {stats['db.client.connection.create_time']['count']}")
     finally:
-        poolguard.reset()  # close the pool: the script's sessions end here
+        poolguard.close_all()  # close the pool: the script's sessions end here
 
 
 if __name__ == "__main__":
