@@ -11,9 +11,19 @@ from poolguard import _demo
 from poolguard.testing import PostgresServer, find_pgbouncer
 
 
-def test_scene_is_registered_when_pgbouncer_is_installed() -> None:
-    registered = [scene for _, scene in _demo.SCENES]
-    assert (_demo.pgbouncer_scene in registered) == (find_pgbouncer() is not None)
+def test_scene_is_listed_even_without_pgbouncer() -> None:
+    assert _demo.pgbouncer_scene in [scene for _, scene in _demo.SCENES]
+
+
+def test_without_pgbouncer_the_scene_says_it_was_skipped_and_how_to_see_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_demo.testing, "find_pgbouncer", lambda: None)
+    out = io.StringIO()
+    _demo.pgbouncer_scene("host=127.0.0.1 password=x dbname=app", out)
+    text = out.getvalue()
+    assert "skipped: PgBouncer is not installed" in text
+    assert "apt-get install pgbouncer" in text and "run `poolguard demo` again" in text
 
 
 def test_scene_needs_tcp_and_a_password() -> None:

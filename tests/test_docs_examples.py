@@ -3,9 +3,10 @@ is run here, as written, in a subprocess against a real PostgreSQL (max_connecti
 
 The convention, for anyone writing docs:
 
-- Every ```` ```python ```` block is a script run on its own with ``python -W error`` in a fresh
-  database: ``DATABASE_URL`` and ``POOLGUARD_DSN`` point at it.  A block must be complete
-  (imports, configuration) and must exit 0.
+- Every ```` ```python ```` block is a script run on its own in a fresh database
+  (``DATABASE_URL`` and ``POOLGUARD_DSN`` point at it), with ResourceWarning (poolguard's
+  warnings, unclosed connections) and RuntimeWarning (a coroutine never awaited) as errors.  A
+  block must be complete (imports, configuration, shutdown) and must exit 0.
 - Every ```` ```console ```` block is run line by line: a line starting with ``$ `` is a
   command for ``bash`` (other lines are output, shown to the reader and not checked).  Each
   command must exit 0.  ``pip install`` and ``python3 -m venv`` lines are not run (no network
@@ -154,7 +155,7 @@ def check_install_line(command: str) -> None:
             assert extra in declared, f"{command!r} names the extra {extra!r}: not in pyproject"
 
 
-def run_one(block: Block, workdir: Path, env: dict[str, str], argv: list[str]) -> None:
+def run_one(block: Block, workdir: Path, env: dict[str, str], argv: list[str]) -> str:
     expected = int(block.options.get("exit", "0"))
     done = subprocess.run(
         argv,
@@ -169,13 +170,19 @@ def run_one(block: Block, workdir: Path, env: dict[str, str], argv: list[str]) -
         f"{block.id} exited with {done.returncode}, expected {expected}\n"
         f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
     )
+    return done.stderr
 
 
 def run_block(block: Block, workdir: Path, env: dict[str, str]) -> None:
     if block.lang == "python":
         script = workdir / f"block_{block.line}.py"
         script.write_text(block.code)
-        run_one(block, workdir, env, [sys.executable, "-W", "error", script.name])
+        # poolguard's warnings (all ResourceWarnings), unclosed resources and coroutines never
+        # awaited are errors; other libraries' deprecation notices are not the example's fault.
+        strict = ["-W", "error::ResourceWarning", "-W", "error::RuntimeWarning"]
+        stderr = run_one(block, workdir, env, [sys.executable, *strict, script.name])
+        # A ResourceWarning raised in __del__ is only printed ("Exception ignored in ...").
+        assert "Exception ignored" not in stderr, f"{block.id}:\n{stderr[-3000:]}"
         return
     lines = block.code.splitlines()
     commands = [line[2:] for line in lines if line.startswith("$ ")]

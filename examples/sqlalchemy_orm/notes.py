@@ -20,7 +20,7 @@ class Base(DeclarativeBase):
 
 
 class Note(Base):
-    __tablename__ = "example_notes"
+    __tablename__ = "orm_notes"  # not Alembic's example_notes: the examples stay independent
 
     id: Mapped[int] = mapped_column(primary_key=True)
     text: Mapped[str] = mapped_column(String(200))
@@ -39,7 +39,7 @@ def main() -> None:
         print(f"{count} notes")
 
     with poolguard.connection() as conn:  # raw psycopg, same pool, same budget
-        row = conn.execute("SELECT count(*) FROM example_notes").fetchone()
+        row = conn.execute("SELECT count(*) FROM orm_notes").fetchone()
         print(f"psycopg sees {row[0] if row else 0} notes")
     print(f"connections checked out now: {len(poolguard.get_pool().checkouts())}")
     poolguard.reset()  # close the pool at exit

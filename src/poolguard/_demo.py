@@ -143,6 +143,13 @@ def _table(out: TextIO, runs: list[Run]) -> None:
 
 def pgbouncer_scene(dsn: str, out: TextIO) -> None:
     """The prepared-statement trap through PgBouncer in transaction mode, then poolguard."""
+    if testing.find_pgbouncer() is None:
+        out.write(
+            "  skipped: PgBouncer is not installed. To see this scene, install it (Debian and "
+            "Ubuntu: apt-get install pgbouncer; macOS: brew install pgbouncer) and run "
+            "`poolguard demo` again\n"
+        )
+        return
     upstream = _upstream(dsn)
     if upstream is None:
         out.write("  skipped: PgBouncer needs a TCP DSN with a password to reach the server\n")
@@ -220,13 +227,8 @@ def leak_scene(dsn: str, out: TextIO) -> None:
 
 
 SCENES.append(("a leaking handler, found and pinned to its line", leak_scene))
-if testing.find_pgbouncer() is not None:
-    SCENES.append(
-        (
-            "the prepared-statement trap behind PgBouncer (transaction mode)",
-            pgbouncer_scene,
-        )
-    )
+# Listed even without PgBouncer installed: the scene then says it was skipped and how to see it.
+SCENES.append(("the prepared-statement trap behind PgBouncer (transaction mode)", pgbouncer_scene))
 
 
 def run_demo(out: TextIO, *, users: int = 200, requests: int = 5) -> int:

@@ -8,6 +8,7 @@ a transaction-mode pooler; docs/settings.md gives the reasons.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -26,6 +27,18 @@ BudgetAction = Literal["warn", "raise", "off"]
 
 # Query parameters that poolguard reads from a URL and libpq must never see.
 _URL_HINTS = ("pgbouncer",)
+#: Environment variables poolguard reads that are not POOLGUARD_<SETTING>: anything else that
+#: starts with POOLGUARD_ is a typo worth a warning (see _warn_unknown_variables).
+ENV_VARIABLES = frozenset(
+    {
+        "POOLGUARD_DSN",
+        "POOLGUARD_DIRECT_DSN",
+        "POOLGUARD_UPSTREAM",
+        "POOLGUARD_PG_BINDIR",
+        "POOLGUARD_REQUIRE_PGBOUNCER",
+    }
+)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -174,6 +187,7 @@ def build_settings(
             "DATABASE_URL"
         )
     conninfo, hints = parse_dsn(dsn, "dsn")
+    _warn_unknown_variables(env)
     merged: dict[str, Any] = {}
     for key in SETTING_NAMES - {"name"}:
         raw = env.get(f"POOLGUARD_{key.upper()}")
@@ -185,7 +199,12 @@ def build_settings(
     if merged.get("rewriter") and "prepare_threshold" not in merged:
         # The point of the rewriter: psycopg's own default (prepare on the 5th execution).
         merged["prepare_threshold"] = 5
-    direct = merged.pop("direct_dsn", None) or env.get("DIRECT_URL") or ""
+    direct = (
+        merged.pop("direct_dsn", None)
+        or env.get("POOLGUARD_DIRECT_DSN")
+        or env.get("DIRECT_URL")
+        or ""
+    )
     direct_conninfo = parse_dsn(direct, "direct_dsn")[0] if direct else ""
     try:
         return Settings(conninfo=conninfo, name=name, direct_conninfo=direct_conninfo, **merged)
@@ -198,8 +217,15 @@ def parse_dsn(dsn: str, setting: str) -> tuple[str, dict[str, str]]:
     if not isinstance(dsn, str):
         raise ConfigurationError(f"{setting} must be a string, got {type(dsn).__name__}")
     hints: dict[str, str] = {}
-    if "://" in dsn:
-        parts = urlsplit(dsn)
+    if _URL.match(dsn):
+        dsn = _without_driver(dsn, setting)
+        try:
+            parts = urlsplit(dsn)
+        except ValueError as exc:  # "Invalid IPv6 URL" and the like
+            raise ConfigurationError(
+                f"{setting} is not a valid PostgreSQL URL: {exc} (write it as "
+                "postgresql://user:password@host:port/dbname)"
+            ) from None
         query = parse_qsl(parts.query, keep_blank_values=True)
         hints = {k: v.lower() for k, v in query if k in _URL_HINTS}
         kept = [(k, v) for k, v in query if k not in _URL_HINTS]
@@ -218,6 +244,48 @@ def parse_dsn(dsn: str, setting: str) -> tuple[str, dict[str, str]]:
             "(or a comma-separated list, one per host)"
         )
     return make_conninfo(**params), hints  # type: ignore[arg-type]
+
+
+def _without_driver(url: str, setting: str) -> str:
+    """``postgresql+asyncpg://...`` (SQLAlchemy's form, common in DATABASE_URL) as libpq reads it.
+
+    The driver part names a Python driver, which libpq does not know: poolguard picks its driver
+    itself (psycopg, or asyncpg through poolguard.sqlalchemy), so the part is dropped.
+    """
+    scheme, _, rest = url.partition("://")
+    backend, _, _driver = scheme.partition("+")
+    if backend.lower() not in ("postgresql", "postgres"):
+        raise ConfigurationError(
+            f"{setting} is a {scheme}:// URL: expected postgresql:// or postgres:// (optionally "
+            "with a driver, as in postgresql+psycopg://), or a libpq conninfo string"
+        )
+    return f"{backend}://{rest}"
+
+
+_warned_variables: set[str] = set()
+_logger = logging.getLogger("poolguard")
+
+
+def _warn_unknown_variables(env: Mapping[str, str]) -> None:
+    """One WARNING per process for each POOLGUARD_* variable that poolguard does not read.
+
+    A typo (POOLGUARD_MAXSIZE) would otherwise leave the default in force without a word.  A
+    log line rather than a Python warning: the variable comes from the deployment, not from the
+    code that runs configure(), and a stray variable must not fail a ``-W error`` test suite.
+    """
+    known = ENV_VARIABLES | {f"POOLGUARD_{name.upper()}" for name in SETTING_NAMES - {"name"}}
+    for variable in sorted(k for k in env if k.startswith("POOLGUARD_")):
+        if variable in known or variable in _warned_variables:
+            continue
+        _warned_variables.add(variable)
+        # Compared without the shared prefix, which would make every name look close.
+        suffixes = sorted(k.removeprefix("POOLGUARD_") for k in known)
+        close = difflib.get_close_matches(variable.removeprefix("POOLGUARD_"), suffixes, n=1)
+        _logger.warning(
+            "environment variable %s is not a poolguard setting and is ignored%s",
+            variable,
+            f" (did you mean POOLGUARD_{close[0]}?)" if close else "; docs/settings.md lists them",
+        )
 
 
 def redact_conninfo(conninfo: str) -> str:

@@ -1,8 +1,8 @@
 """The examples run as a user would run them: as scripts, configured by the environment.
 
 The Alembic one (alembic from PyPI, a test dependency) migrates through DIRECT_URL while
-DATABASE_URL points at the real PgBouncer; the ORM script and the asyncio service then use the
-table it made.
+DATABASE_URL points at the real PgBouncer; the ORM script (its own table) and the asyncio
+service then run through PgBouncer.
 """
 
 from __future__ import annotations
@@ -63,16 +63,31 @@ def test_alembic_migrates_through_the_direct_url_then_the_apps_run(
         assert "20 requests served, sum 380" in out, out
 
 
-def test_alembic_without_a_direct_url_says_what_to_set(pg_dsn: str) -> None:
+@pytest.mark.pgbouncer
+def test_alembic_without_a_direct_url(
+    pg_dsn: str, pgbouncer_server: PgBouncerServer, postgres_server: PostgresServer
+) -> None:
+    """Behind the transaction pooler it says what to set; on a direct DSN it needs nothing."""
     pytest.importorskip("alembic")
     ini = str(EXAMPLES / "sqlalchemy_alembic" / "alembic.ini")
+    argv = [sys.executable, "-m", "alembic", "-c", ini, "upgrade", "head"]
+    pooled = make_conninfo(pgbouncer_server.dsn, dbname=str(conninfo_to_dict(pg_dsn)["dbname"]))
     done = subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", ini, "upgrade", "head"],
-        env={**os.environ, "DATABASE_URL": pg_dsn},
+        argv,
+        env={**os.environ, "DATABASE_URL": pooled},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert done.returncode != 0
-    assert "DIRECT_URL" in done.stderr
+    assert "a transaction-mode pooler: set DIRECT_URL" in done.stderr, done.stderr[-2000:]
+    run(argv, DATABASE_URL=pg_dsn)  # probed: direct, so the pool's own DSN is used
+
+
+def test_orm_and_alembic_examples_run_in_either_order(pg_dsn: str) -> None:
+    pytest.importorskip("alembic")
+    out = run([sys.executable, str(EXAMPLES / "sqlalchemy_orm" / "notes.py")], DATABASE_URL=pg_dsn)
+    assert "3 notes" in out
+    ini = str(EXAMPLES / "sqlalchemy_alembic" / "alembic.ini")
+    run([sys.executable, "-m", "alembic", "-c", ini, "upgrade", "head"], DATABASE_URL=pg_dsn)

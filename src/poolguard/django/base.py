@@ -38,6 +38,8 @@ from ._cursors import CursorDebugWrapper, CursorWrapper
 from ._errors import ErrorWrapper
 from ._options import Resolved, resolve
 from ._process import process_kind
+from .checks import DatabaseValidation
+from .checks import register as register_checks
 
 if django.VERSION < (5, 2):
     raise ImproperlyConfigured(
@@ -45,6 +47,7 @@ if django.VERSION < (5, 2):
     )
 
 logger = logging.getLogger("poolguard.django")
+register_checks()  # poolguard.W001 must run even when the app poolguard.django is not installed
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
@@ -65,6 +68,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
 
     connection: Any  # the psycopg connection in use, None between checkouts
     health_check_done: bool  # Django's: the once-per-request health check has run
+    validation_class = DatabaseValidation
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
         super().__init__(settings_dict, alias)

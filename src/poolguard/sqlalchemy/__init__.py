@@ -141,15 +141,25 @@ def direct_url(name: str = "default", driver: str = "psycopg") -> URL:
     """The pool's ``direct_dsn`` (DIRECT_URL) as a SQLAlchemy URL, for Alembic and other tools
     that need a session of their own (DDL, advisory locks) rather than a pooled connection.
 
+    Without a direct DSN, the pool's own DSN is probed (two short connections): when it reaches
+    PostgreSQL directly or through a session-mode pooler, that DSN is the direct one.  Behind a
+    transaction-mode pooler this raises ConfigurationError saying to set DIRECT_URL.
     Use it with a plain ``sqlalchemy.create_engine(..., poolclass=NullPool)``.
     """
     settings = _state.get_pool(name).settings
-    if not settings.direct_conninfo:
-        raise ConfigurationError(
-            f"pool {name!r} has no direct_dsn: set DIRECT_URL (or poolguard.configure(..., "
-            "direct_dsn=...)) to a URL that reaches PostgreSQL without a transaction-mode pooler"
-        )
-    return _url_from_conninfo(settings.direct_conninfo, f"postgresql+{driver}", password=True)
+    conninfo = settings.direct_conninfo
+    if not conninfo:
+        from .._probe import probe_pooler
+
+        found = probe_pooler(settings.conninfo).mode
+        if found not in ("direct", "session"):
+            raise ConfigurationError(
+                f"pool {name!r} has no direct_dsn and its DSN ({settings.target}) goes through "
+                f"a {found}-mode pooler: set DIRECT_URL (or poolguard.configure(..., "
+                "direct_dsn=...)) to a URL that reaches PostgreSQL without a transaction pooler"
+            )
+        conninfo = settings.conninfo
+    return _url_from_conninfo(conninfo, f"postgresql+{driver}", password=True)
 
 
 def _resolve(

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
+from urllib.parse import urlencode
 
 import psycopg
 import psycopg_pool
@@ -34,6 +35,17 @@ from .._settings import Settings, redact_text
 
 # libpq parameters asyncpg's connect() takes under the same name.
 _ASYNCPG_PARAMS = {"host", "port", "user", "password", "dbname", "passfile"}
+# libpq's TLS parameters, which asyncpg reads (with libpq's meaning) from a DSN's query string.
+_ASYNCPG_TLS_PARAMS = (
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcrl",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+)
 
 
 def asyncpg_pool(name: str) -> AsyncpgPool:
@@ -54,7 +66,10 @@ def _driver() -> Any:
 
 def _connect_kwargs(settings: Settings) -> dict[str, Any]:
     params = conninfo_to_dict(settings.conninfo)
-    unsupported = sorted(set(params) - _ASYNCPG_PARAMS - {"application_name", "connect_timeout"})
+    understood = (
+        _ASYNCPG_PARAMS | set(_ASYNCPG_TLS_PARAMS) | {"application_name", "connect_timeout"}
+    )
+    unsupported = sorted(set(params) - understood)
     if unsupported:
         raise ConfigurationError(
             f"pool {settings.name!r}: the asyncpg dialect cannot use the DSN parameter(s) "
@@ -65,6 +80,10 @@ def _connect_kwargs(settings: Settings) -> dict[str, Any]:
         kwargs["database"] = kwargs.pop("dbname")
     if "port" in kwargs:
         kwargs["port"] = int(kwargs["port"])
+    tls = {k: str(params[k]) for k in _ASYNCPG_TLS_PARAMS if k in params}
+    if tls:
+        # Explicit keyword arguments win over the DSN in asyncpg, so the DSN carries only these.
+        kwargs["dsn"] = "postgresql://?" + urlencode(tls)
     kwargs["timeout"] = settings.connect_timeout
     kwargs["server_settings"] = {"application_name": settings.application_name}
     # asyncpg's own statement cache prepares named statements that a transaction-mode pooler
