@@ -62,11 +62,6 @@ def test_django_example_under_gunicorn(
     drive("wsgi", ["/", "/buy/1/"], shop, small_server, db, tmp_path / "gunicorn.log")
 
 
-@pytest.mark.xfail(
-    reason="a uvicorn worker can segfault in poolguard/django/_asgi.py, which walks other "
-    "tasks' coroutine frames from a sync_to_async thread (reported; fix pending)",
-    strict=False,
-)
 def test_django_example_under_uvicorn(
     small_server: PostgresServer, small_db: str, shop: dict[str, str], tmp_path: Path
 ) -> None:

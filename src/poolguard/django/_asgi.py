@@ -5,12 +5,18 @@ That thread's stack ends in the thread pool, not in the view: the view's line is
 coroutine on the event loop.  This finds the task whose ``SyncToAsync.__call__`` is waiting for
 this very thread and returns the innermost app frame of its await chain.  It runs only for a
 checkout whose recorded site is the thread pool, never on the WSGI path.
+
+The walk runs on the loop's own thread (the worker waits for it, briefly): a coroutine frame
+may only be read while it is suspended, and on its loop's thread, between two task steps, every
+coroutine of that loop is.  Read from the worker thread instead, ``f_locals`` of a frame the
+loop is executing at that moment crashes CPython.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from types import CodeType, FrameType
 from typing import Any
 
@@ -20,6 +26,8 @@ from .._ledger import is_library_code
 
 _CALL = SyncToAsync.__call__.__code__
 _HANDLER = SyncToAsync.thread_handler.__code__
+# How long a worker waits for the loop to find its site (one loop iteration, normally).
+_LOOKUP_TIMEOUT = 0.5
 # The thread pool's own frames: a site there means "taken by a sync_to_async worker".
 _POOL_FILES = ("concurrent/futures/thread.py", "threading.py")
 
@@ -47,12 +55,30 @@ def awaiting_site() -> tuple[CodeType, int] | None:
     handler = _own_frame(_HANDLER)
     if loop is None or handler is None:
         return None
-    token = handler.f_locals.get("task_context")  # also a local of the awaiting __call__
+    token = handler.f_locals.get("task_context")  # this thread's own frame: safe to read
+    found: list[tuple[CodeType, int] | None] = []
+    done = threading.Event()
+
+    def look() -> None:
+        try:
+            found.append(_site_of_waiting_task(loop, token))
+        finally:
+            done.set()
+
     try:
-        tasks = asyncio.all_tasks(loop)
-    except RuntimeError:  # the loop's task set changed while it was copied: give up quietly
+        loop.call_soon_threadsafe(look)
+    except RuntimeError:  # the loop is closed
         return None
-    for task in tasks:
+    # Bounded: a loop that is itself blocked leaves the checkout's site at the thread pool.
+    if not done.wait(_LOOKUP_TIMEOUT) or not found:
+        return None
+    return found[0]
+
+
+def _site_of_waiting_task(
+    loop: asyncio.AbstractEventLoop, token: object
+) -> tuple[CodeType, int] | None:
+    for task in asyncio.all_tasks(loop):
         frames = _await_chain(task.get_coro())
         for i, frame in enumerate(frames):
             if frame.f_code is _CALL and frame.f_locals.get("task_context") is token:
