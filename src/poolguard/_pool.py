@@ -360,32 +360,37 @@ class PoolCore:
         mark_reclaimed(conn, message)
         return True
 
-    def _cleaning(self, conn: Tracked, record: Checkout) -> Generator[str, Exception | None, None]:
+    def _cleaning(
+        self, conn: Tracked, record: Checkout, raised: BaseException | None = None
+    ) -> Generator[str, Exception | None, None]:
         """The return-path decisions for a connection that is not simply clean, written once.
 
         Yields the I/O each pool must do on ``conn`` ("rollback", "pg_reset" or "close") and is
         sent back the psycopg error it raised, or None; GuardedPool and AsyncGuardedPool only
         run the steps, with and without ``await``.  A closed or busy connection is left to
-        psycopg_pool, which discards it and opens a replacement.
+        psycopg_pool, which discards it and opens a replacement.  ``raised``: the exception
+        that ended a ``with`` block, whose rollback is the normal path, not a misuse; it is
+        never replaced, so a failed rollback is only logged.
         """
         status = conn.pgconn.transaction_status  # type: ignore[attr-defined]
         if status == _UNKNOWN:
-            self._log_discard(record, "that was closed or broken")
+            self._log_discard(record, "that was closed or broken", raised)
             release_slot(conn)
             return
         if status in _IN_TRANSACTION:
-            self._log_dirty_return(status, record)
+            if raised is None:
+                self._log_dirty_return(status, record)
             if (failed := (yield "rollback")) is not None:
-                self._log_discard(record, f"whose rollback failed: {failed}")
+                self._log_discard(record, f"whose rollback failed: {failed}", raised)
                 yield "close"
                 return
         elif status != _IDLE:  # a query still running: psycopg_pool closes the connection
-            self._log_discard(record, "returned while a query was still running")
+            self._log_discard(record, "returned while a query was still running", raised)
             return
         if conn.pg_needs_reset():
             self.metrics.session_resets += 1
             if (failed := (yield "pg_reset")) is not None:
-                self._log_discard(record, f"whose reset failed: {failed}")
+                self._log_discard(record, f"whose reset failed: {failed}", raised)
                 yield "close"
 
     def _exhausted(self, timeout: float, pending: int) -> PoolExhausted:
@@ -414,10 +419,15 @@ class PoolCore:
             record.age,
         )
 
-    def _log_discard(self, record: Checkout, why: str) -> None:
+    def _log_discard(self, record: Checkout, why: str, raised: BaseException | None = None) -> None:
         self.metrics.discarded_on_return += 1
+        after = f"; the block's {type(raised).__name__} propagates" if raised is not None else ""
         logger.warning(
-            "pool %r: discarding a connection %s (taken at %s)", self.name, why, record.site
+            "pool %r: discarding a connection %s (taken at %s)%s",
+            self.name,
+            redact_text(why, self.settings.conninfo),
+            record.site,
+            after,
         )
 
     def _timeout(self, timeout: float | None) -> float:
@@ -446,16 +456,20 @@ class PoolCore:
 
 def _block_end(conn: Any, exc_type: type[BaseException] | None) -> str | None:
     """What ``with pool.connection()`` does to ``conn`` as the block ends: "commit" on success,
-    "rollback" on error, None when no transaction is open.
+    None when no transaction is open or when the block raised.
 
-    Once closed the status is UNKNOWN; a connection the watchdog reclaimed still gets "commit",
-    which raises ConnectionReclaimed: the block's work was lost, and the caller must know.
+    A block that raised is rolled back by putconn(), which logs a failed rollback and discards
+    the connection instead of raising: the block's own exception must reach the caller (a
+    signal handler's deadline mid-query would otherwise come back as "another command is
+    already in progress").  Once closed the status is UNKNOWN; a connection the watchdog
+    reclaimed still gets "commit", which raises ConnectionReclaimed: the block's work was lost,
+    and the caller must know.  A failed commit raises too.
     """
-    if conn.pgconn.transaction_status == _IDLE:
+    if exc_type is not None or conn.pgconn.transaction_status == _IDLE:
         return None
-    if conn.closed and not (exc_type is None and conn.pg_reclaimed):
+    if conn.closed and not conn.pg_reclaimed:
         return None
-    return "commit" if exc_type is None else "rollback"
+    return "commit"
 
 
 class CheckoutBlock:
@@ -482,7 +496,7 @@ class CheckoutBlock:
             if step := _block_end(conn, exc_type):
                 getattr(conn, step)()
         finally:
-            self._pool.putconn(conn)
+            self._pool.putconn(conn, _raised=exc)
 
 
 def _retire(conn: Any) -> None:
@@ -633,13 +647,15 @@ class GuardedPool(PoolCore):
             with self._waiters_lock:
                 self._inner_waiters -= 1
 
-    def putconn(self, conn: psycopg.Connection[Any]) -> None:
+    def putconn(
+        self, conn: psycopg.Connection[Any], *, _raised: BaseException | None = None
+    ) -> None:
         """Give a connection back: roll back what is open, reset what changed, then pool it."""
         record = self._record_return(conn)  # type: ignore[arg-type]
         if record is not None:  # the rare path: something must be cleaned first
             if record is False:
                 return
-            self._clean(conn, record)  # type: ignore[arg-type]
+            self._clean(conn, record, _raised)  # type: ignore[arg-type]
             self._to_inner(conn)
         elif self.slots.waiting and self.slots.pressure(self):
             _retire(conn)
@@ -705,8 +721,10 @@ class GuardedPool(PoolCore):
         conn.close()  # psycopg_pool then opens a replacement
         self._to_inner(conn)
 
-    def _clean(self, conn: GuardedConnection, record: Checkout) -> None:
-        steps = self._cleaning(conn, record)
+    def _clean(
+        self, conn: GuardedConnection, record: Checkout, raised: BaseException | None
+    ) -> None:
+        steps = self._cleaning(conn, record, raised)
         step = next(steps, None)
         while step is not None:
             try:
@@ -751,7 +769,7 @@ class AsyncCheckoutBlock:
             if step := _block_end(conn, exc_type):
                 await getattr(conn, step)()
         finally:
-            await self._pool.putconn(conn)
+            await self._pool.putconn(conn, _raised=exc)
 
 
 class AsyncGuardedPool(PoolCore):
@@ -880,13 +898,15 @@ class AsyncGuardedPool(PoolCore):
         self._record_checkout(conn, started, _depth + 1, id(asyncio.current_task()))
         return conn
 
-    async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def putconn(
+        self, conn: psycopg.AsyncConnection[Any], *, _raised: BaseException | None = None
+    ) -> None:
         """Give a connection back: roll back what is open, reset what changed, then pool it."""
         record = self._record_return(conn)  # type: ignore[arg-type]
         if record is not None:  # the rare path: something must be cleaned first
             if record is False:
                 return
-            await self._clean(conn, record)  # type: ignore[arg-type]
+            await self._clean(conn, record, _raised)  # type: ignore[arg-type]
         if self.slots.waiting and self.slots.pressure(self):
             _retire(conn)
         await self._to_inner(conn)
@@ -933,8 +953,10 @@ class AsyncGuardedPool(PoolCore):
         conn.pgconn.finish()  # its loop is gone, and its pool with it
         release_slot(conn)
 
-    async def _clean(self, conn: AsyncGuardedConnection, record: Checkout) -> None:
-        steps = self._cleaning(conn, record)
+    async def _clean(
+        self, conn: AsyncGuardedConnection, record: Checkout, raised: BaseException | None
+    ) -> None:
+        steps = self._cleaning(conn, record, raised)
         step = next(steps, None)
         while step is not None:
             try:
