@@ -34,6 +34,7 @@ from ._errors import PoolConnectError, PoolExhausted
 from ._guard import SessionStateGuard
 from ._ledger import TAKEN_AT, Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
+from ._outage import RETRY_CAP, Outage
 from ._settings import Settings, redact_text
 from ._slots import Slots
 from ._startup import options_rejected, startup_options
@@ -82,6 +83,7 @@ class PoolCore:
         self._target = target
         self._fresh_state()
         self._full = Backoff(self.name, settings.max_size)
+        self._outage = Outage()
         self._guard = (
             SessionStateGuard(settings.guard)
             if settings.mode == "transaction" and settings.guard != "off"
@@ -157,6 +159,7 @@ class PoolCore:
         self.ledger = Ledger()
         self.metrics = PoolMetrics()
         self._full = Backoff(self.name, self.settings.max_size)
+        self._outage = Outage()
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -214,7 +217,7 @@ class PoolCore:
             return self.settings.conninfo
         return self._target(self.settings)
 
-    def _connect_error(self, exc: Exception) -> PoolConnectError:
+    def _connect_error(self, exc: BaseException) -> PoolConnectError:
         if is_too_many_connections(exc):
             return PoolConnectError(
                 f"pool {self.name!r} cannot connect to {self.settings.target}: the server has no "
@@ -271,21 +274,37 @@ class PoolCore:
         exc: psycopg.OperationalError,
         inner: psycopg_pool.ConnectionPool[Any] | psycopg_pool.AsyncConnectionPool[Any] | None,
     ) -> Step | None:
-        """A pool connect failed: the back-off step if the server is full (53300), else None."""
-        if inner is None or self._closed or not is_too_many_connections(exc):
+        """A pool connect failed: the step before the same attempt retries, or None to fail it.
+
+        A full server (53300) with connections to serve from caps the pool (see _toomany);
+        any other failure is an outage (see _outage): remembered for the callers that time
+        out meanwhile, and retried within a second so the pool is back soon after the server.
+        """
+        if inner is None or self._closed:
             return None
-        live = inner.get_stats().get("pool_available", 0) + self._ready_count() + len(self.ledger)
-        return self._full.refused(exc, live, monotonic())
+        if is_too_many_connections(exc):
+            live = (
+                inner.get_stats().get("pool_available", 0) + self._ready_count() + len(self.ledger)
+            )
+            if (step := self._full.refused(exc, live, monotonic())) is not None:
+                return step
+        delay, first = self._outage.failed(exc, monotonic())
+        if first:
+            logger.warning("%s; retrying every %g s at most", self._connect_error(exc), RETRY_CAP)
+        return Step(delay, None, 0)
 
     def _closed_while_full(self) -> psycopg_pool.PoolClosed:
         # psycopg_pool logs it once (the attempt in flight at close), instead of the refusal.
         return psycopg_pool.PoolClosed(
-            f"pool {self.name!r} was closed while it waited for a free server slot"
+            f"pool {self.name!r} was closed while it waited to connect "
+            "(the server was full or did not answer)"
         )
 
     def _on_connect(self, conn: Tracked) -> None:
         conn.pg_attach(self, self.metrics, self._guard)
         self._full.connected()
+        if (down := self._outage.connected(monotonic())) is not None:
+            logger.info("pool %r: connected again after %.1f s", self.name, down)
 
     def _record_checkout(self, conn: Tracked, started: float, depth: int, owner: int) -> None:
         now = monotonic()
@@ -392,6 +411,25 @@ class PoolCore:
             if (failed := (yield "pg_reset")) is not None:
                 self._log_discard(record, f"whose reset failed: {failed}", raised)
                 yield "close"
+
+    def _timed_out(self, timeout: float, pending: int) -> PoolExhausted | PoolConnectError:
+        """A caller waited ``timeout`` s in vain: why, as the exception to raise.
+
+        PoolExhausted only when every connection the pool may have is checked out; otherwise
+        the pool could not open one, and the caller learns why (no I/O here: the reason is the
+        pool's own last failed attempt).
+        """
+        if len(self.ledger) >= (self._full.cap or self.settings.max_size):
+            return self._exhausted(timeout, pending)
+        self.metrics.timeouts += 1
+        if (reason := self._outage.reason) is not None:
+            return self._connect_error(reason)
+        return PoolConnectError(
+            f"pool {self.name!r} got no connection within {timeout:.1f} s: "
+            f"{len(self.ledger)}/{self.settings.max_size} in use, and opening a new one to "
+            f"{self.settings.target} has not finished (the server is slow or does not answer; "
+            f"connect_timeout={self.settings.connect_timeout:g} s, see docs/settings.md)"
+        )
 
     def _exhausted(self, timeout: float, pending: int) -> PoolExhausted:
         self.metrics.timeouts += 1
@@ -591,7 +629,7 @@ class GuardedPool(PoolCore):
         inner.putconn(conn)
 
     def _server_full(self, exc: psycopg.OperationalError) -> bool:
-        """A pool worker's connect was refused: wait out a full server; True to retry now.
+        """A pool worker's connect failed: wait out a full or unreachable server; True to retry.
 
         Runs in the psycopg_pool worker that was growing the pool (or replacing a
         connection), which keeps that worker busy for the back-off: while it waits, psycopg_pool
@@ -637,11 +675,8 @@ class GuardedPool(PoolCore):
             try:
                 conn: GuardedConnection = inner.getconn(timeout)
             except psycopg_pool.PoolTimeout:
-                raw = inner.get_stats()
-                if not raw.get("pool_size"):  # not one connection: the server is the problem
-                    self._probe_now()
-                waiting = raw.get("requests_waiting", 0)
-                raise self._exhausted(self._timeout(timeout), waiting) from None
+                pending = inner.get_stats().get("requests_waiting", 0)
+                raise self._timed_out(self._timeout(timeout), pending) from None
             return conn
         finally:
             with self._waiters_lock:
@@ -891,10 +926,8 @@ class AsyncGuardedPool(PoolCore):
         try:
             conn: AsyncGuardedConnection = await inner.getconn(timeout)
         except psycopg_pool.PoolTimeout:
-            raw = inner.get_stats()
-            if not raw.get("pool_size"):  # not one connection: the server is the problem
-                await asyncio.to_thread(self._probe_now)
-            raise self._exhausted(self._timeout(timeout), raw.get("requests_waiting", 0)) from None
+            pending = inner.get_stats().get("requests_waiting", 0)
+            raise self._timed_out(self._timeout(timeout), pending) from None
         self._record_checkout(conn, started, _depth + 1, id(asyncio.current_task()))
         return conn
 
