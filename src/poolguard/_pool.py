@@ -35,7 +35,8 @@ from ._guard import SessionStateGuard
 from ._ledger import TAKEN_AT, Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
 from ._outage import RETRY_CAP, Outage
-from ._settings import Settings, redact_text
+from ._redact import redact_text
+from ._settings import Settings
 from ._slots import Slots
 from ._startup import options_rejected, startup_options
 from ._toomany import Backoff, Step, is_too_many_connections, limit_text, refusal_text
