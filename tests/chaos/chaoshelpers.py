@@ -12,10 +12,15 @@ import contextlib
 import os
 import shlex
 import signal
+import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -121,3 +126,198 @@ def frozen(pid: int) -> Iterator[None]:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+# --- the load every scenario runs, and what it saw --------------------------------------------
+
+#: One query that reads everything a dirty return could leave behind.
+CHECK_SQL = (
+    "SELECT current_setting('statement_timeout'), current_setting('search_path'), "
+    "coalesce(current_setting('app.tenant', true), ''), "
+    "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())"
+)
+#: Session state a transaction leaves behind on purpose (every ``dirty_every``-th one).
+DIRTY = (
+    "SET statement_timeout = '4321'",
+    "SET search_path = pg_catalog, public",
+    "SELECT pg_advisory_lock(42)",
+    "SELECT set_config('app.tenant', 'tenant-x', false)",
+)
+
+
+@dataclass
+class Outcome:
+    """What the callers saw during one scenario."""
+
+    committed: set[str] = field(default_factory=set)
+    errors: list[BaseException] = field(default_factory=list)
+    dirty: list[tuple[Any, ...]] = field(default_factory=list)
+    ok_times: list[float] = field(default_factory=list)
+    fault_window: tuple[float, float] = (0.0, 0.0)
+    transactions: int = 0
+
+    def recovery(self) -> float | None:
+        """Seconds from the end of the fault to the first commit after it (None: never)."""
+        after = [t for t in self.ok_times if t >= self.fault_window[1]]
+        return min(after) - self.fault_window[1] if after else None
+
+
+def defaults(dsn: str) -> tuple[Any, ...]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(CHECK_SQL).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def run_load(
+    checkout: Callable[[], AbstractContextManager[Any]],
+    *,
+    expected: tuple[Any, ...],
+    workers: int = 4,
+    seconds: float = 4.0,
+    fault: Callable[[], None] | None = None,
+    fault_at: float = 1.0,
+    dirty_every: int = 5,
+    work_sql: str | None = None,
+) -> Outcome:
+    """``workers`` threads commit one uniquely-identified row per transaction for ``seconds``,
+    checking at each checkout that the session looks like a fresh one; ``fault`` runs once in
+    its own thread ``fault_at`` s in."""
+    out = Outcome()
+    lock = threading.Lock()
+    run = f"{os.getpid()}-{time.monotonic_ns()}"
+    deadline = time.monotonic() + seconds
+
+    def worker(wid: int) -> None:
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            uid = f"{run}-{wid}-{i}"
+            try:
+                with checkout() as conn:
+                    row = tuple(conn.execute(CHECK_SQL).fetchone())
+                    if work_sql:
+                        conn.execute(work_sql)
+                    conn.execute("INSERT INTO commits VALUES (%s, %s)", (uid, wid))
+                    if dirty_every and i % dirty_every == 0:
+                        conn.execute(DIRTY[(i // dirty_every) % len(DIRTY)])
+                with lock:
+                    out.committed.add(uid)
+                    out.ok_times.append(time.monotonic())
+                    out.transactions += 1
+                    if row != expected:
+                        out.dirty.append(row)
+            except Exception as exc:
+                with lock:
+                    out.errors.append(exc)
+                    out.transactions += 1
+                time.sleep(0.02)  # a caller that failed does not spin
+
+    def inject() -> None:
+        time.sleep(fault_at)
+        started = time.monotonic()
+        assert fault is not None
+        fault()
+        out.fault_window = (started, time.monotonic())
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(workers)]
+    if fault is not None:
+        threads.append(threading.Thread(target=inject))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return out
+
+
+def lost_commits(dsn: str, committed: set[str]) -> set[str]:
+    """The ids a caller saw commit that are not in the table."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        present = {uid for (uid,) in conn.execute("SELECT id FROM commits")}
+    return committed - present
+
+
+def terminate_backends(admin_dsn: str, dbname: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        )
+
+
+def cancel_queries(admin_dsn: str, dbname: str, seconds: float) -> None:
+    """Cancel every running statement in ``dbname`` every 50 ms for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            conn.execute(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                "AND state = 'active' AND pid <> pg_backend_pid()",
+                (dbname,),
+            )
+            time.sleep(0.05)
+
+
+def fill_server(admin_dsn: str, seconds: float) -> None:
+    """Take every free connection slot of the server for ``seconds``."""
+    held: list[psycopg.Connection[Any]] = []
+    try:
+        while True:
+            try:
+                held.append(psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5))
+            except psycopg.OperationalError:
+                break
+        time.sleep(seconds)
+    finally:
+        for conn in held:
+            conn.close()
+
+
+class BouncerControl:
+    """Restart a PgBouncer started by poolguard.testing on the same port and configuration."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.argv, self.pid = self._find()
+        owner = Path(self.argv[-1]).stat()
+        self._user = {"user": owner.st_uid, "group": owner.st_gid} if os.geteuid() == 0 else {}
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    def _find(self) -> tuple[list[str], int]:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")[:-1]
+                if argv and argv[0].endswith(b"pgbouncer") and len(argv) == 2:
+                    ini = Path(argv[1].decode())
+                    if f"listen_port = {self.port}\n" in ini.read_text():
+                        return [a.decode() for a in argv], int(proc.name)
+        raise AssertionError(f"no pgbouncer listening on port {self.port}")
+
+    def restart(self) -> None:
+        os.kill(self.pid, signal.SIGTERM)  # immediate shutdown: clients are disconnected
+        deadline = time.monotonic() + 15
+        while _alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._popen = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            **self._user,  # type: ignore[arg-type]
+        )
+        self.pid = self._popen.pid
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            time.sleep(0.02)
+        raise AssertionError("pgbouncer did not come back")
+
+    def close(self) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.terminate()
+            self._popen.wait(15)

@@ -18,7 +18,10 @@ def chaos_server(
     postgres_factory: Callable[..., PostgresServer],
 ) -> Iterator[ServerControl]:
     """One server for the chaos scenarios, which stop and restart it; never shared elsewhere."""
-    control = ServerControl(postgres_factory(max_connections=40))
+    # A commit acknowledged to the client must survive an immediate shutdown (a crash, for
+    # PostgreSQL): the test servers' default synchronous_commit=off would lose the last ones.
+    server = postgres_factory(max_connections=40, settings={"synchronous_commit": "on"})
+    control = ServerControl(server)
     try:
         yield control
     finally:
