@@ -140,7 +140,7 @@ CHECK_SQL = (
 DIRTY = (
     "SET statement_timeout = '4321'",
     "SET search_path = pg_catalog, public",
-    "SELECT pg_advisory_lock(42)",
+    "SELECT pg_try_advisory_lock(42)",  # a blocking lock would hang a pool that leaks it
     "SELECT set_config('app.tenant', 'tenant-x', false)",
 )
 
