@@ -43,18 +43,20 @@ import poolguard
 from poolguard.testing import start_pgbouncer, start_postgres
 
 
-def make_pool(kind: str, dsn: str, size: int, guard: str = "warn") -> tuple[Any, Callable[[], Any]]:
+def make_pool(
+    kind: str, dsn: str, size: int, least: int, guard: str = "warn"
+) -> tuple[Any, Callable[[], Any]]:
     """(pool, close) for ``kind``; ``pool.connection`` commits on success, rolls back on error."""
     if kind == "poolguard":
         mode = "session" if guard != "off" else "transaction"
         pool = poolguard.configure(
-            dsn, mode=mode, guard=guard, min_size=min(size, 4), max_size=size, timeout=3.0,
+            dsn, mode=mode, guard=guard, min_size=least, max_size=size, timeout=3.0,
             connect_timeout=2,
         )  # fmt: skip
         pool.open()
         return pool, poolguard.reset
     raw: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
-        dsn, min_size=size, max_size=size, timeout=3.0, open=True,
+        dsn, min_size=least, max_size=size, timeout=3.0, open=True,
         kwargs={"connect_timeout": 2, "prepare_threshold": None},
     )  # fmt: skip
     raw.wait(10)
@@ -82,7 +84,7 @@ def fork_scenario(kind: str, pool: Any, expected: Any, seconds: float) -> tuple[
             child.join(seconds + 30)
             if child.is_alive():
                 child.kill()
-        served = [Path(p).read_text().strip() if Path(p).exists() else "hung" for p in paths]
+        served = [Path(p).read_text().strip() if Path(p).exists() else "none" for p in paths]
     return parent, "children committed " + "/".join(served)
 
 
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         ("restart fast", {"fault": lambda: control.restart("fast")}),
         ("restart immediate", {"fault": lambda: control.restart("immediate")}),
         ("terminate backends", {"fault": lambda db: terminate_backends(admin, db)}),
-        ("server full 2 s", {"fault": lambda: fill_server(admin, 2.0), "size": 1}),
+        # One connection when the server fills up: growing to four is refused for 2 s.
+        ("server full 2 s", {"fault": lambda: fill_server(admin, 2.0), "min": 1}),
         ("server stopped 1.5 s", {"fault": outage}),
         ("cancels 1.5 s", {"fault": lambda db: cancel_queries(admin, db, 1.5), "work": True}),
         ("dirty returns, 1 connection", {"size": 1, "dirty_every": 2}),
@@ -122,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute("CREATE TABLE commits (id text PRIMARY KEY, worker int)")
                 target = make_conninfo(bouncer.dsn, dbname=db) if spec.get("bouncer") else dsn
-                pool, close = make_pool(
-                    kind, target, spec.get("size", 4), "off" if spec.get("bouncer") else "warn"
-                )
+                size = spec.get("size", 4)
+                guard = "off" if spec.get("bouncer") else "warn"
+                pool, close = make_pool(kind, target, size, spec.get("min", size), guard)
                 expected = defaults(dsn)
                 fault = spec.get("fault")
                 if fault is not None and fault.__code__.co_argcount == 1:
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                             expected=expected,
                             seconds=seconds,
                             fault=fault,
-                            fault_at=0.0 if spec.get("size") == 1 and fault else 1.0,
+                            fault_at=0.0 if "min" in spec else 1.0,
                             dirty_every=0 if spec.get("bouncer") else spec.get("dirty_every", 5),
                             work_sql="SELECT pg_sleep(0.005)" if spec.get("work") else None,
                         )
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 lost = len(lost_commits(dsn, outcome.committed))
                 recovery = outcome.recovery() if fault is not None else None
                 kinds = sorted({type(e).__name__ for e in outcome.errors})
+                if outcome.hung:
+                    note = f"{outcome.hung} caller(s) hung; {note}"
                 rows.append(
                     (name, kind, outcome.transactions, len(outcome.errors), lost,
                      len(outcome.dirty), "-" if recovery is None else f"{recovery:.2f}",

@@ -155,6 +155,8 @@ class Outcome:
     ok_times: list[float] = field(default_factory=list)
     fault_window: tuple[float, float] = (0.0, 0.0)
     transactions: int = 0
+    #: Callers still blocked 30 s after the load ended (a response lost to another process).
+    hung: int = 0
 
     def recovery(self) -> float | None:
         """Seconds from the end of the fault to the first commit after it (None: never)."""
@@ -220,13 +222,15 @@ def run_load(
         fault()
         out.fault_window = (started, time.monotonic())
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(workers)]
+    # Daemon threads: a caller that never comes back is counted, not waited for forever.
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(workers)]
     if fault is not None:
-        threads.append(threading.Thread(target=inject))
+        threads.append(threading.Thread(target=inject, daemon=True))
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(max(0.0, deadline + 30 - time.monotonic()))
+    out.hung = sum(thread.is_alive() for thread in threads)
     return out
 
 

@@ -57,6 +57,7 @@ def check(
     allow_errors: bool = True,
 ) -> None:
     assert outcome.transactions > 0
+    assert outcome.hung == 0
     assert lost_commits(dsn, outcome.committed) == set()
     assert outcome.dirty == []
     unexpected = [e for e in outcome.errors if not isinstance(e, EXPECTED)]
