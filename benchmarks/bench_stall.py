@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -33,24 +34,34 @@ class Deadline(Exception):
     pass
 
 
-def frozen_call(dsn: str, stall: float, kwargs: dict[str, Any], run: Callable[[Any], Any]) -> str:
-    conn = psycopg.connect(dsn, autocommit=True, **kwargs)
-    pid = conn.info.backend_pid
+@contextlib.contextmanager
+def frozen_for(pid: int, stall: float) -> Iterator[None]:
+    """Stop ``pid`` now and resume it after ``stall`` s, or when the block ends: always."""
     os.kill(pid, signal.SIGSTOP)
     resume = threading.Timer(stall, os.kill, (pid, signal.SIGCONT))
     resume.start()
-    started = time.monotonic()
     try:
-        run(conn)
-        outcome = "returned"
-    except BaseException as exc:
-        outcome = f"{type(exc).__name__}"
+        yield
     finally:
-        elapsed = time.monotonic() - started
         resume.cancel()
         os.kill(pid, signal.SIGCONT)
-        conn.close()
-    return f"{elapsed:6.2f} s  {outcome}"
+
+
+def timed(run: Callable[[], Any]) -> str:
+    """How long ``run()`` took, and how it ended."""
+    started = time.monotonic()
+    try:
+        run()
+        outcome = "returned"
+    except BaseException as exc:
+        outcome = type(exc).__name__
+    return f"{time.monotonic() - started:6.2f} s  {outcome}"
+
+
+def frozen_call(dsn: str, stall: float, kwargs: dict[str, Any], run: Callable[[Any], Any]) -> str:
+    conn = psycopg.connect(dsn, autocommit=True, **kwargs)
+    with conn, frozen_for(conn.info.backend_pid, stall):
+        return timed(lambda: run(conn))
 
 
 def with_alarm(conn: Any) -> None:
@@ -67,27 +78,16 @@ def with_alarm(conn: Any) -> None:
 
 
 def async_frozen(dsn: str, stall: float) -> str:
-    async def main() -> str:
+    async def main() -> None:
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-        pid = conn.info.backend_pid
-        os.kill(pid, signal.SIGSTOP)
-        resume = threading.Timer(stall, os.kill, (pid, signal.SIGCONT))
-        resume.start()
-        started = time.monotonic()
         try:
-            async with asyncio.timeout(DEADLINE):
-                await conn.execute("SELECT 1")
-            outcome = "returned"
-        except BaseException as exc:
-            outcome = type(exc).__name__
+            with frozen_for(conn.info.backend_pid, stall):
+                async with asyncio.timeout(DEADLINE):
+                    await conn.execute("SELECT 1")
         finally:
-            elapsed = time.monotonic() - started
-            resume.cancel()
-            os.kill(pid, signal.SIGCONT)
             await conn.close()
-        return f"{elapsed:6.2f} s  {outcome}"
 
-    return asyncio.run(main())
+    return timed(lambda: asyncio.run(main()))
 
 
 def frozen_connect(server: Any, stall: float) -> str:
@@ -96,20 +96,8 @@ def frozen_connect(server: Any, stall: float) -> str:
         datadir = conn.execute("SHOW data_directory").fetchone()[0]
     with open(os.path.join(datadir, "postmaster.pid")) as pidfile:
         pid = int(pidfile.readline())
-    os.kill(pid, signal.SIGSTOP)
-    resume = threading.Timer(stall, os.kill, (pid, signal.SIGCONT))
-    resume.start()
-    started = time.monotonic()
-    try:
-        psycopg.connect(server.dsn, connect_timeout=2).close()
-        outcome = "connected"
-    except psycopg.OperationalError as exc:
-        outcome = type(exc).__name__
-    finally:
-        elapsed = time.monotonic() - started
-        resume.cancel()
-        os.kill(pid, signal.SIGCONT)
-    return f"{elapsed:6.2f} s  {outcome}"
+    with frozen_for(pid, stall):
+        return timed(lambda: psycopg.connect(server.dsn, connect_timeout=2).close())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -422,9 +422,12 @@ class PoolCore:
         """
         if len(self.ledger) >= (self._full.cap or self.settings.max_size):
             return self._exhausted(timeout, pending)
-        self.metrics.timeouts += 1
         if (reason := self._outage.reason) is not None:
+            self.metrics.timeouts += 1
             return self._connect_error(reason)
+        if self.slots.free() <= 0:  # the name's budget is held by its other flavors
+            return self._exhausted(timeout, pending)
+        self.metrics.timeouts += 1
         return PoolConnectError(
             f"pool {self.name!r} got no connection within {timeout:.1f} s: "
             f"{len(self.ledger)}/{self.settings.max_size} in use, and opening a new one to "

@@ -1,5 +1,5 @@
-"""Fault injection for the chaos tests: a private PostgreSQL that can be stopped, restarted
-and frozen without changing its port or data.
+"""Fault injection for the chaos tests: a private PostgreSQL that can be stopped and restarted
+without changing its port or data, a PgBouncer that can be restarted, and the load.
 
 The server runs as its own unprivileged user; this process stops it with the postmaster's
 signals (SIGINT: fast shutdown, SIGQUIT: immediate) and starts it again from the command line
@@ -16,7 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,16 +116,6 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
-
-
-@contextlib.contextmanager
-def frozen(pid: int) -> Iterator[None]:
-    """Stop one backend process (SIGSTOP) for the block: a stalled server, as the client sees it."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 # --- the load every scenario runs, and what it saw --------------------------------------------
