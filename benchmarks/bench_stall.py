@@ -60,8 +60,11 @@ def timed(run: Callable[[], Any]) -> str:
 
 def frozen_call(dsn: str, stall: float, kwargs: dict[str, Any], run: Callable[[Any], Any]) -> str:
     conn = psycopg.connect(dsn, autocommit=True, **kwargs)
-    with conn, frozen_for(conn.info.backend_pid, stall):
-        return timed(lambda: run(conn))
+    try:  # close(), not `with conn`: after a deadline the query is still in flight
+        with frozen_for(conn.info.backend_pid, stall):
+            return timed(lambda: run(conn))
+    finally:
+        conn.close()
 
 
 def with_alarm(conn: Any) -> None:
