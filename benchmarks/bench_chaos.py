@@ -91,7 +91,9 @@ def fork_scenario(kind: str, pool: Any, expected: Any, seconds: float) -> tuple[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="load per scenario")
-    seconds = parser.parse_args(argv).seconds
+    parser.add_argument("--only", default="", help="run the scenarios whose name contains this")
+    args = parser.parse_args(argv)
+    seconds = args.seconds
     logging.basicConfig(level=logging.CRITICAL)  # the figures are the output, not the logs
     server = start_postgres(max_connections=40, settings={"synchronous_commit": "on"})
     control = ServerControl(server)
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for number, (name, spec) in enumerate(scenarios):
+            if args.only not in name:
+                continue
             for kind in ("poolguard", "psycopg_pool"):
                 db = f"bench_{number}_{kind}"
                 dsn = server.create_database(db)
