@@ -13,6 +13,7 @@ for poolguard.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import multiprocessing
 import sys
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 pool, close = make_pool(kind, target, size, spec.get("min", size), guard)
                 expected = defaults(dsn)
                 fault = spec.get("fault")
-                if fault is not None and fault.__code__.co_argcount == 1:
+                if fault is not None and len(inspect.signature(fault).parameters) == 1:
                     fault = (lambda f, d: lambda: f(d))(fault, db)
                 note = ""
                 try:
