@@ -35,7 +35,9 @@ from ._events import Events
 from ._guard import SessionStateGuard
 from ._ledger import TAKEN_AT, Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
-from ._settings import Settings, redact_text
+from ._outage import RETRY_CAP, Outage
+from ._redact import redact_text
+from ._settings import Settings
 from ._slots import Slots
 from ._startup import options_rejected, startup_options
 from ._toomany import Backoff, Step, is_too_many_connections, limit_text, refusal_text
@@ -84,6 +86,7 @@ class PoolCore:
         self._target = target
         self._fresh_state()
         self._full = Backoff(self.name, settings.max_size)
+        self._outage = Outage()
         self._guard = (
             SessionStateGuard(settings.guard)
             if settings.mode == "transaction" and settings.guard != "off"
@@ -164,6 +167,7 @@ class PoolCore:
         self.metrics = PoolMetrics()
         self.events = Events(self.name, self.settings.on_event, self.settings.event_interval)
         self._full = Backoff(self.name, self.settings.max_size)
+        self._outage = Outage()
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -221,7 +225,7 @@ class PoolCore:
             return self.settings.conninfo
         return self._target(self.settings)
 
-    def _connect_error(self, exc: Exception) -> PoolConnectError:
+    def _connect_error(self, exc: BaseException) -> PoolConnectError:
         if is_too_many_connections(exc):
             error = PoolConnectError(
                 f"pool {self.name!r} cannot connect to {self.settings.target}: the server has no "
@@ -281,25 +285,42 @@ class PoolCore:
         exc: psycopg.OperationalError,
         inner: psycopg_pool.ConnectionPool[Any] | psycopg_pool.AsyncConnectionPool[Any] | None,
     ) -> Step | None:
-        """A pool connect failed: the back-off step if the server is full (53300), else None."""
-        if inner is None or self._closed or not is_too_many_connections(exc):
+        """A pool connect failed: the step before the same attempt retries, or None to fail it.
+
+        A full server (53300) with connections to serve from caps the pool (see _toomany);
+        any other failure is an outage (see _outage): remembered for the callers that time
+        out meanwhile, and retried within a second so the pool is back soon after the server.
+        """
+        if inner is None or self._closed:
             return None
-        live = inner.get_stats().get("pool_available", 0) + self._ready_count() + len(self.ledger)
-        self.metrics.server_refusals += 1
-        step = self._full.refused(exc, live, monotonic())
-        if step is not None and step.cap is not None:
-            self.events.emit("server_full", refusal_text(exc), cap=step.cap, retry_in=step.delay)
-        return step
+        if is_too_many_connections(exc):
+            self.metrics.server_refusals += 1
+            live = (
+                inner.get_stats().get("pool_available", 0) + self._ready_count() + len(self.ledger)
+            )
+            if (step := self._full.refused(exc, live, monotonic())) is not None:
+                if step.cap is not None:
+                    self.events.emit(
+                        "server_full", refusal_text(exc), cap=step.cap, retry_in=step.delay
+                    )
+                return step
+        delay, first = self._outage.failed(exc, monotonic())
+        if first:
+            logger.warning("%s; retrying every %g s at most", self._connect_error(exc), RETRY_CAP)
+        return Step(delay, None, 0)
 
     def _closed_while_full(self) -> psycopg_pool.PoolClosed:
         # psycopg_pool logs it once (the attempt in flight at close), instead of the refusal.
         return psycopg_pool.PoolClosed(
-            f"pool {self.name!r} was closed while it waited for a free server slot"
+            f"pool {self.name!r} was closed while it waited to connect "
+            "(the server was full or did not answer)"
         )
 
     def _on_connect(self, conn: Tracked) -> None:
         conn.pg_attach(self, self.metrics, self._guard)
         self._full.connected()
+        if (down := self._outage.connected(monotonic())) is not None:
+            logger.info("pool %r: connected again after %.1f s", self.name, down)
 
     def _record_checkout(self, conn: Tracked, started: float, depth: int, owner: int) -> None:
         now = monotonic()
@@ -374,37 +395,67 @@ class PoolCore:
         mark_reclaimed(conn, message)
         return True
 
-    def _cleaning(self, conn: Tracked, record: Checkout) -> Generator[str, Exception | None, None]:
+    def _cleaning(
+        self, conn: Tracked, record: Checkout, raised: BaseException | None = None
+    ) -> Generator[str, Exception | None, None]:
         """The return-path decisions for a connection that is not simply clean, written once.
 
         Yields the I/O each pool must do on ``conn`` ("rollback", "pg_reset" or "close") and is
         sent back the psycopg error it raised, or None; GuardedPool and AsyncGuardedPool only
         run the steps, with and without ``await``.  A closed or busy connection is left to
-        psycopg_pool, which discards it and opens a replacement.
+        psycopg_pool, which discards it and opens a replacement.  ``raised``: the exception
+        that ended a ``with`` block, whose rollback is the normal path, not a misuse; it is
+        never replaced, so a failed rollback is only logged.
         """
         status = conn.pgconn.transaction_status  # type: ignore[attr-defined]
         if status == _UNKNOWN:
-            self._log_discard(record, "that was closed or broken")
+            self._log_discard(record, "that was closed or broken", raised)
             release_slot(conn)
             return
         if status in _IN_TRANSACTION:
-            self._log_dirty_return(status, record)
+            if raised is None:
+                self._log_dirty_return(status, record)
             if (failed := (yield "rollback")) is not None:
-                self._log_discard(record, f"whose rollback failed: {failed}")
+                self._log_discard(record, f"whose rollback failed: {failed}", raised)
                 yield "close"
                 return
         elif status != _IDLE:  # a query still running: psycopg_pool closes the connection
-            self._log_discard(record, "returned while a query was still running")
+            self._log_discard(record, "returned while a query was still running", raised)
             return
         if conn.pg_needs_reset():
             self.metrics.session_resets += 1
             if (failed := (yield "pg_reset")) is not None:
-                self._log_discard(record, f"whose reset failed: {failed}")
+                self._log_discard(record, f"whose reset failed: {failed}", raised)
                 yield "close"
 
-    def _exhausted(self, timeout: float, pending: int) -> PoolExhausted:
+    def _timed_out(self, timeout: float, pending: int) -> PoolExhausted | PoolConnectError:
+        """A caller waited ``timeout`` s in vain: why, as the exception to raise.
+
+        PoolExhausted only when every connection the pool may have is checked out; otherwise
+        the pool could not open one, and the caller learns why (no I/O here: the reason is the
+        pool's own last failed attempt).
+        """
+        if len(self.ledger) >= (self._full.cap or self.settings.max_size):
+            return self._exhausted(timeout, pending)
+        if (reason := self._outage.reason) is not None:
+            self._count_timeout(timeout)
+            return self._connect_error(reason)
+        if self.slots.free() <= 0:  # the name's budget is held by its other flavors
+            return self._exhausted(timeout, pending)
+        self._count_timeout(timeout)
+        return PoolConnectError(
+            f"pool {self.name!r} got no connection within {timeout:.1f} s: "
+            f"{len(self.ledger)}/{self.settings.max_size} in use, and opening a new one to "
+            f"{self.settings.target} has not finished (the server is slow or does not answer; "
+            f"connect_timeout={self.settings.connect_timeout:g} s, see docs/settings.md)"
+        )
+
+    def _count_timeout(self, timeout: float) -> None:
         self.metrics.timeouts += 1
         self.metrics.wait_time.add(timeout)  # a wait that timed out is a wait: p99 must see it
+
+    def _exhausted(self, timeout: float, pending: int) -> PoolExhausted:
+        self._count_timeout(timeout)
         oldest = self.ledger.oldest()
         where = (
             f"; oldest checkout {oldest.age:.1f} s at {oldest.site} ({oldest.owner_name()})"
@@ -447,11 +498,16 @@ class PoolCore:
             record.age,
         )
 
-    def _log_discard(self, record: Checkout, why: str) -> None:
+    def _log_discard(self, record: Checkout, why: str, raised: BaseException | None = None) -> None:
         self.metrics.discarded_on_return += 1
         self.events.emit("discarded", f"discarding a connection {why}", record.site, record.age)
+        after = f"; the block's {type(raised).__name__} propagates" if raised is not None else ""
         logger.warning(
-            "pool %r: discarding a connection %s (taken at %s)", self.name, why, record.site
+            "pool %r: discarding a connection %s (taken at %s)%s",
+            self.name,
+            redact_text(why, self.settings.conninfo),
+            record.site,
+            after,
         )
 
     def _timeout(self, timeout: float | None) -> float:
@@ -480,16 +536,20 @@ class PoolCore:
 
 def _block_end(conn: Any, exc_type: type[BaseException] | None) -> str | None:
     """What ``with pool.connection()`` does to ``conn`` as the block ends: "commit" on success,
-    "rollback" on error, None when no transaction is open.
+    None when no transaction is open or when the block raised.
 
-    Once closed the status is UNKNOWN; a connection the watchdog reclaimed still gets "commit",
-    which raises ConnectionReclaimed: the block's work was lost, and the caller must know.
+    A block that raised is rolled back by putconn(), which logs a failed rollback and discards
+    the connection instead of raising: the block's own exception must reach the caller (a
+    signal handler's deadline mid-query would otherwise come back as "another command is
+    already in progress").  Once closed the status is UNKNOWN; a connection the watchdog
+    reclaimed still gets "commit", which raises ConnectionReclaimed: the block's work was lost,
+    and the caller must know.  A failed commit raises too.
     """
-    if conn.pgconn.transaction_status == _IDLE:
+    if exc_type is not None or conn.pgconn.transaction_status == _IDLE:
         return None
-    if conn.closed and not (exc_type is None and conn.pg_reclaimed):
+    if conn.closed and not conn.pg_reclaimed:
         return None
-    return "commit" if exc_type is None else "rollback"
+    return "commit"
 
 
 class CheckoutBlock:
@@ -516,7 +576,7 @@ class CheckoutBlock:
             if step := _block_end(conn, exc_type):
                 getattr(conn, step)()
         finally:
-            self._pool.putconn(conn)
+            self._pool.putconn(conn, _raised=exc)
 
 
 def _retire(conn: Any) -> None:
@@ -616,7 +676,7 @@ class GuardedPool(PoolCore):
         inner.putconn(conn)
 
     def _server_full(self, exc: psycopg.OperationalError) -> bool:
-        """A pool worker's connect was refused: wait out a full server; True to retry now.
+        """A pool worker's connect failed: wait out a full or unreachable server; True to retry.
 
         Runs in the psycopg_pool worker that was growing the pool (or replacing a
         connection), which keeps that worker busy for the back-off: while it waits, psycopg_pool
@@ -662,23 +722,22 @@ class GuardedPool(PoolCore):
             try:
                 conn: GuardedConnection = inner.getconn(timeout)
             except psycopg_pool.PoolTimeout:
-                raw = inner.get_stats()
-                if not raw.get("pool_size"):  # not one connection: the server is the problem
-                    self._probe_now()
-                waiting = raw.get("requests_waiting", 0)
-                raise self._exhausted(self._timeout(timeout), waiting) from None
+                pending = inner.get_stats().get("requests_waiting", 0)
+                raise self._timed_out(self._timeout(timeout), pending) from None
             return conn
         finally:
             with self._waiters_lock:
                 self._inner_waiters -= 1
 
-    def putconn(self, conn: psycopg.Connection[Any]) -> None:
+    def putconn(
+        self, conn: psycopg.Connection[Any], *, _raised: BaseException | None = None
+    ) -> None:
         """Give a connection back: roll back what is open, reset what changed, then pool it."""
         record = self._record_return(conn)  # type: ignore[arg-type]
         if record is not None:  # the rare path: something must be cleaned first
             if record is False:
                 return
-            self._clean(conn, record)  # type: ignore[arg-type]
+            self._clean(conn, record, _raised)  # type: ignore[arg-type]
             self._to_inner(conn)
         elif self.slots.waiting and self.slots.pressure(self):
             _retire(conn)
@@ -744,8 +803,10 @@ class GuardedPool(PoolCore):
         conn.close()  # psycopg_pool then opens a replacement
         self._to_inner(conn)
 
-    def _clean(self, conn: GuardedConnection, record: Checkout) -> None:
-        steps = self._cleaning(conn, record)
+    def _clean(
+        self, conn: GuardedConnection, record: Checkout, raised: BaseException | None
+    ) -> None:
+        steps = self._cleaning(conn, record, raised)
         step = next(steps, None)
         while step is not None:
             try:
@@ -790,7 +851,7 @@ class AsyncCheckoutBlock:
             if step := _block_end(conn, exc_type):
                 await getattr(conn, step)()
         finally:
-            await self._pool.putconn(conn)
+            await self._pool.putconn(conn, _raised=exc)
 
 
 class AsyncGuardedPool(PoolCore):
@@ -912,20 +973,20 @@ class AsyncGuardedPool(PoolCore):
         try:
             conn: AsyncGuardedConnection = await inner.getconn(timeout)
         except psycopg_pool.PoolTimeout:
-            raw = inner.get_stats()
-            if not raw.get("pool_size"):  # not one connection: the server is the problem
-                await asyncio.to_thread(self._probe_now)
-            raise self._exhausted(self._timeout(timeout), raw.get("requests_waiting", 0)) from None
+            pending = inner.get_stats().get("requests_waiting", 0)
+            raise self._timed_out(self._timeout(timeout), pending) from None
         self._record_checkout(conn, started, _depth + 1, id(asyncio.current_task()))
         return conn
 
-    async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def putconn(
+        self, conn: psycopg.AsyncConnection[Any], *, _raised: BaseException | None = None
+    ) -> None:
         """Give a connection back: roll back what is open, reset what changed, then pool it."""
         record = self._record_return(conn)  # type: ignore[arg-type]
         if record is not None:  # the rare path: something must be cleaned first
             if record is False:
                 return
-            await self._clean(conn, record)  # type: ignore[arg-type]
+            await self._clean(conn, record, _raised)  # type: ignore[arg-type]
         if self.slots.waiting and self.slots.pressure(self):
             _retire(conn)
         await self._to_inner(conn)
@@ -972,8 +1033,10 @@ class AsyncGuardedPool(PoolCore):
         conn.pgconn.finish()  # its loop is gone, and its pool with it
         release_slot(conn)
 
-    async def _clean(self, conn: AsyncGuardedConnection, record: Checkout) -> None:
-        steps = self._cleaning(conn, record)
+    async def _clean(
+        self, conn: AsyncGuardedConnection, record: Checkout, raised: BaseException | None
+    ) -> None:
+        steps = self._cleaning(conn, record, raised)
         step = next(steps, None)
         while step is not None:
             try:

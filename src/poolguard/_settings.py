@@ -20,6 +20,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._errors import ConfigurationError
+from ._redact import redact_conninfo as redact_conninfo
+from ._redact import redact_text as redact_text
 
 Mode = Literal["transaction", "session"]
 GuardAction = Literal["warn", "raise", "off"]
@@ -217,14 +219,15 @@ def parse_dsn(dsn: str, setting: str) -> tuple[str, dict[str, str]]:
     if not isinstance(dsn, str):
         raise ConfigurationError(f"{setting} must be a string, got {type(dsn).__name__}")
     hints: dict[str, str] = {}
+    given = dsn  # errors are redacted against it: the normalized URL may have lost its "@"
     if _URL.match(dsn):
         dsn = _without_driver(dsn, setting)
         try:
             parts = urlsplit(dsn)
-        except ValueError as exc:  # "Invalid IPv6 URL" and the like
+        except ValueError as exc:  # "Invalid IPv6 URL": a "[" in the wrong place
             raise ConfigurationError(
-                f"{setting} is not a valid PostgreSQL URL: {exc} (write it as "
-                "postgresql://user:password@host:port/dbname)"
+                f"{setting} is not a valid PostgreSQL URL: {exc} ({redact_text(given, given)}; "
+                "write it as postgresql://user:password@host:port/dbname)"
             ) from None
         query = parse_qsl(parts.query, keep_blank_values=True)
         hints = {k: v.lower() for k, v in query if k in _URL_HINTS}
@@ -235,12 +238,13 @@ def parse_dsn(dsn: str, setting: str) -> tuple[str, dict[str, str]]:
     except psycopg.Error as exc:
         raise ConfigurationError(
             f"{setting} is not a valid PostgreSQL URL or conninfo string: "
-            f"{redact_text(str(exc), dsn)}"
+            f"{redact_text(str(exc), given, dsn)}"
         ) from None
     ports = str(params.get("port") or "")
     if ports and not all(p.strip().isdigit() for p in ports.split(",")):
+        shown = redact_text(repr(ports), given, dsn)
         raise ConfigurationError(
-            f"{setting} has port {ports!r}: expected a number such as 5432 "
+            f"{setting} has port {shown}: expected a number such as 5432 "
             "(or a comma-separated list, one per host)"
         )
     return make_conninfo(**params), hints  # type: ignore[arg-type]
@@ -286,39 +290,6 @@ def _warn_unknown_variables(env: Mapping[str, str]) -> None:
             variable,
             f" (did you mean POOLGUARD_{close[0]}?)" if close else "; docs/settings.md lists them",
         )
-
-
-def redact_conninfo(conninfo: str) -> str:
-    """The conninfo with its password replaced by '***'."""
-    if not conninfo:
-        return ""
-    try:
-        params = conninfo_to_dict(conninfo)
-    except psycopg.Error:
-        return "<unparsable dsn>"
-    if "password" in params:
-        params["password"] = "***"
-    return make_conninfo(**params)  # type: ignore[arg-type]
-
-
-_PASSWORD_PATTERNS = (
-    re.compile(r"password\s*=\s*'((?:[^'\\]|\\.)*)'"),
-    re.compile(r"password\s*=\s*([^\s']+)"),
-    re.compile(r"://[^:/@\s]*:([^@]*)@"),
-)
-
-
-def redact_text(text: str, *dsns: str) -> str:
-    """Remove every password that appears in ``dsns`` (well-formed or not) from ``text``."""
-    secrets: set[str] = set()
-    for dsn in dsns:
-        for pattern in _PASSWORD_PATTERNS:
-            secrets.update(m.group(1) for m in pattern.finditer(dsn) if m.group(1))
-        for piece in (s for s in secrets.copy() if " " in s):
-            secrets.update(piece.split())  # libpq quotes fragments of a malformed value
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
 
 
 def _unknown_message(key: str) -> str:

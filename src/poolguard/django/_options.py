@@ -19,6 +19,7 @@ from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-u
 from psycopg.conninfo import make_conninfo
 
 from .._errors import ConfigurationError
+from .._redact import redact_text
 from .._settings import Settings, build_settings
 from ._cursors import cursor_class
 from ._process import Kind, defaults_for
@@ -87,9 +88,13 @@ def resolve(
     try:
         settings = build_settings(make_conninfo("", **libpq), name=pool_name(alias), **ours)
     except ConfigurationError as exc:
-        raise ImproperlyConfigured(f"{where}['poolguard']: {exc}") from None
+        raise ImproperlyConfigured(
+            f"{where}['poolguard']: {redact_text(str(exc), settings_dict, params)}"
+        ) from None
     except Exception as exc:  # make_conninfo rejects an unknown libpq parameter
-        raise ImproperlyConfigured(f"{where}: {exc}") from None
+        raise ImproperlyConfigured(
+            f"{where}: {redact_text(str(exc), settings_dict, params)}"
+        ) from None
     role = options.get("assume_role") or None
     if role and settings.mode == "transaction":
         raise ImproperlyConfigured(

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError
 
 from .. import _state
 from .._errors import ConfigurationError
 from .._pool import GuardedPool
+from .._redact import redact_text, redact_value
 from .._settings import Settings, parse_dsn
 from ._asyncpg import AsyncpgPool, asyncpg_pool
 from ._pool import AsyncSource, SharedPool, Source
@@ -167,7 +169,12 @@ def _resolve(
 ) -> tuple[URL, GuardedPool, str | None]:
     """The engine's URL (no password), the poolguard pool behind it (configured if new), and
     the DSN to configure it again from after a reset (None: the configured pool's)."""
-    sa_url = make_url(url if url is not None else "postgresql://")
+    try:
+        sa_url = make_url(url if url is not None else "postgresql://")
+    except ArgumentError as exc:  # SQLAlchemy quotes the whole string, password included
+        raise ConfigurationError(
+            f"poolguard.sqlalchemy.{caller}(): {redact_text(str(exc), str(url))}"
+        ) from None
     driver = sa_url.get_driver_name() if "+" in sa_url.drivername else ""
     if sa_url.get_backend_name() != "postgresql" or driver not in drivers:
         allowed = ", ".join(f"postgresql+{d}://" for d in drivers if d)
@@ -192,7 +199,8 @@ def _resolve(
         pool = existing
     else:
         pool = _state.configure(dsn, name=name)
-    return sa_url.set(password=None), pool, dsn
+    # The engine's URL shows in its repr and logs: no password, nor one in the query string.
+    return sa_url.set(password=None).difference_update_query(["password"]), pool, dsn
 
 
 def _url_from_conninfo(conninfo: str, drivername: str, *, password: bool = False) -> URL:
@@ -211,7 +219,7 @@ def _url_from_conninfo(conninfo: str, drivername: str, *, password: bool = False
 
 def _refuse(argument: str, value: Any, settings: Settings, why: str) -> ConfigurationError:
     return ConfigurationError(
-        f"{argument}={value!r} is not accepted by poolguard.sqlalchemy: {why}"
+        f"{argument}={redact_value(value)} is not accepted by poolguard.sqlalchemy: {why}"
         f" (engine over poolguard pool {settings.name!r})"
     )
 
@@ -238,7 +246,8 @@ def _engine_args(kw: dict[str, Any]) -> dict[str, Any]:
     """``kw`` for SQLAlchemy, with an engine-wide isolation level applied per checkout."""
     if "connect_args" in kw:
         raise ConfigurationError(
-            f"connect_args={kw['connect_args']!r} is not accepted by poolguard.sqlalchemy: the "
+            f"connect_args={redact_value(kw['connect_args'])} is not accepted by "
+            "poolguard.sqlalchemy: the "
             "engine's connections come from poolguard's pool; put connection parameters in the "
             "URL (e.g. ?sslmode=require) or in poolguard settings (application_name, "
             "connect_timeout, prepare_threshold)"
