@@ -33,7 +33,7 @@ from ._cli_help import DefaultsHelpFormatter
 from ._errors import ConfigurationError
 from ._pgbouncer import PgBouncerState, read_pgbouncer
 from ._probe import APPLICATION_NAME, PoolerProbe, probe_pooler
-from ._settings import _TRUE, Settings, parse_dsn, redact_conninfo, redact_text
+from ._settings import TRUE_WORDS, Settings, parse_dsn, redact_conninfo, redact_text
 from ._sqltokens import mask_literals
 
 __all__ = ["diagnose", "main", "run_doctor"]
@@ -228,7 +228,7 @@ def diagnose(
     report["pgbouncer"] = bouncer.as_dict() if bouncer else None
     report["budget"] = budget.as_dict() if budget else None
     report["fleet"] = _fleet(budget)
-    if hints.get("pgbouncer") in _TRUE and probe.mode not in ("transaction", "statement"):
+    if hints.get("pgbouncer") in TRUE_WORDS and probe.mode not in ("transaction", "statement"):
         warnings.append("the URL says pgbouncer=true but no transaction pooler was detected")
     report["idle_in_transaction"] = [asdict(s) for s in idle]
     sizes = budget.suggested_sizes(cores) if budget else {label: m for label, m, _ in pools}

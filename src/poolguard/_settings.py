@@ -41,7 +41,7 @@ ENV_VARIABLES = frozenset(
     }
 )
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_TRUE = {"1", "true", "yes", "on"}
+TRUE_WORDS = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -195,7 +195,7 @@ def build_settings(
         raw = env.get(f"POOLGUARD_{key.upper()}")
         if raw is not None:
             merged[key] = _from_env(key, raw)
-    if hints.get("pgbouncer") in _TRUE:
+    if hints.get("pgbouncer") in TRUE_WORDS:
         merged["mode"] = "transaction"
     merged.update(options)
     if merged.get("rewriter") and "prepare_threshold" not in merged:
@@ -302,8 +302,8 @@ def _from_env(key: str, raw: str) -> Any:
     default = next(f.default for f in fields(Settings) if f.name == key)
     variable = f"POOLGUARD_{key.upper()}"
     if isinstance(default, bool):
-        if raw.lower() in _TRUE | _FALSE:
-            return raw.lower() in _TRUE
+        if raw.lower() in TRUE_WORDS | _FALSE:
+            return raw.lower() in TRUE_WORDS
         raise ConfigurationError(f"{variable}={raw!r}: expected true or false")
     optional_int = key in ("prepare_threshold", "processes")
     if optional_int and raw.lower() in {"", "none"}:
