@@ -8,6 +8,7 @@ stays true, so Django, SQLAlchemy and user code see nothing unusual.
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import Awaitable, Callable
 from operator import attrgetter
@@ -15,6 +16,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+import psycopg_pool
 from psycopg.abc import Params, Query
 from psycopg.pq import TransactionStatus
 from psycopg.rows import Row
@@ -248,12 +250,38 @@ class GuardedConnection(Tracked, psycopg.Connection[Any]):
             self._pg_session_dirty = False
 
 
+# psycopg_pool's maintenance worker coroutine (it runs every connect of an async pool).
+_WORKER_CODE = psycopg_pool.AsyncConnectionPool.worker.__func__.__code__  # type: ignore[attr-defined]
+
+
+def _cancel_worker_again() -> None:
+    """A connect in psycopg_pool's worker was cancelled: cancel the worker once more.
+
+    The worker runs each task under ``except CancelledError`` so that one failed attempt cannot
+    kill it; a cancellation meant for the worker itself (the loop shutting down, as at the end of
+    ``asyncio.run()``) is swallowed when it lands inside a connect, and the worker then waits on
+    its queue for ever, and asyncio.run() with it.  Delivered again, it finds the worker at its
+    queue, outside that handler, and ends it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() and task.get_coro().cr_code is _WORKER_CODE:  # type: ignore[union-attr]
+        asyncio.get_running_loop().call_soon(task.cancel)
+
+
 class AsyncGuardedConnection(Tracked, psycopg.AsyncConnection[Any]):
     """A psycopg async connection owned by an AsyncGuardedPool."""
 
     @classmethod
     async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
         """psycopg's connect; ``_pg_on_refused`` (the pool's) may wait out a full server, retry."""
+        try:
+            return await cls._pg_connect(conninfo, **kwargs)
+        except asyncio.CancelledError:
+            _cancel_worker_again()
+            raise
+
+    @classmethod
+    async def _pg_connect(cls, conninfo: str, **kwargs: Any) -> Self:
         on_refused: Callable[[psycopg.OperationalError], Awaitable[bool]] | None
         on_refused = kwargs.pop("_pg_on_refused", None)
         slot: tuple[Slots, Member] | None = kwargs.pop("_pg_slot", None)
