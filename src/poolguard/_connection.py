@@ -9,8 +9,7 @@ stays true, so Django, SQLAlchemy and user code see nothing unusual.
 from __future__ import annotations
 
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from collections.abc import Awaitable, Callable, Iterable
 from operator import attrgetter
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -158,7 +157,20 @@ _RESET_SQL = b"DISCARD ALL"
 # return (see _unobserved) and the session reset.
 
 
-class GuardedCursor(psycopg.Cursor[Row]):
+class _ObservedStreamAndCopy:
+    """stream() and copy(): plain methods in psycopg's sync and async cursors alike (they return
+    an iterator and a context manager), so one definition serves both."""
+
+    def stream(self, query: Query, params: Params | None = None, **kwargs: Any) -> Any:
+        self._conn.pg_observe(query)  # type: ignore[attr-defined]
+        return super().stream(query, params, **kwargs)  # type: ignore[misc]
+
+    def copy(self, statement: Query, params: Params | None = None, **kwargs: Any) -> Any:
+        self._conn.pg_observe(statement)  # type: ignore[attr-defined]
+        return super().copy(statement, params, **kwargs)  # type: ignore[misc]
+
+
+class GuardedCursor(_ObservedStreamAndCopy, psycopg.Cursor[Row]):
     """psycopg's cursor, telling its connection what it runs."""
 
     def executemany(
@@ -166,23 +178,6 @@ class GuardedCursor(psycopg.Cursor[Row]):
     ) -> None:
         self._conn.pg_observe(query)  # type: ignore[attr-defined]
         return super().executemany(query, params_seq, returning=returning)
-
-    def stream(
-        self,
-        query: Query,
-        params: Params | None = None,
-        *,
-        binary: bool | None = None,
-        size: int = 1,
-    ) -> Iterator[Row]:
-        self._conn.pg_observe(query)  # type: ignore[attr-defined]
-        return super().stream(query, params, binary=binary, size=size)
-
-    def copy(  # type: ignore[override]
-        self, statement: Query, params: Params | None = None, **kwargs: Any
-    ) -> AbstractContextManager[psycopg.Copy]:
-        self._conn.pg_observe(statement)  # type: ignore[attr-defined]
-        return super().copy(statement, params, **kwargs)
 
     def execute(
         self,
@@ -196,7 +191,7 @@ class GuardedCursor(psycopg.Cursor[Row]):
         return super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[arg-type, misc]
 
 
-class AsyncGuardedCursor(psycopg.AsyncCursor[Row]):
+class AsyncGuardedCursor(_ObservedStreamAndCopy, psycopg.AsyncCursor[Row]):
     """psycopg's async cursor, telling its connection what it runs."""
 
     async def executemany(
@@ -204,23 +199,6 @@ class AsyncGuardedCursor(psycopg.AsyncCursor[Row]):
     ) -> None:
         self._conn.pg_observe(query)  # type: ignore[attr-defined]
         return await super().executemany(query, params_seq, returning=returning)
-
-    def stream(
-        self,
-        query: Query,
-        params: Params | None = None,
-        *,
-        binary: bool | None = None,
-        size: int = 1,
-    ) -> AsyncIterator[Row]:
-        self._conn.pg_observe(query)  # type: ignore[attr-defined]
-        return super().stream(query, params, binary=binary, size=size)
-
-    def copy(  # type: ignore[override]
-        self, statement: Query, params: Params | None = None, **kwargs: Any
-    ) -> AbstractAsyncContextManager[psycopg.AsyncCopy]:
-        self._conn.pg_observe(statement)  # type: ignore[attr-defined]
-        return super().copy(statement, params, **kwargs)
 
     async def execute(
         self,

@@ -238,6 +238,9 @@ def _is_cte_name(stmt: Sequence[Token], open_paren: int) -> bool:
     return is_op(stmt, after, "(")
 
 
+_KNOWN_CALLS: Final = TRUSTED_CALLS | _CALLS_OF_INTEREST
+
+
 def _call_at(stmt: Sequence[Token], i: int, creating: bool) -> str | None:
     """What the name at `i` (followed by "(") is: "builtin" (unqualified or pg_catalog's),
     "qualified" (a function in another schema), or None (a table, column list, CTE...)."""
@@ -263,7 +266,7 @@ def _classify_calls(st: _Statement, creating: bool) -> None:
         call = _call_at(stmt, i, creating)
         if call is None:
             continue
-        if call == "qualified" or name not in TRUSTED_CALLS | _CALLS_OF_INTEREST:
+        if call == "qualified" or name not in _KNOWN_CALLS:
             # myschema.set_config is not the built-in; a user function may do anything.
             st.doubt = True
             continue
