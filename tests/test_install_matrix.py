@@ -1,9 +1,10 @@
 """Each extra installs into a fresh virtual environment and its public modules work there.
 
-For '' (no extra), [django], [sqlalchemy], [rewriter] and [demo]: a new venv, the wheel built
-once from this checkout installed with that extra (dependencies from the package index or
-pip's cache), then a script in that venv imports the extra's public modules and calls one real
-function against a real PostgreSQL. Slow (about a minute per extra on a cold pip cache).
+For '' (no extra), [django], [sqlalchemy], [asyncpg], [rewriter] and [demo]: a new venv, the
+wheel built once from this checkout installed with that extra (dependencies from the package
+index or pip's cache), then a script in that venv imports the extra's public modules and
+calls one real function against a real PostgreSQL. Slow: about 10 s per extra with a warm pip
+cache, a minute or more per extra on a cold one.
 """
 
 from __future__ import annotations
@@ -60,11 +61,31 @@ CHECKS: dict[str, str] = {
     "sqlalchemy": """
         import poolguard.sqlalchemy
         from sqlalchemy import text
-        url = DSN.replace("postgresql://", "postgresql+psycopg://", 1)
+        url = URL.replace("postgresql:", "postgresql+psycopg:")
         engine = poolguard.sqlalchemy.create_engine(url)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT 1")).scalar() == 1
         engine.dispose()
+        try:
+            import asyncpg
+        except ImportError:
+            pass
+        else:
+            raise AssertionError("asyncpg installed without the [asyncpg] extra")
+    """,
+    "asyncpg": """
+        import asyncio
+        import poolguard.sqlalchemy
+        from sqlalchemy import text
+
+        async def main():
+            url = URL.replace("postgresql:", "postgresql+asyncpg:")
+            engine = poolguard.sqlalchemy.create_async_engine(url)
+            async with engine.connect() as conn:
+                assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+            await engine.dispose()
+
+        asyncio.run(main())
     """,
     "rewriter": """
         import psycopg, uvloop, poolguard.rewriter
@@ -113,14 +134,8 @@ def _run(
     [
         "",
         "django",
-        pytest.param(
-            "sqlalchemy",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="poolguard.sqlalchemy imports asyncpg at module top, which the "
-                "[sqlalchemy] extra does not install (issue 10); remove this mark once fixed",
-            ),
-        ),
+        "sqlalchemy",
+        "asyncpg",
         "rewriter",
         "demo",
     ],
@@ -134,8 +149,10 @@ def test_extra_installs_and_works(
     python = venv / "bin" / "python"
     requirement = f"{wheel}[{extra}]" if extra else str(wheel)
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", requirement])
-    script = "import os\nDSN = os.environ['MATRIX_DSN']\n" + textwrap.dedent(CHECKS[extra])
+    script = "import os\nDSN, URL = os.environ['MATRIX_DSN'], os.environ['MATRIX_URL']\n"
+    script += textwrap.dedent(CHECKS[extra])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "POOLGUARD"))}
     env["MATRIX_DSN"] = postgres_server.dsn
+    env["MATRIX_URL"] = postgres_server.url
     done = _run([str(python), "-c", script + "\nprint('ok')"], env=env, cwd=tmp_path)
     assert done.stdout.strip().endswith("ok")
