@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from poolguard._findings import Finding
 from poolguard._guard import SessionStateError, SessionStateGuard, SessionStateWarning
 from poolguard._sqlstate_rules import (
     CACHE_SIZE,
@@ -272,11 +273,11 @@ def test_classify_is_cached_per_text() -> None:
 
 
 def test_cache_is_bounded() -> None:
-    from poolguard._sqlstate_rules import analyze
+    from poolguard._sqlstate_rules import analyze_short
 
     for i in range(CACHE_SIZE + 10):
         classify(f"SELECT {i} /* fill */")
-    assert analyze.cache_info().currsize <= CACHE_SIZE
+    assert analyze_short.cache_info().currsize <= CACHE_SIZE
 
 
 def test_warn_once_per_statement_with_log(caplog: pytest.LogCaptureFixture) -> None:
@@ -421,3 +422,109 @@ def test_any_text_is_classified_or_ignored(text: str) -> None:
 )
 def test_mask_literals(sql: str, masked: str) -> None:
     assert mask_literals(sql) == masked
+
+
+# The reset decision: True when the rules saw state or could not judge; the guard stays quiet
+# about what it could not judge (it warns only about what it knows breaks behind a pooler).
+RESET_DECISIONS: list[tuple[str, bool]] = [
+    ("SELECT 1", False),
+    ("SELECT count(*) FROM t WHERE id IN (1, 2) AND x = ANY(%s)", False),
+    ("INSERT INTO s.t (a, b) VALUES (1, now()), (2, lower('X'))", False),
+    ("UPDATE t SET a = coalesce(b, 0) WHERE c IN (SELECT 1)", False),
+    ("SELECT CAST(a AS numeric(10, 2)) FROM t AS x(a)", False),
+    ("CREATE TABLE t (id bigint PRIMARY KEY, name varchar(20), CHECK (id > 0))", False),
+    ("SELECT pg_catalog.format_type(1, 2)", False),
+    ("DISCARD ALL", False),
+    ("SELECT my_function(1)", True),
+    ("SELECT app.audit('x')", True),
+    ("SELECT app.set_config('a', 'b', false)", True),
+    ('SELECT "MyFunction"()', True),
+    ("DO $$BEGIN PERFORM 1; END$$", True),
+    ("CALL refresh_all()", True),
+    ("LOAD 'auto_explain'", True),
+    ("SELECT set_config('app.tenant', %s, %s)", True),
+    ("SELECT 1; SELECT my_function()", True),
+]
+
+
+@pytest.mark.parametrize(("sql", "reset"), RESET_DECISIONS)
+def test_reset_when_state_seen_or_not_judged(sql: str, reset: bool) -> None:
+    assert leaves_session_state(sql) is reset
+    if reset and sql.lower().startswith(("do", "call", "load", "select")):
+        assert classify(sql) == ()  # nothing the guard could name: no warning, just a reset
+
+
+# The pre-filter may send harmless SQL to the tokenizer, never clear SQL the rules would report
+# or reset for.
+_PIECES = [
+    "SELECT", "INSERT INTO t (a, b) VALUES", "UPDATE t SET a =", "WITH x AS (SELECT 1)",
+    "select", " ", "(", ")", ",", "'x'", "'it''s'", '"T"', '"t" (', "t.", "pg_catalog.",
+    "now()", "count(*)", "lower(", "my_fn(", "s.fn(", "set_config('a', 'b', false)",
+    "pg_advisory_lock(1)", "INTO TEMP t", "temp", "AS x(a)", ";", "; SET x = 1", "--",
+    "/*", "*/", "E'\\''", "$$", "%s", "IN (", "values (", "DO", "CALL", "\n", "LISTEN x",
+    "\u0130now(", "x\u0130count(",
+]  # fmt: skip
+
+
+def _agrees_with_rules(sql: str) -> None:
+    from poolguard._sqlprefilter import clears
+    from poolguard._sqlstate_rules import _analyze_tokens
+
+    if clears(sql):
+        assert _analyze_tokens(sql) == ((), (), (), False), sql
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [s for s, _ in REPORTED_IN_TRANSACTION + OUTSIDE_TRANSACTION]
+    + [s for s, _ in RESET_DECISIONS]
+    + _BAD,
+)
+def test_prefilter_never_clears_what_the_rules_flag(sql: str) -> None:
+    _agrees_with_rules(sql)
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12))
+def test_prefilter_agrees_with_rules_on_generated_sql(pieces: list[str]) -> None:
+    _agrees_with_rules(" ".join(pieces))
+
+
+def test_prefilter_clears_common_statements() -> None:
+    from poolguard._sqlprefilter import clears
+
+    assert clears('INSERT INTO "app_t" ("a", "b") VALUES (%s, now()) RETURNING "app_t"."id"')
+    assert clears("SELECT count(*) FROM t WHERE id IN (1, 2) AND x = ANY(%s)")
+    assert not clears("SELECT my_fn(1)")
+    assert not clears("SELECT 1 -- set_config")
+
+
+def test_long_statements_stay_bounded_and_are_reset() -> None:
+    from poolguard._sqlprefilter import LONG_STATEMENT
+
+    rows = ", ".join(f"({i}, 'a value; with a semicolon')" for i in range(LONG_STATEMENT // 20))
+    bulk = f"INSERT INTO t (a, b) VALUES {rows}"
+    assert len(bulk) > LONG_STATEMENT
+    assert classify(bulk) == () and leaves_session_state(bulk)  # not read: reset on return
+    script = "SET statement_timeout = 0;\n" + bulk
+    assert [f.kind for f in classify(script)] == ["set"]  # a reported head: tokenized
+
+
+def _found_only_by_reading_calls(finding: Finding) -> bool:
+    """Findings the long-text check does not look for (documented in docs/settings.md)."""
+    if finding.kind in ("set_config", "advisory_lock", "advisory_unlock"):
+        return True
+    if finding.kind == "temp_object":
+        return finding.target == "SELECT INTO TEMP"
+    return finding.kind == "outside_transaction" and not (finding.target or "").startswith("SET")
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12))
+def test_long_text_check_finds_every_reported_statement(pieces: list[str]) -> None:
+    from poolguard._sqlprefilter import LONG_STATEMENT, long_needs_tokens
+    from poolguard._sqlstate_rules import _analyze_tokens
+
+    sql = " ".join(pieces) + " " * LONG_STATEMENT
+    if not long_needs_tokens(sql):
+        assert all(map(_found_only_by_reading_calls, _analyze_tokens(sql)[2])), sql

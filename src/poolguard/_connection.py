@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from operator import attrgetter
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -153,8 +153,33 @@ def needs_cleaning(conn: Tracked) -> bool:
 _RESET_SQL = b"DISCARD ALL"
 
 
-class GuardedCursor(psycopg.Cursor[Row]):
+# Every psycopg method that sends caller SQL is overridden below to pass it to pg_observe
+# first: execute, executemany, stream and copy (conn.execute and pipelines go through the
+# cursor's execute). A cursor_factory swapped for a class not derived from these is caught on
+# return (see _unobserved) and the session reset.
+
+
+class _ObservedStreamAndCopy:
+    """stream() and copy(): plain methods in psycopg's sync and async cursors alike (they return
+    an iterator and a context manager), so one definition serves both."""
+
+    def stream(self, query: Query, params: Params | None = None, **kwargs: Any) -> Any:
+        self._conn.pg_observe(query)  # type: ignore[attr-defined]
+        return super().stream(query, params, **kwargs)  # type: ignore[misc]
+
+    def copy(self, statement: Query, params: Params | None = None, **kwargs: Any) -> Any:
+        self._conn.pg_observe(statement)  # type: ignore[attr-defined]
+        return super().copy(statement, params, **kwargs)  # type: ignore[misc]
+
+
+class GuardedCursor(_ObservedStreamAndCopy, psycopg.Cursor[Row]):
     """psycopg's cursor, telling its connection what it runs."""
+
+    def executemany(
+        self, query: Query, params_seq: Iterable[Params], *, returning: bool = False
+    ) -> None:
+        self._conn.pg_observe(query)  # type: ignore[attr-defined]
+        return super().executemany(query, params_seq, returning=returning)
 
     def execute(
         self,
@@ -168,8 +193,14 @@ class GuardedCursor(psycopg.Cursor[Row]):
         return super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[arg-type, misc]
 
 
-class AsyncGuardedCursor(psycopg.AsyncCursor[Row]):
+class AsyncGuardedCursor(_ObservedStreamAndCopy, psycopg.AsyncCursor[Row]):
     """psycopg's async cursor, telling its connection what it runs."""
+
+    async def executemany(
+        self, query: Query, params_seq: Iterable[Params], *, returning: bool = False
+    ) -> None:
+        self._conn.pg_observe(query)  # type: ignore[attr-defined]
+        return await super().executemany(query, params_seq, returning=returning)
 
     async def execute(
         self,
@@ -239,6 +270,8 @@ class GuardedConnection(Tracked, psycopg.Connection[Any]):
 
     def pg_reset(self) -> None:
         for name, default in self._pg_client_changes():
+            if _unobserved(self, name):
+                self._pg_session_dirty = True
             # set_autocommit() and friends exist for the four transaction characteristics.
             setter = getattr(self, f"set_{name}", None)
             setter(default) if setter else setattr(self, name, default)
@@ -312,6 +345,8 @@ class AsyncGuardedConnection(Tracked, psycopg.AsyncConnection[Any]):
 
     async def pg_reset(self) -> None:
         for name, default in self._pg_client_changes():
+            if _unobserved(self, name):
+                self._pg_session_dirty = True
             # On AsyncConnection these four have awaitable setters and read-only properties.
             setter = getattr(self, f"set_{name}", None)
             await setter(default) if setter else setattr(self, name, default)
@@ -370,6 +405,22 @@ def release_slot(conn: Tracked) -> None:
 def mark_dirty(conn: Any) -> None:
     """Tell the pool that ``conn`` carries session state: it runs DISCARD ALL on return."""
     conn._pg_session_dirty = True
+
+
+_OBSERVED_CURSORS = (
+    GuardedCursor,
+    AsyncGuardedCursor,
+    GuardedServerCursor,
+    AsyncGuardedServerCursor,
+)
+
+
+def _unobserved(conn: Tracked, attribute: str) -> bool:
+    """Did the caller swap in a cursor class whose statements pg_observe never saw?"""
+    if attribute not in ("cursor_factory", "server_cursor_factory"):
+        return False
+    factory = getattr(conn, attribute)
+    return not (isinstance(factory, type) and issubclass(factory, _OBSERVED_CURSORS))
 
 
 class _Reclaimed:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import Final
 
 from ._findings import Finding, FindingKind
+from ._sqlnames import PLAIN_STATEMENTS, TRUSTED_CALLS
+from ._sqlprefilter import LONG_STATEMENT, clears, long_needs_tokens
 from ._sqltokens import (
     Token,
     UnterminatedError,
@@ -32,6 +34,7 @@ __all__ = [
     "CACHE_SIZE",
     "Analysis",
     "analyze",
+    "analyze_short",
     "classify",
     "leaves_session_state",
     "server_cursor_finding",
@@ -153,7 +156,7 @@ def _name_at(stmt: Sequence[Token], i: int) -> str | None:
 class _Statement:
     """One statement being classified; builds findings that share its index and snippet."""
 
-    __slots__ = ("findings", "index", "single", "sql", "tokens")
+    __slots__ = ("doubt", "findings", "index", "single", "sql", "tokens")
 
     def __init__(self, sql: str, tokens: list[Token], index: int, single: bool) -> None:
         self.sql = sql
@@ -163,6 +166,9 @@ class _Statement:
         # transaction-scoped statements in them take effect even in autocommit.
         self.single = single
         self.findings: list[Finding] = []
+        # Could not judge it (DO, CALL, a function not known to be harmless, an unknown
+        # statement): not reported by the guard, but the connection is reset on return.
+        self.doubt = False
 
     def add(
         self,
@@ -232,28 +238,40 @@ def _is_cte_name(stmt: Sequence[Token], open_paren: int) -> bool:
     return is_op(stmt, after, "(")
 
 
-def _is_call(stmt: Sequence[Token], i: int, creating: bool) -> bool:
-    """Is the word at `i` (followed by "(") the built-in function being called?"""
+_KNOWN_CALLS: Final = TRUSTED_CALLS | _CALLS_OF_INTEREST
+
+
+def _call_at(stmt: Sequence[Token], i: int, creating: bool) -> str | None:
+    """What the name at `i` (followed by "(") is: "builtin" (unqualified or pg_catalog's),
+    "qualified" (a function in another schema), or None (a table, column list, CTE...)."""
     prev = i - 1
+    schema = None
     if is_op(stmt, prev, "."):
-        # Only the built-in (pg_catalog) function counts; myschema.set_config is not it.
-        if prev < 1 or stmt[prev - 1].value != "pg_catalog":
-            return False
+        schema = stmt[prev - 1].value if prev >= 1 else ""
         prev -= 2
     before = word(stmt, prev) if prev >= 0 else ""
-    if before in _NOT_A_CALL_AFTER or (creating and before == "on"):
-        return False
-    return not _is_cte_name(stmt, i + 1)
+    if before in _NOT_A_CALL_AFTER or (creating and before == "on") or _is_cte_name(stmt, i + 1):
+        return None
+    if before == "as" and schema is None:  # AS alias(a, b), CAST(x AS numeric(10, 2))
+        return None
+    return "builtin" if schema in (None, "pg_catalog") else "qualified"
 
 
 def _classify_calls(st: _Statement, creating: bool) -> None:
     stmt = st.tokens
     for i, tok in enumerate(stmt):
-        if tok.kind not in ("word", "ident") or tok.value not in _CALLS_OF_INTEREST:
-            continue
-        if not is_op(stmt, i + 1, "(") or not _is_call(stmt, i, creating):
+        if tok.kind not in ("word", "ident") or not is_op(stmt, i + 1, "("):
             continue
         name = tok.value
+        call = _call_at(stmt, i, creating)
+        if call is None:
+            continue
+        if call == "qualified" or name not in _KNOWN_CALLS:
+            # myschema.set_config is not the built-in; a user function may do anything.
+            st.doubt = True
+            continue
+        if name not in _CALLS_OF_INTEREST:
+            continue
         if name == "set_config":
             _classify_set_config(st, _call_arguments(stmt, i + 1))
         elif name in _SESSION_ADVISORY_LOCKS:
@@ -267,8 +285,8 @@ def _classify_calls(st: _Statement, creating: bool) -> None:
 
 
 def _classify_set_config(st: _Statement, args: list[list[Token]]) -> None:
-    # Two arguments is an error the server reports itself; a non-literal is_local (a query
-    # parameter) cannot be judged here, so neither is flagged.
+    # Two arguments is an error the server reports itself. A non-literal is_local (a query
+    # parameter) cannot be judged, so the guard says nothing but the connection is reset.
     if len(args) != 3:
         return
     is_local = _literal(args[2])
@@ -277,6 +295,8 @@ def _classify_set_config(st: _Statement, args: list[list[Token]]) -> None:
         st.add("set_config", setting, leaves=True, breaks=setting not in _POOLER_TRACKED)
     elif is_local in _TRUE_LITERALS:
         st.add("outside_transaction", "set_config(..., true)", leaves=False, outside_only=True)
+    else:
+        st.doubt = True
 
 
 def _select_into_temp(stmt: Sequence[Token]) -> bool:
@@ -330,6 +350,8 @@ def _classify_statement(st: _Statement) -> None:
         pass  # plain EXPLAIN plans the query without running it
     else:
         calls_run = True
+        if first not in PLAIN_STATEMENTS:
+            st.doubt = True  # DO, CALL, LOAD, or a statement these rules do not know
         if first == "create":
             calls_run = _classify_create(st)
         elif first in ("select", "with") and _select_into_temp(stmt):
@@ -343,24 +365,53 @@ def _classify_statement(st: _Statement) -> None:
 Analysis = tuple[tuple[Finding, ...], tuple[Finding, ...], tuple[Finding, ...], bool]
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
+_NOTHING: Final[Analysis] = ((), (), (), False)
+# A long text that only the cheap checks looked at: nothing to report, reset on return.
+_UNREAD: Final[Analysis] = ((), (), (), True)
+
+
 def analyze(sql: str | bytes) -> Analysis:
+    """The analysis of `sql`; costs a dictionary lookup once seen, and stays bounded for long
+    texts (see _sqlprefilter)."""
+    if len(sql) <= LONG_STATEMENT:
+        return analyze_short(sql)
     text = sql.decode("utf-8", "replace") if isinstance(sql, bytes) else sql
+    return _analyze_long(text) if long_needs_tokens(text) else _UNREAD
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def analyze_short(sql: str | bytes) -> Analysis:
+    text = sql.decode("utf-8", "replace") if isinstance(sql, bytes) else sql
+    return _NOTHING if clears(text) else _analyze_tokens(text)
+
+
+# Long texts that must be tokenized (a migration script starting with SET...) are few and
+# costly, so a handful are remembered.
+@functools.lru_cache(maxsize=16)
+def _analyze_long(text: str) -> Analysis:
+    return _analyze_tokens(text)
+
+
+def _analyze_tokens(text: str) -> Analysis:
     try:
         statements = split_statements(list(tokenize(text)))
     except UnterminatedError:
-        # The server will reject it with a syntax error; nothing runs, nothing to flag.
-        return (), (), (), False
+        # The server rejects it with a syntax error, so there is nothing to report; unless a
+        # backslash means its string syntax differs from ours (standard_conforming_strings
+        # off): then the connection is reset in case it ran after all.
+        return (), (), (), "\\" in text
     single = len(statements) == 1
     found: list[Finding] = []
+    doubt = False
     for index, tokens in enumerate(statements):
         st = _Statement(text, tokens, index, single)
         _classify_statement(st)
         found += st.findings
+        doubt = doubt or st.doubt
     findings = tuple(found)
     breaking = tuple(f for f in findings if f.breaks_transaction_pooling)
     inside = tuple(f for f in breaking if not f.outside_transaction_only)
-    leaves = any(f.leaves_session_state for f in findings)
+    leaves = doubt or any(f.leaves_session_state for f in findings)
     return inside, breaking, findings, leaves
 
 
@@ -376,7 +427,8 @@ def classify(sql: str | bytes) -> tuple[Finding, ...]:
 
 
 def leaves_session_state(sql: str | bytes) -> bool:
-    """Would a connection that ran `sql` carry session state back into a pool?"""
+    """Would a connection that ran `sql` carry session state back into a pool, or can the
+    rules not tell (DO, CALL, a function not known to be harmless)? Either way: reset it."""
     return analyze(sql)[3]
 
 
