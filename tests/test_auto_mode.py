@@ -115,7 +115,7 @@ def test_auto_mode_picks_the_route_and_prepares_only_where_safe(
 def test_the_async_twin_decides_and_switches_too(
     postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    poolguard.configure(postgres_server.dsn, name="twin", mode="auto", max_size=1)
+    poolguard.configure(postgres_server.dsn, name="twin", mode="auto", max_size=2)
 
     async def main() -> tuple[str, str]:
         pool = poolguard.get_async_pool("twin")
@@ -131,6 +131,12 @@ def test_the_async_twin_decides_and_switches_too(
 
     assert asyncio.run(main()) == ("session", "transaction")
     assert len(_switch_warnings(caplog)) == 1
+    # One path per name: the sync pool of the name switched with its twin.
+    assert poolguard.get_pool("twin").effective_mode == "transaction"
+    with poolguard.connection("twin") as conn:
+        assert conn.prepare_threshold is None
+    shown = poolguard.stats("twin")["poolguard.mode"]
+    assert (shown["mode"], shown["path"], shown["switched"]) == ("transaction", "transaction", True)
 
 
 def test_auto_mode_keeps_an_explicit_prepare_threshold(postgres_server: PostgresServer) -> None:
