@@ -19,6 +19,7 @@ from psycopg.conninfo import make_conninfo
 
 import poolguard
 from poolguard import ConfigurationError
+from poolguard._route import find_route
 from poolguard._settings import build_settings
 from poolguard.testing import PgBouncerServer, PostgresServer, start_pgbouncer
 
@@ -35,6 +36,28 @@ def session_bouncer(postgres_server: PostgresServer) -> Iterator[PgBouncerServer
         yield bouncer
     finally:
         bouncer.stop()
+
+
+def _route(dsn: str) -> tuple[str, str]:
+    with psycopg.connect(dsn) as conn:
+        route = find_route(conn, dsn)
+    return route.path, route.mode
+
+
+def test_find_route_postgres_itself_is_direct(postgres_server: PostgresServer) -> None:
+    assert _route(postgres_server.dsn) == ("direct", "session")
+
+
+def test_find_route_pgbouncer_in_session_mode_keeps_prepared_statements(
+    session_bouncer: PgBouncerServer,
+) -> None:
+    assert _route(session_bouncer.dsn) == ("session", "session")
+
+
+def test_find_route_pgbouncer_in_transaction_mode_is_a_transaction_pooler(
+    pgbouncer_server: PgBouncerServer,
+) -> None:
+    assert _route(pgbouncer_server.dsn) == ("transaction", "transaction")
 
 
 def test_auto_mode_settings() -> None:
