@@ -340,6 +340,14 @@ def test_pgbouncer_appearing_under_a_running_pool(
         assert pool.effective_mode == "transaction"
         assert pool.route is not None and "announced backend pid" in pool.route.evidence[0]
         assert len(_switch_warnings(caplog)) == 1
+        others = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.WARNING
+            and r.name.startswith("poolguard")
+            and "switched to transaction mode" not in r.getMessage()
+        ]
+        assert len(others) <= failed, others  # only the broken in-flight connection's discard
         assert _prepared_in_one_transaction("moved") == []
     finally:
         poolguard.reset()
