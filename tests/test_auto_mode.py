@@ -25,8 +25,12 @@ from poolguard.testing import PgBouncerServer, PostgresServer, start_pgbouncer
 
 pytestmark = pytest.mark.pgbouncer
 
-LOOKUP = "SELECT %s::int + 1"
-PREPARED = "SELECT name FROM pg_catalog.pg_prepared_statements WHERE name LIKE '\\_pg3\\_%'"
+LOOKUP = "SELECT %s::int + 1 AS auto_mode_lookup"
+# A transaction pooler's server sessions may carry other clients' statements: only ours count.
+PREPARED = (
+    "SELECT name FROM pg_catalog.pg_prepared_statements "
+    "WHERE statement LIKE '%auto_mode_lookup%'"
+)
 
 
 @pytest.fixture(scope="module")
