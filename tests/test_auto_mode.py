@@ -28,8 +28,7 @@ pytestmark = pytest.mark.pgbouncer
 LOOKUP = "SELECT %s::int + 1 AS auto_mode_lookup"
 # A transaction pooler's server sessions may carry other clients' statements: only ours count.
 PREPARED = (
-    "SELECT name FROM pg_catalog.pg_prepared_statements "
-    "WHERE statement LIKE '%auto_mode_lookup%'"
+    "SELECT name FROM pg_catalog.pg_prepared_statements WHERE statement LIKE '%auto_mode_lookup%'"
 )
 
 
