@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 import psycopg
-from _common import database
+from _common import database, has_rows
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "before: transaction mode, client-side": {
@@ -44,11 +44,8 @@ BASELINE, NOW = "before: transaction mode, client-side", "now: transaction mode"
 
 def _load(dsn: str, rows: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        exists = conn.execute("SELECT to_regclass('bench_rows') IS NOT NULL").fetchone()
-        if exists and exists[0]:
-            have = conn.execute("SELECT count(*) FROM bench_rows").fetchone()
-            if have and have[0] == rows:
-                return
+        if has_rows(conn, "bench_rows", rows):
+            return
         conn.execute("DROP TABLE IF EXISTS bench_rows")
         conn.execute("CREATE TABLE bench_rows (id int PRIMARY KEY, name text, amount int)")
         conn.execute(

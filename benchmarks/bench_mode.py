@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from _common import database, parse_args, per_op
+from _common import database, has_rows, parse_args, per_op
 
 import poolguard
 
@@ -45,11 +45,8 @@ TPCB = (
 def _load(dsn: str, scale: int) -> None:
     """pgbench's four tables, filled server-side (generate_series), the same shape as pgbench -i."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT to_regclass('pgbench_accounts') IS NOT NULL").fetchone()
-        if row and row[0]:
-            have = conn.execute("SELECT count(*) FROM pgbench_branches").fetchone()
-            if have and have[0] == scale:
-                return
+        if has_rows(conn, "pgbench_accounts", scale * 100_000):
+            return
         for table in ("pgbench_history", "pgbench_tellers", "pgbench_accounts", "pgbench_branches"):
             conn.execute(f"DROP TABLE IF EXISTS {table}")
         conn.execute(
