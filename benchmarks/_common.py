@@ -6,6 +6,9 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from typing import Any
+
+import psycopg
 
 from poolguard.testing import PostgresServer, start_postgres
 
@@ -32,3 +35,12 @@ def per_op(fn: Callable[[], None], ops: int) -> float:
     for _ in range(ops):
         fn()
     return (time.perf_counter() - started) / ops
+
+
+def has_rows(conn: psycopg.Connection[Any], table: str, rows: int) -> bool:
+    """Whether ``table`` exists with exactly ``rows`` rows (a benchmark's data, loaded before)."""
+    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+    if not (exists and exists[0]):
+        return False
+    have = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return bool(have and have[0] == rows)

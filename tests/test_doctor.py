@@ -37,6 +37,7 @@ def test_direct_postgres(postgres_server: PostgresServer) -> None:
         "prepared_statements": "safe",
         "evidence": [],
     }
+    assert report["auto_mode"] == {"path": "direct", "mode": "session"}
     budget = report["budget"]
     assert budget["max_connections"] == 100
     assert budget["processes"] == 4
@@ -52,6 +53,7 @@ def test_human_output(postgres_server: PostgresServer) -> None:
     assert run_doctor(postgres_server.url, processes=2, out=out) == EXIT_OK
     text = out.getvalue()
     assert "Pooler: direct" in text
+    assert "mode='auto' would run in session mode (path: direct)" in text
     assert "max_connections 100 - superuser_reserved_connections 3" in text
     assert "max_size 4 x processes 2 = 8 <= usable" in text
     assert "node-postgres" in text
@@ -105,6 +107,7 @@ def test_pgbouncer_transaction_mode_is_detected(pgbouncer_server: PgBouncerServe
     assert pooler["proxied"] is True
     assert pooler["prepared_statements"] == "unsafe"
     assert any("SQLSTATE 26000" in e for e in pooler["evidence"])
+    assert report["auto_mode"] == {"path": "transaction", "mode": "transaction"}
     assert any("prepared statements break" in w for w in report["warnings"])
     assert "prepare_threshold': None" in report["settings"]["psycopg"]
     assert "statement_cache_size=0" in report["settings"]["asyncpg"]
@@ -142,6 +145,8 @@ def test_other_pooler_modes_are_detected(
     assert report["pooler"]["mode"] == mode
     assert report["pooler"]["proxied"] is True
     assert report["pooler"]["prepared_statements"] == prepared
+    assert report["auto_mode"]["path"] == mode
+    assert report["auto_mode"]["mode"] == ("session" if mode == "session" else "transaction")
     if default_pool_size == 1:
         assert (
             "a client waited for another client's transaction to end"

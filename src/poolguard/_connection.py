@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from operator import attrgetter
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 import psycopg_pool
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from ._metrics import PoolMetrics
+    from ._route import RouteState
     from ._slots import Member, Slots
 
 # What a caller may change on the client side; restored on return when it differs.
@@ -45,6 +46,7 @@ _CLIENT_ATTRS = (
     "server_cursor_factory",
 )
 _IDLE = TransactionStatus.IDLE
+_PREPARE_THRESHOLD_AT = _CLIENT_ATTRS.index("prepare_threshold")
 # One C-level call that reads them all: it runs on every return.
 _read_client_state = attrgetter(*_CLIENT_ATTRS)
 
@@ -72,6 +74,9 @@ class Tracked:
         slots, self._pg_slots = self._pg_slots, None
         if slots is not None:
             slots.give()
+
+    #: The pool's mode now, shared by its connections (see _route.RouteState).
+    pg_routes: RouteState | None = None
 
     def _pg_client_state(self) -> tuple[Any, ...]:
         return _read_client_state(self)
@@ -114,6 +119,16 @@ class Tracked:
         return not self.autocommit or (  # type: ignore[attr-defined]
             self.pgconn.transaction_status != _IDLE  # type: ignore[attr-defined]
         )
+
+    def pg_demote(self) -> None:
+        """Transaction mode from now on (the pool switched): no more prepared statements, and
+        the guard; its psycopg-prepared statements are never used again."""
+        cast(Any, self).prepare_threshold = None  # psycopg's attribute, not Tracked's
+        defaults = list(self._pg_client_defaults)
+        defaults[_PREPARE_THRESHOLD_AT] = None  # what a return restores
+        self._pg_client_defaults = tuple(defaults)
+        routes = self.pg_routes
+        self._pg_guard = routes.guard if routes is not None else None
 
     def pg_needs_reset(self) -> bool:
         return self._pg_session_dirty or self._pg_client_state() != self._pg_client_defaults

@@ -33,6 +33,7 @@ from ._cli_help import DefaultsHelpFormatter
 from ._errors import ConfigurationError
 from ._pgbouncer import PgBouncerState, read_pgbouncer
 from ._probe import APPLICATION_NAME, PoolerProbe, probe_pooler
+from ._route import route_from_probe
 from ._settings import TRUE_WORDS, Settings, parse_dsn, redact_conninfo, redact_text
 from ._sqltokens import mask_literals
 
@@ -225,6 +226,8 @@ def diagnose(
             warnings.append(f"could not list sessions idle in transaction: {error_reason(exc)}")
 
     report["pooler"] = asdict(probe)
+    route = route_from_probe(probe)
+    report["auto_mode"] = {"path": route.path, "mode": route.mode}
     report["pgbouncer"] = bouncer.as_dict() if bouncer else None
     report["budget"] = budget.as_dict() if budget else None
     report["fleet"] = _fleet(budget)
@@ -481,6 +484,8 @@ def render_text(report: dict[str, Any]) -> str:
     lines += ["", f"Pooler: {pooler['mode']}" + (" (proxied)" if pooler["proxied"] else "")]
     lines += [f"  - {e}" for e in pooler["evidence"]]
     lines.append(f"  prepared statements: {pooler['prepared_statements']}")
+    auto = report["auto_mode"]
+    lines.append(f"  mode='auto' would run in {auto['mode']} mode (path: {auto['path']})")
     bouncer = report.get("pgbouncer")
     if bouncer:
         lines.append(

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Generator, Mapping
 from time import monotonic
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import psycopg
 import psycopg_pool
@@ -37,6 +37,15 @@ from ._ledger import TAKEN_AT, Checkout, Ledger, caller_site
 from ._metrics import PoolMetrics
 from ._outage import RETRY_CAP, Outage
 from ._redact import redact_text
+from ._retry import AsyncRetryingCursor, RetryingCursor
+from ._route import (
+    DIRECT_CHECK_SQL,
+    Route,
+    RouteState,
+    announced_elsewhere,
+    find_route,
+    rewriter_route,
+)
 from ._settings import Settings
 from ._slots import Slots
 from ._startup import options_rejected, startup_options
@@ -72,6 +81,7 @@ class PoolCore:
         *,
         slots: Slots | None = None,
         target: Callable[[Settings], str] | None = None,
+        routes: RouteState | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.name
@@ -87,12 +97,28 @@ class PoolCore:
         self._fresh_state()
         self._full = Backoff(self.name, settings.max_size)
         self._outage = Outage()
-        self._guard = (
-            SessionStateGuard(settings.guard)
-            if settings.mode == "transaction" and settings.guard != "off"
-            else None
-        )
+        #: The mode connections run in now, shared by the flavors of a name (mode="auto"
+        #: decides it at open; see _route.py).
+        self.routes = routes if routes is not None else RouteState(settings.name, settings.mode)
+        if self.routes.guard is None and settings.guard != "off":
+            self.routes.guard = SessionStateGuard(settings.guard)
         _all_pools.add(self)
+
+    @property
+    def route(self) -> Route | None:
+        """What mode="auto" found the path to PostgreSQL to be, and why (else None)."""
+        return self.routes.route
+
+    @property
+    def effective_mode(self) -> str:
+        """The mode the pool's connections use now, "session" or "transaction".  Adapters
+        read it (server-side cursors, statement caches) rather than ``settings.mode``."""
+        return self.routes.mode
+
+    @property
+    def _guard(self) -> SessionStateGuard | None:
+        guard: SessionStateGuard | None = self.routes.guard
+        return guard if self.routes.mode == "transaction" else None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("open" if self._inner_pool() else "not opened")
@@ -180,6 +206,7 @@ class PoolCore:
             # (see _server_full); it never reaches libpq.
             "kwargs": {
                 **self._connect_args(),
+                **self._cursor_args(),
                 **self.connect_kwargs,
                 "_pg_on_refused": on_refused,
                 "_pg_slot": (self.slots, self),
@@ -201,7 +228,18 @@ class PoolCore:
     def _connect_args(self) -> dict[str, Any]:
         if self._startup is None:
             self._startup = startup_options(self.settings)
-        return {**self.settings.connection_kwargs(), **self._startup}
+        args = {**self.settings.connection_kwargs(), **self._startup}
+        if self.routes.auto and self.routes.mode == "transaction":
+            args["prepare_threshold"] = None  # undecided, or a pooler: no prepared statements
+        return args
+
+    #: The cursor class of a pool whose connections may prepare statements (see _retry.py).
+    _retrying_cursor: type = RetryingCursor
+
+    def _cursor_args(self) -> dict[str, Any]:
+        if self.settings.prepare_threshold is None:
+            return {}
+        return {"cursor_factory": self._retrying_cursor}
 
     def _options_refused(self, exc: Exception) -> bool:
         """The probe met a pooler that rejects ``options``: go on without it (docs/leaks.md)."""
@@ -276,6 +314,8 @@ class PoolCore:
                 )
                 if budget is not None:  # kept to name the limit if the server refuses later
                     self._full.limits = budget.limits
+                if self.routes.auto:
+                    self.routes.decided(self._find_route(conn))
         finally:
             conn.close()
             self.slots.give()
@@ -316,11 +356,40 @@ class PoolCore:
             "(the server was full or did not answer)"
         )
 
-    def _on_connect(self, conn: Tracked) -> None:
+    def _find_route(self, conn: psycopg.Connection[Any]) -> Route:
+        if self.settings.rewriter:
+            return rewriter_route()
+        try:
+            return find_route(conn, self._target_conninfo())
+        except psycopg.Error as exc:
+            return Route("unknown", (f"the probe failed ({type(exc).__name__}): assumed a pooler",))
+
+    def _direct_check_due(self) -> bool:
+        """Each new connection of an auto pool that found PostgreSQL itself is checked."""
+        route = self.routes.route
+        return route is not None and route.path == "direct" and self.routes.mode == "session"
+
+    def _checked_direct(self, conn: Tracked, server_pid: object) -> None:
+        announced = conn.pgconn.backend_pid  # type: ignore[attr-defined]
+        if announced_elsewhere(announced, server_pid):
+            self.routes.switch(
+                f"a new connection announced backend pid {announced} but the server process "
+                f"is {server_pid}: a pooler now answers at {self.settings.target}"
+            )
+
+    def _attach(self, conn: Tracked) -> None:
+        if self.routes.switched:
+            cast(Any, conn).prepare_threshold = None
+        conn.pg_routes = self.routes
         conn.pg_attach(self, self.metrics, self._guard)
         self._full.connected()
         if (down := self._outage.connected(monotonic())) is not None:
             logger.info("pool %r: connected again after %.1f s", self.name, down)
+
+    def _demote(self, conn: Tracked) -> None:
+        """The first checkout of a connection since the pool switched to transaction mode."""
+        if cast(Any, conn).prepare_threshold is not None:
+            conn.pg_demote()
 
     def _record_checkout(self, conn: Tracked, started: float, depth: int, owner: int) -> None:
         now = monotonic()
@@ -527,6 +596,7 @@ class PoolCore:
             pending=self._pending(raw),
         )
         snapshot["poolguard.connection.capped"] = self._full.caps
+        snapshot["poolguard.mode"] = self.routes.as_dict()
         return snapshot
 
     def checkouts(self) -> list[Checkout]:
@@ -694,6 +764,17 @@ class GuardedPool(PoolCore):
             inner.resize(self.settings.min_size, self.settings.max_size)
         return True
 
+    def _on_connect(self, conn: GuardedConnection) -> None:
+        if self._direct_check_due():
+            autocommit = conn.autocommit
+            conn.autocommit = True  # no BEGIN: one round trip, the connection left idle
+            try:
+                row = psycopg.Cursor(conn).execute(DIRECT_CHECK_SQL, prepare=False).fetchone()
+            finally:
+                conn.autocommit = autocommit
+            self._checked_direct(conn, row[0] if row else None)
+        self._attach(conn)
+
     def connection(self, timeout: float | None = None) -> CheckoutBlock:
         """``with pool.connection() as conn:`` commits on success and rolls back on error."""
         return CheckoutBlock(self, timeout)
@@ -705,6 +786,8 @@ class GuardedPool(PoolCore):
             conn = self._ready.pop()
         except IndexError:
             conn = self._from_inner(timeout)
+        if self.routes.switched:
+            self._demote(conn)
         self._record_checkout(conn, started, _depth + 1, threading.get_ident())
         return conn
 
@@ -955,8 +1038,19 @@ class AsyncGuardedPool(PoolCore):
             await inner.resize(self.settings.min_size, self.settings.max_size)
         return True
 
+    _retrying_cursor = AsyncRetryingCursor
+
     async def _on_connect_async(self, conn: AsyncGuardedConnection) -> None:
-        self._on_connect(conn)
+        if self._direct_check_due():
+            autocommit = conn.autocommit
+            await conn.set_autocommit(True)
+            try:
+                cur = await psycopg.AsyncCursor(conn).execute(DIRECT_CHECK_SQL, prepare=False)
+                row = await cur.fetchone()
+            finally:
+                await conn.set_autocommit(autocommit)
+            self._checked_direct(conn, row[0] if row else None)
+        self._attach(conn)
 
     def connection(self, timeout: float | None = None) -> AsyncCheckoutBlock:
         """``async with pool.connection() as conn:`` commits on success, rolls back on error."""
@@ -975,6 +1069,8 @@ class AsyncGuardedPool(PoolCore):
         except psycopg_pool.PoolTimeout:
             pending = inner.get_stats().get("requests_waiting", 0)
             raise self._timed_out(self._timeout(timeout), pending) from None
+        if self.routes.switched:
+            self._demote(conn)
         self._record_checkout(conn, started, _depth + 1, id(asyncio.current_task()))
         return conn
 

@@ -34,7 +34,7 @@ from typing import Any, Final
 import psycopg
 from psycopg.pq import DiagnosticField, ExecStatus
 
-__all__ = ["APPLICATION_NAME", "PoolerProbe", "probe_pooler"]
+__all__ = ["APPLICATION_NAME", "PoolerProbe", "probe_first_hop", "probe_pooler"]
 
 #: The probe's (and the doctor's) sessions show under this name in pg_stat_activity.
 APPLICATION_NAME: Final = "poolguard doctor"
@@ -99,7 +99,7 @@ def probe_pooler(conninfo: str, *, rounds: int = _PROBE_ROUNDS) -> PoolerProbe:
     probe = PoolerProbe()
     kwargs: dict[str, Any] = {"application_name": APPLICATION_NAME, "prepare_threshold": None}
     with psycopg.connect(conninfo, autocommit=True, **kwargs) as conn_a:
-        _probe_proxy(conn_a, probe)
+        probe_first_hop(conn_a, probe)
         a = _ProbeClient(conn_a)
         a.prepare()
         with psycopg.connect(conninfo, autocommit=False, **kwargs) as conn_b:
@@ -114,7 +114,8 @@ def probe_pooler(conninfo: str, *, rounds: int = _PROBE_ROUNDS) -> PoolerProbe:
     return probe
 
 
-def _probe_proxy(conn: psycopg.Connection[Any], probe: PoolerProbe) -> None:
+def probe_first_hop(conn: psycopg.Connection[Any], probe: PoolerProbe) -> None:
+    """Step 1 on an open connection: does something other than PostgreSQL answer it?"""
     row = conn.execute(
         "SELECT pg_catalog.pg_backend_pid(), pg_catalog.inet_server_port()", prepare=False
     ).fetchone()

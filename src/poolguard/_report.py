@@ -69,12 +69,15 @@ class Report:
     """Every connection checked out right now, oldest first."""
 
     checkouts: tuple[CheckoutReport, ...]
+    #: Pools with mode="auto": (name, the mode they use now and why, as in stats()).
+    modes: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     def __str__(self) -> str:
+        modes = [_mode_line(name, mode) for name, mode in self.modes]
         if not self.checkouts:
-            return "poolguard: no connection is checked out"
+            return "\n".join(["poolguard: no connection is checked out", *modes])
         head = f"poolguard: {len(self.checkouts)} connection(s) checked out"
-        return "\n".join([head, *(str(c) for c in self.checkouts)])
+        return "\n".join([head, *modes, *(str(c) for c in self.checkouts)])
 
     def __iter__(self) -> Iterator[CheckoutReport]:
         return iter(self.checkouts)
@@ -84,7 +87,19 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (JSON-serializable): {"checkouts": [{...}, ...]}."""
-        return {"checkouts": [asdict(c) for c in self.checkouts]}
+        found = {"checkouts": [asdict(c) for c in self.checkouts]}
+        if self.modes:
+            found["modes"] = dict(self.modes)  # type: ignore[assignment]
+        return found
+
+
+def _mode_line(name: str, mode: dict[str, Any]) -> str:
+    switched = ", switched at run time" if mode["switched"] else ""
+    why = "; ".join(mode["evidence"]) or "not probed yet"
+    return (
+        f"pool {name!r}: mode='auto' uses {mode['mode']} mode{switched}: the path is "
+        f"{mode['path'] or 'unknown'} ({why})"
+    )
 
 
 def _pools(name: str | None) -> list[PoolCore]:
@@ -128,9 +143,12 @@ def report(name: str | None = None, *, server: bool = False) -> Report:
     ``server=True`` adds what pg_stat_activity says about each backend (one short connection).
     """
     found: list[CheckoutReport] = []
+    modes: dict[str, dict[str, Any]] = {}
     for pool in _pools(name):
         found += describe(pool, pool.ledger.records(), server=server)
-    return Report(tuple(sorted(found, key=lambda c: -c.age)))
+        if pool.routes.auto:  # the flavors of a name share one
+            modes[pool.name] = pool.routes.as_dict()
+    return Report(tuple(sorted(found, key=lambda c: -c.age)), tuple(modes.items()))
 
 
 def report_on_signal(signum: int = signal.SIGUSR1, file: IO[str] | None = None) -> Any:

@@ -23,7 +23,7 @@ from ._errors import ConfigurationError
 from ._redact import redact_conninfo as redact_conninfo
 from ._redact import redact_text as redact_text
 
-Mode = Literal["transaction", "session"]
+Mode = Literal["transaction", "session", "auto"]
 GuardAction = Literal["warn", "raise", "off"]
 BudgetAction = Literal["warn", "raise", "off"]
 
@@ -42,6 +42,8 @@ ENV_VARIABLES = frozenset(
 )
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 TRUE_WORDS = {"1", "true", "yes", "on"}
+# psycopg's default prepare_threshold: prepare a statement on its 5th execution.
+_PSYCOPG_PREPARE_THRESHOLD = 5
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -74,7 +76,9 @@ class Settings:
     #: Shown in pg_stat_activity; defaults to "poolguard:<name>".
     application_name: str = ""
     #: "transaction": safe behind PgBouncer in transaction mode (default); "session": direct
-    #: to PostgreSQL or a session pooler.
+    #: to PostgreSQL or a session pooler; "auto": found at open by probing the path (see
+    #: docs/settings.md for why it is not the default), switched to "transaction" if a pooler
+    #: appears later.
     mode: Mode = "transaction"
     #: What to do with SQL that leaves session state behind in transaction mode.
     guard: GuardAction = "warn"
@@ -198,9 +202,12 @@ def build_settings(
     if hints.get("pgbouncer") in TRUE_WORDS:
         merged["mode"] = "transaction"
     merged.update(options)
-    if merged.get("rewriter") and "prepare_threshold" not in merged:
-        # The point of the rewriter: psycopg's own default (prepare on the 5th execution).
-        merged["prepare_threshold"] = 5
+    if (merged.get("rewriter") or merged.get("mode") == "auto") and (
+        "prepare_threshold" not in merged
+    ):
+        # The point of the rewriter and of mode="auto": psycopg's own default (prepare on the
+        # 5th execution); an auto pool that finds a transaction pooler uses None instead.
+        merged["prepare_threshold"] = _PSYCOPG_PREPARE_THRESHOLD
     direct = (
         merged.pop("direct_dsn", None)
         or env.get("POOLGUARD_DIRECT_DSN")
@@ -347,7 +354,11 @@ def _validate(s: Settings) -> None:
         "prepare_threshold",
         "None (no prepared statements) or an integer >= 0",
     )
-    check(s.mode in ("transaction", "session"), "mode", "'transaction' or 'session'")
+    check(
+        s.mode in ("transaction", "session", "auto"),
+        "mode",
+        "'transaction', 'session' or 'auto' (probe the path at open)",
+    )
     check(s.guard in ("warn", "raise", "off"), "guard", "'warn', 'raise' or 'off'")
     check(isinstance(s.health_check, bool), "health_check", "True or False")
     check(
@@ -381,5 +392,6 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError(
             f"prepare_threshold={s.prepare_threshold} for pool {s.name!r} needs mode='session': "
             "server-side prepared statements break behind a transaction-mode pooler "
-            "(use mode='session' when connecting directly to PostgreSQL, or rewriter=True)"
+            "(use mode='session' when connecting directly to PostgreSQL, mode='auto' to let "
+            "poolguard find out, or rewriter=True)"
         )

@@ -107,19 +107,23 @@ def get_pool(name: str = "default") -> GuardedPool:
 def flavor(name: str, kind: str, build: Callable[..., P]) -> P:
     """Find or create the pool of flavor ``kind`` for ``name``.
 
-    ``build(settings, slots=..., target=...)`` makes it, from the settings of the pool
+    ``build(settings, slots=..., target=..., routes=...)`` makes it, from the settings of the pool
     configured under ``name`` and with the name's budget; a closed one, or one built from
     settings that were replaced since, is built again.
     """
     key = (name, kind)
     pool = _flavors.get(key)
-    settings = get_pool(name).settings
+    configured = get_pool(name)
+    settings = configured.settings
     if pool is not None and not pool.closed and pool.settings is settings:
         return pool  # type: ignore[return-value]
     with _lock:
         pool = _flavors.get(key)
         if pool is None or pool.closed or pool.settings is not settings:
-            pool = _flavors[key] = build(settings, slots=_budget(settings), target=_target)
+            # One path to the server per name: the flavors share what mode="auto" found.
+            pool = _flavors[key] = build(
+                settings, slots=_budget(settings), target=_target, routes=configured.routes
+            )
             _watchdog.watch(pool)
         return pool  # type: ignore[return-value]
 

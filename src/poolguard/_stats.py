@@ -15,6 +15,7 @@ _SHARED = (
     "db.client.connection.pool.name",
     "db.client.connection.max",
     "db.client.connection.idle.min",
+    "poolguard.mode",  # one decision per name, shared by its flavors
 )
 
 

@@ -168,6 +168,7 @@ def test_server_side_cursors_follow_the_mode_and_settings_stay_as_written(
     assert declared("transaction", atomic=False) == []
     assert len(declared("transaction", atomic=True)) == 1
     assert len(declared("session", atomic=False)) == 1
+    assert len(declared("auto", atomic=False)) == 1  # PostgreSQL itself: session mode
     assert declared("transaction", atomic=False) == []
     settings["OPTIONS"]["poolguard"]["mode"] = "transaction"
     assert repr(settings) == written

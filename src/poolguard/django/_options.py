@@ -96,7 +96,7 @@ def resolve(
             f"{where}: {redact_text(str(exc), settings_dict, params)}"
         ) from None
     role = options.get("assume_role") or None
-    if role and settings.mode == "transaction":
+    if role and settings.mode != "session":  # mode="auto" may find a transaction pooler
         raise ImproperlyConfigured(
             f"{where}['assume_role'] needs {where}['poolguard']['mode'] = 'session': SET ROLE "
             "is session state that a transaction-mode pooler does not carry between transactions"

@@ -310,17 +310,17 @@ class DatabaseWrapper(pg.DatabaseWrapper):  # type: ignore[misc]
 
     @async_unsafe  # type: ignore[untyped-decorator]
     def chunked_cursor(self) -> Any:
-        # Derived from the mode on every call, never written into settings_dict (which Django
-        # shares between every wrapper of the alias and keeps when the mode changes back).
+        # Derived from the pool's effective mode on every call (mode="auto" decides it when
+        # the pool opens and may switch it later), never written into settings_dict (which
+        # Django shares between every wrapper of the alias and keeps when the mode changes).
         # Behind a transaction pooler a server-side cursor may only live inside one
         # transaction: outside atomic() Django declares it WITH HOLD, and the next FETCH may
         # reach another server session.  A client-side cursor reads the same rows.
-        if (
-            self.alias != NO_DB_ALIAS
-            and not self.in_atomic_block
-            and self._pg_resolved().settings.mode == "transaction"
-        ):
-            return self.cursor()
+        if self.alias != NO_DB_ALIAS and not self.in_atomic_block:
+            self.ensure_connection()  # an auto pool finds its mode as it opens
+            pool = self._pg_source
+            if pool is not None and pool.effective_mode == "transaction":
+                return self.cursor()
         return super().chunked_cursor()
 
 

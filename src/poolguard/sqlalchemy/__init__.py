@@ -111,8 +111,9 @@ def create_async_engine(
     settings = pool.settings
     asyncpg = sa_url.get_driver_name() == "asyncpg"
     if asyncpg:
-        asyncpg_pool(name)  # the DSN must suit asyncpg: fail now rather than on first use
-        adapter_kwargs = _asyncpg_adapter_args(kw, settings, prepared_statements)
+        # The DSN must suit asyncpg: fail now rather than on first use.
+        mode = asyncpg_pool(name).effective_mode
+        adapter_kwargs = _asyncpg_adapter_args(kw, settings, prepared_statements, mode)
     else:
         if prepared_statements is not None:
             raise ConfigurationError(
@@ -277,7 +278,7 @@ def _check_psycopg_args(kw: dict[str, Any], settings: Settings) -> None:
 
 
 def _asyncpg_adapter_args(
-    kw: dict[str, Any], settings: Settings, prepared_statements: bool | None
+    kw: dict[str, Any], settings: Settings, prepared_statements: bool | None, mode: str
 ) -> dict[str, Any]:
     """SQLAlchemy's asyncpg adapter arguments: its statement cache, and statement names."""
     given = dict(kw.pop("connect_args", None) or {})
@@ -291,7 +292,7 @@ def _asyncpg_adapter_args(
             "prepared_statement_name_func are accepted; put connection parameters in the URL",
         )
     if prepared_statements is None:
-        prepared_statements = settings.mode == "session"
+        prepared_statements = mode == "session"
     args: dict[str, Any] = {}
     if not prepared_statements:
         # Unnamed statements: each Parse replaces the last one on that server connection, so

@@ -88,7 +88,6 @@ def _connect_kwargs(settings: Settings) -> dict[str, Any]:
     kwargs["server_settings"] = {"application_name": settings.application_name}
     # asyncpg's own statement cache prepares named statements that a transaction-mode pooler
     # hands to other clients' server connections; SQLAlchemy's adapter cache is set separately.
-    kwargs["statement_cache_size"] = 0 if settings.mode == "transaction" else 100
     return kwargs
 
 
@@ -238,6 +237,12 @@ class AsyncpgPool(PoolCore):
             self._discard(conn)
         return None
 
+    def _statement_cache_size(self) -> int:
+        # asyncpg's own statement cache prepares named statements that a transaction-mode
+        # pooler hands to other clients' server connections; SQLAlchemy's adapter cache is set
+        # separately.  Read per connection: the name's mode="auto" decision may come later.
+        return 0 if self.effective_mode == "transaction" else 100
+
     async def _connect(self, timeout: float) -> Any:
         self._waiting += 1  # a caller waits for this connection: other flavors give way
         try:
@@ -247,7 +252,9 @@ class AsyncpgPool(PoolCore):
             self._waiting -= 1
         started = monotonic()
         try:
-            conn = await self._asyncpg.connect(**self._connect_kwargs)
+            conn = await self._asyncpg.connect(
+                **self._connect_kwargs, statement_cache_size=self._statement_cache_size()
+            )
         except (OSError, asyncio.TimeoutError, self._asyncpg.PostgresError) as exc:
             self.slots.give()
             message = redact_text(str(exc).strip(), self.settings.conninfo)
