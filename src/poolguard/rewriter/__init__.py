@@ -47,6 +47,7 @@ def _proxy(
     max_prepared: int,
     max_message_size: int,
     cleanup_timeout: float,
+    login_timeout: float,
 ) -> tuple[Proxy, str, str, int]:
     """Build (not start) a proxy: (proxy, client password, listen host, listen port).
 
@@ -59,6 +60,8 @@ def _proxy(
         raise ValueError(f"max_prepared must be >= 1, got {max_prepared}")
     if max_message_size < 1024:
         raise ValueError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
+    if not login_timeout > 0:
+        raise ValueError(f"login_timeout must be > 0 seconds, got {login_timeout}")
     upstream = Upstream.from_dsn(upstream_dsn)
     password = upstream.password or secrets.token_urlsafe(24)
     proxy = Proxy(
@@ -68,6 +71,7 @@ def _proxy(
         max_prepared=max_prepared,
         max_message_size=max_message_size,
         cleanup_timeout=cleanup_timeout,
+        login_timeout=login_timeout,
     )
     return proxy, password, host, port
 
@@ -176,6 +180,7 @@ def start(
     max_prepared: int = 500,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     cleanup_timeout: float = 10.0,
+    login_timeout: float = 60.0,
     use_uvloop: bool | None = None,
 ) -> RewriterHandle:
     """Run the rewriter on a background thread and return once it accepts connections.
@@ -186,7 +191,9 @@ def start(
     connections shared by all clients; ``max_prepared`` bounds the prepared statements kept on
     each of them (least recently used are closed first). Clients log in with the upstream
     user, database and password (a random password if the upstream needs none; it is in
-    ``handle.dsn``). ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
+    ``handle.dsn``). ``login_timeout``: a client that has not logged in after this many
+    seconds is closed (PostgreSQL's authentication_timeout, 60 s by default).
+    ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
     if the upstream cannot be reached.
     """
     proxy, password, host, port = _proxy(
@@ -196,6 +203,7 @@ def start(
         max_prepared=max_prepared,
         max_message_size=max_message_size,
         cleanup_timeout=cleanup_timeout,
+        login_timeout=login_timeout,
     )
     loop = _new_loop(use_uvloop)
     started: asyncio.Future[None] = loop.create_future()
@@ -242,6 +250,7 @@ async def serve(
     max_prepared: int = 500,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     cleanup_timeout: float = 10.0,
+    login_timeout: float = 60.0,
 ) -> None:
     """Run the rewriter in the current event loop until SIGINT/SIGTERM (the sidecar)."""
     proxy, _, host, port = _proxy(
@@ -251,6 +260,7 @@ async def serve(
         max_prepared=max_prepared,
         max_message_size=max_message_size,
         cleanup_timeout=cleanup_timeout,
+        login_timeout=login_timeout,
     )
     await proxy.start(host, port)
     stop = asyncio.Event()
@@ -285,6 +295,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--max-prepared", type=int, default=500, help="prepared statements per server connection"
     )
+    parser.add_argument(
+        "--login-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client may take to log in before it is closed (60)",
+    )
     args = parser.parse_args(argv)
     if not args.upstream:
         parser.error("--upstream is required (or set POOLGUARD_UPSTREAM / DATABASE_URL)")
@@ -302,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 listen=args.listen,
                 pool_size=args.pool_size,
                 max_prepared=args.max_prepared,
+                login_timeout=args.login_timeout,
             )
         )
     except (UpstreamError, ValueError, OSError) as exc:

@@ -6,11 +6,13 @@ from . import _protocol as p
 from ._replies import SYNC_ENDS, Exchange, Pending
 
 _ROLLBACK = p.frame(p.QUERY, b"ROLLBACK\0")
+_UNLISTEN = p.frame(p.QUERY, b"UNLISTEN *\0")
 
 
-def queue_rollback(ex: Exchange) -> None:
+def queue_rollback(ex: Exchange, *, unlisten: bool, sql_prepared: set[bytes]) -> None:
     """Queue what ends whatever the gone client left in flight: replies still due are
-    swallowed, a running COPY is failed, then a Sync and a ROLLBACK (both hidden)."""
+    swallowed, a running COPY is failed, then a Sync and a ROLLBACK (all hidden); and the
+    session state that pinned the client (LISTEN, SQL PREPARE) is dropped."""
     ex.client_out.clear()
     q = ex.pending
     if q and q[0].copying:
@@ -19,3 +21,8 @@ def queue_rollback(ex: Exchange) -> None:
     ex.skipping = False
     ex.to_server(p.SYNC_MSG, Pending(SYNC_ENDS, extended=False, hidden=True, sync=True))
     ex.to_server(_ROLLBACK, Pending(SYNC_ENDS, extended=False, hidden=True))
+    if unlisten:
+        ex.to_server(_UNLISTEN, Pending(SYNC_ENDS, extended=False, hidden=True))
+    for name in sorted(sql_prepared):
+        sql = b'DEALLOCATE "' + name.replace(b'"', b'""') + b'"\0'
+        ex.to_server(p.frame(p.QUERY, sql), Pending(SYNC_ENDS, extended=False, hidden=True))

@@ -48,6 +48,20 @@ def startup_settings(params: dict[str, str], server_params: dict[str, str]) -> d
 
 
 def set_message(name: str, value: str) -> bytes:
-    """A simple Query setting ``name`` to ``value`` for the session."""
-    sql = f"SET {name} TO '{value.replace(chr(39), chr(39) * 2)}'"
+    """A simple Query giving the session ``name`` = ``value`` exactly as a startup packet
+    would: set_config() takes the raw string, so a list (``search_path=s,public``) stays a
+    list, where ``SET name TO 'a,b'`` would make it one quoted name."""
+    sql = f"SELECT pg_catalog.set_config({_literal(name)}, {_literal(value)}, false)"
     return p.frame(p.QUERY, sql.encode() + b"\0")
+
+
+def reset_message(name: str) -> bytes:
+    """A simple Query putting ``name`` (checked at startup: letters, digits, _ and .) back to
+    the server's default."""
+    return p.frame(p.QUERY, f"RESET {name}".encode() + b"\0")
+
+
+def _literal(value: str) -> str:
+    # An E'' literal reads backslashes as escapes whatever standard_conforming_strings is
+    # (another client may have turned it off on this connection), so both are escaped.
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"

@@ -112,6 +112,9 @@ class Backend(asyncio.Protocol):
         self.pid = 0
         self.key = 0
         self.params: dict[str, str] = {}
+        # Settings the proxy SET for a client that the server does not report: the next
+        # client that did not ask for them gets them RESET.
+        self.extra: set[str] = set()
         self.statements = BackendStatements(pool.max_prepared)
         # The client's unnamed-statement record whose Parse this backend last ran, so a Bind of
         # the unnamed statement knows whether it must be parsed here again first.
@@ -176,6 +179,12 @@ class Backend(asyncio.Protocol):
             self.owner.resume_client()
 
     # --- helpers -----------------------------------------------------------------------
+
+    def settings_reset(self) -> None:
+        """RESET ALL or DISCARD ALL ran: what the proxy SET is back to the server's default."""
+        for name in self.extra:
+            self.params.pop(name, None)
+        self.extra.clear()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -269,6 +278,7 @@ class BackendPool:
         self.members: set[Backend] = set()
         self.connecting = 0
         self.closing = False
+        self.pinned = 0  # sessions keeping a backend between transactions (LISTEN, PREPARE)
 
     async def connect(self) -> Backend:
         backend = Backend(self)

@@ -30,12 +30,14 @@ class Proxy:
         max_prepared: int,
         max_message_size: int,
         cleanup_timeout: float,
+        login_timeout: float = 60.0,
     ) -> None:
         self.pool = BackendPool(upstream, size=pool_size, max_prepared=max_prepared)
         self.registry = Registry()
         self.verifier = ScramVerifier.from_password(password)
         self.max_message_size = max_message_size
         self.cleanup_timeout = cleanup_timeout
+        self.login_timeout = login_timeout
         self.server_params: dict[str, str] = {}
         self.sessions: dict[int, Session] = {}
         self._next_pid = 1
