@@ -19,6 +19,10 @@ def queue_rollback(ex: Exchange, *, unlisten: bool, sql_prepared: set[bytes]) ->
         ex.to_server(p.frame(p.COPY_FAIL, b"client disconnected\0"))
         ex.copy_ended()
     ex.skipping = False
+    # Extended-protocol messages the client sent without their Sync run in an implicit
+    # transaction that a Sync would commit; PostgreSQL aborts it when the client vanishes. A
+    # statement that fails first (skipped if the server is already skipping) does the same.
+    ex.probe(None, None)
     ex.to_server(p.SYNC_MSG, Pending(SYNC_ENDS, extended=False, hidden=True, sync=True))
     ex.to_server(_ROLLBACK, Pending(SYNC_ENDS, extended=False, hidden=True))
     if unlisten:

@@ -279,6 +279,7 @@ class BackendPool:
         self.connecting = 0
         self.closing = False
         self.pinned = 0  # sessions keeping a backend between transactions (LISTEN, PREPARE)
+        self.failing = False  # the last attempt to connect upstream failed
 
     async def connect(self) -> Backend:
         backend = Backend(self)
@@ -341,7 +342,9 @@ class BackendPool:
             backend = await self.connect()
         except UpstreamError as exc:
             self.connecting -= 1
-            logger.error("%s", exc)
+            # Once per outage (a restarting server refuses every attempt), not per attempt.
+            logger.log(logging.DEBUG if self.failing else logging.ERROR, "%s", exc)
+            self.failing = True
             if not self.members:
                 # Nothing will ever serve the waiters: fail them rather than leave them hanging.
                 waiters, self.waiters = self.waiters, deque()
@@ -349,6 +352,9 @@ class BackendPool:
                     session.attach_failed(str(exc))
             return
         self.connecting -= 1
+        if self.failing:
+            self.failing = False
+            logger.warning("upstream %s reachable again", self.upstream.describe())
         if self.closing:
             backend.close()
             return
