@@ -147,6 +147,8 @@ def start(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     cleanup_timeout: float = 10.0,
     login_timeout: float = 60.0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
     use_uvloop: bool | None = None,
     isolate: bool = True,
 ) -> RewriterHandle:
@@ -164,7 +166,9 @@ def start(
     each of them (least recently used are closed first). Clients log in with the upstream
     user, database and password (a random password if the upstream needs none; it is in
     ``handle.dsn``). ``login_timeout``: a client that has not logged in after this many
-    seconds is closed (PostgreSQL's authentication_timeout, 60 s by default).
+    seconds is closed (PostgreSQL's authentication_timeout, 60 s by default). ``tls_cert`` and
+    ``tls_key`` (PEM files): clients that ask for TLS get it. Towards the upstream, TLS follows
+    the DSN's ``sslmode``/``sslrootcert``/``sslcert``/``sslkey`` as libpq reads them.
     ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
     if the upstream cannot be reached.
     """
@@ -177,6 +181,8 @@ def start(
         max_message_size=max_message_size,
         cleanup_timeout=cleanup_timeout,
         login_timeout=login_timeout,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     if isolate:
         if use_uvloop:
@@ -191,6 +197,8 @@ def start(
             "max_message_size": max_message_size,
             "cleanup_timeout": cleanup_timeout,
             "login_timeout": login_timeout,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
         }
         try:
             child = Child(config)
@@ -251,6 +259,8 @@ async def serve(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     cleanup_timeout: float = 10.0,
     login_timeout: float = 60.0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> None:
     """Run the rewriter in the current event loop until SIGINT/SIGTERM (the sidecar)."""
     proxy, _, host, port = build_proxy(
@@ -261,6 +271,8 @@ async def serve(
         max_message_size=max_message_size,
         cleanup_timeout=cleanup_timeout,
         login_timeout=login_timeout,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     await proxy.start(host, port)
     stop = asyncio.Event()
@@ -301,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=60.0,
         help="seconds a client may take to log in before it is closed (60)",
     )
+    parser.add_argument("--tls-cert", help="PEM certificate offered to clients that ask for TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
     if not args.upstream:
         parser.error("--upstream is required (or set POOLGUARD_UPSTREAM / DATABASE_URL)")
@@ -319,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pool_size=args.pool_size,
                 max_prepared=args.max_prepared,
                 login_timeout=args.login_timeout,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
             )
         )
     except (UpstreamError, ValueError, OSError) as exc:

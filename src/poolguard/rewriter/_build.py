@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import secrets
+import ssl
 
 from ._pool import Upstream
 from ._server import Proxy
+from ._tls import server_context
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
@@ -22,6 +24,8 @@ def build_proxy(
     max_message_size: int,
     cleanup_timeout: float,
     login_timeout: float,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> tuple[Proxy, str, str, int]:
     """Build (not start) a proxy: (proxy, client password, listen host, listen port).
 
@@ -36,6 +40,14 @@ def build_proxy(
         raise ValueError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
     if not login_timeout > 0:
         raise ValueError(f"login_timeout must be > 0 seconds, got {login_timeout}")
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: give both files, or neither")
+    tls = None
+    if tls_cert is not None and tls_key is not None:
+        try:
+            tls = server_context(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"tls_cert/tls_key could not be loaded: {exc}") from None
     upstream = Upstream.from_dsn(upstream_dsn)
     password = password or upstream.password or secrets.token_urlsafe(24)
     proxy = Proxy(
@@ -46,6 +58,7 @@ def build_proxy(
         max_message_size=max_message_size,
         cleanup_timeout=cleanup_timeout,
         login_timeout=login_timeout,
+        tls=tls,
     )
     return proxy, password, host, port
 

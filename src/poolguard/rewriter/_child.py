@@ -205,4 +205,12 @@ def _on_stdin(done: asyncio.Event) -> None:
         done.set()
 
 
-_SETTINGS = ("pool_size", "max_prepared", "max_message_size", "cleanup_timeout", "login_timeout")
+_SETTINGS = (
+    "pool_size",
+    "max_prepared",
+    "max_message_size",
+    "cleanup_timeout",
+    "login_timeout",
+    "tls_cert",
+    "tls_key",
+)

@@ -12,6 +12,8 @@ import contextlib
 import getpass
 import logging
 import os
+import socket
+import ssl
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from typing import Protocol, cast
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import _auth
+from . import _auth, _tls
 from . import _protocol as p
 from ._statements import BackendStatements
 
@@ -47,6 +49,10 @@ class Upstream:
     dbname: str
     password: str | None = field(default=None, repr=False)
     connect_timeout: float = 10.0
+    sslmode: str = "prefer"
+    sslrootcert: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
 
     @classmethod
     def from_dsn(cls, dsn: str) -> Upstream:
@@ -61,6 +67,20 @@ class Upstream:
         user = str(info.get("user") or env.get("PGUSER") or getpass.getuser())
         password = info.get("password") or env.get("PGPASSWORD")
         timeout = float(info.get("connect_timeout") or 10)
+
+        def opt(name: str, env_name: str) -> str | None:
+            value = info.get(name) or env.get(env_name)
+            return None if value is None else str(value)
+
+        sslmode = _tls.check_sslmode(opt("sslmode", "PGSSLMODE") or "prefer")
+        if host.startswith("/"):
+            sslmode = "disable"  # libpq never uses TLS on a unix socket
+        rootcert = opt("sslrootcert", "PGSSLROOTCERT")
+        if sslmode in ("verify-ca", "verify-full") and rootcert is None:
+            raise ValueError(
+                f"sslmode={sslmode} needs sslrootcert=<file of trusted CA certificates> in "
+                "upstream_dsn"
+            )
         return cls(
             host=host,
             port=port,
@@ -68,19 +88,52 @@ class Upstream:
             dbname=str(info.get("dbname") or env.get("PGDATABASE") or user),
             password=None if password is None else str(password),
             connect_timeout=timeout,
+            sslmode=sslmode,
+            sslrootcert=rootcert,
+            sslcert=opt("sslcert", "PGSSLCERT"),
+            sslkey=opt("sslkey", "PGSSLKEY"),
         )
 
     def describe(self) -> str:
         return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
 
     async def open(
-        self, factory: Callable[[], asyncio.Protocol]
+        self, factory: Callable[[], asyncio.Protocol], *, tls: bool = True
     ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        """Connect; with ``tls`` (not for a CancelRequest) as the DSN's sslmode asks."""
         loop = asyncio.get_running_loop()
         if self.host.startswith("/"):
             path = os.path.join(self.host, f".s.PGSQL.{self.port}")
             return await loop.create_unix_connection(factory, path)
-        return await loop.create_connection(factory, self.host, self.port)
+        if not (tls and _tls.wants_tls(self.sslmode)):
+            return await loop.create_connection(factory, self.host, self.port)
+        # SSLRequest on a plain socket first; the handshake follows on the same socket.
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, _tls.SSL_REQUEST_MSG)
+            answer = await loop.sock_recv(sock, 1)
+            if answer == b"S":
+                ctx = _tls.client_context(self.sslmode, self.sslrootcert, self.sslcert, self.sslkey)
+                return await loop.create_connection(
+                    factory, sock=sock, ssl=ctx, server_hostname=self.host
+                )
+            if answer != b"N":
+                raise UpstreamError(
+                    f"upstream {self.describe()} answered SSLRequest with {answer!r}"
+                )
+            if _tls.needs_tls(self.sslmode):
+                raise UpstreamError(
+                    f"upstream {self.describe()} does not accept TLS but the DSN says "
+                    f"sslmode={self.sslmode}"
+                )
+            return await loop.create_connection(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
 
 class Borrower(Protocol):
@@ -121,6 +174,8 @@ class Backend(asyncio.Protocol):
         self.unnamed: object | None = None
         self.owner: Borrower | None = None
         self.closed = False
+        # Done once the transport is gone (a TLS close takes a round trip): stop() waits for it.
+        self.lost: asyncio.Future[None] | None = None
         self._inbox: deque[tuple[bytes, bytes]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
 
@@ -132,6 +187,7 @@ class Backend(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass it
         self.transport = transport
+        self.lost = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -163,6 +219,8 @@ class Backend(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
         owner, self.owner = self.owner, None
@@ -288,7 +346,13 @@ class BackendPool:
                 self.upstream.open(lambda: backend), self.upstream.connect_timeout
             )
             await backend.startup(self.upstream)
-        except (OSError, asyncio.TimeoutError, _auth.AuthError, UpstreamError) as exc:
+        except (
+            OSError,
+            ssl.SSLError,
+            asyncio.TimeoutError,
+            _auth.AuthError,
+            UpstreamError,
+        ) as exc:
             backend.close()
             if isinstance(exc, UpstreamError):
                 raise
@@ -360,8 +424,11 @@ class BackendPool:
             return
         self.release(backend)
 
-    def close(self) -> None:
+    def close(self) -> list[asyncio.Future[None]]:
+        """Close every backend; returns what to await until their transports are gone."""
         self.closing = True
+        lost = [b.lost for b in self.members if b.lost is not None]
         for backend in list(self.members):
             backend.close()
         self.idle.clear()
+        return lost

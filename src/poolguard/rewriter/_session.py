@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
 from typing import Protocol, cast
 
@@ -43,6 +44,7 @@ class Host(Protocol):
     max_message_size: int
     cleanup_timeout: float
     login_timeout: float
+    tls: ssl.SSLContext | None
 
     def register_session(self, session: Session) -> tuple[int, int]:
         """A (pid, key) pair for the client's BackendKeyData."""
@@ -65,6 +67,7 @@ class Session(asyncio.Protocol):
             verifier=proxy.verifier,
             server_params=proxy.server_params,
             trusted=trusted,
+            tls=proxy.tls is not None and not trusted,
         )
         self.params: dict[str, str] = {}  # what the client believes the session settings are
         self.wanted: dict[str, str] = {}  # settings to re-apply on each backend
@@ -83,6 +86,7 @@ class Session(asyncio.Protocol):
         self.key = 0
         self._cleanup_timer: asyncio.TimerHandle | None = None
         self._login_timer: asyncio.TimerHandle | None = None
+        self._tls_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Session pid={self.pid} state={self.state}>"
@@ -162,6 +166,10 @@ class Session(asyncio.Protocol):
         login = self.login
         assert login is not None
         login.feed(self.buf, self.ex.client_out)
+        if login.tls_requested:
+            login.tls_requested = False
+            self._start_tls()
+            return
         if login.cancel is not None:
             self.proxy.cancel(*login.cancel)
             self._close()
@@ -176,6 +184,31 @@ class Session(asyncio.Protocol):
         self._logged_in()
         if self.buf:  # queries sent right behind the password
             self._client_messages()
+
+    def _start_tls(self) -> None:
+        transport, ctx = self.transport, self.proxy.tls
+        assert transport is not None and ctx is not None
+        self._flush()
+        transport.write(b"S")
+        loop = asyncio.get_running_loop()
+
+        async def handshake() -> None:
+            try:
+                tls = await loop.start_tls(
+                    transport, self, ctx, server_side=True,
+                    ssl_handshake_timeout=self.proxy.login_timeout,
+                )  # fmt: skip
+            except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+                logger.info("TLS handshake with a client failed: %s", exc)
+                transport.close()
+                return
+            if tls is None:  # the client went away during the handshake
+                return
+            self.transport = tls
+            if self.buf and self.state != "closed":
+                self.data_received(b"")
+
+        self._tls_task = loop.create_task(handshake())
 
     def _logged_in(self) -> None:
         """Tell the client the session settings, its cancel key, and that it may send queries."""
