@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from urllib.parse import quote
 
 from psycopg.conninfo import make_conninfo
 
-from ._build import DEFAULT_MAX_MESSAGE_SIZE, build_proxy, new_loop
+from ._build import DEFAULT_MAX_MESSAGE_SIZE, ProxySettings, build_proxy, new_loop
 from ._child import Child, ChildError
 from ._pool import Upstream, UpstreamError
 from ._server import Proxy
@@ -173,17 +174,10 @@ def start(
     if the upstream cannot be reached.
     """
     # Built here in every case: bad settings raise ValueError in the caller's process.
-    proxy, password, host, port = build_proxy(
-        upstream_dsn,
-        listen,
-        pool_size=pool_size,
-        max_prepared=max_prepared,
-        max_message_size=max_message_size,
-        cleanup_timeout=cleanup_timeout,
-        login_timeout=login_timeout,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
+    settings = ProxySettings(
+        pool_size, max_prepared, max_message_size, cleanup_timeout, login_timeout, tls_cert, tls_key
     )
+    proxy, password, host, port = build_proxy(upstream_dsn, listen, settings)
     if isolate:
         if use_uvloop:
             new_loop(True).close()  # raises ImportError here if uvloop is missing
@@ -192,13 +186,7 @@ def start(
             "listen": listen,
             "password": password,
             "use_uvloop": use_uvloop,
-            "pool_size": pool_size,
-            "max_prepared": max_prepared,
-            "max_message_size": max_message_size,
-            "cleanup_timeout": cleanup_timeout,
-            "login_timeout": login_timeout,
-            "tls_cert": tls_cert,
-            "tls_key": tls_key,
+            "settings": dataclasses.asdict(settings),
         }
         try:
             child = Child(config)
@@ -263,17 +251,10 @@ async def serve(
     tls_key: str | None = None,
 ) -> None:
     """Run the rewriter in the current event loop until SIGINT/SIGTERM (the sidecar)."""
-    proxy, _, host, port = build_proxy(
-        upstream_dsn,
-        listen,
-        pool_size=pool_size,
-        max_prepared=max_prepared,
-        max_message_size=max_message_size,
-        cleanup_timeout=cleanup_timeout,
-        login_timeout=login_timeout,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
+    settings = ProxySettings(
+        pool_size, max_prepared, max_message_size, cleanup_timeout, login_timeout, tls_cert, tls_key
     )
+    proxy, _, host, port = build_proxy(upstream_dsn, listen, settings)
     await proxy.start(host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

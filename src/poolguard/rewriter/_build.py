@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import secrets
 import ssl
+from dataclasses import dataclass
 
 from ._pool import Upstream
 from ._server import Proxy
@@ -14,23 +15,29 @@ from ._tls import server_context
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class ProxySettings:
+    """The proxy's tunables (the keyword arguments of ``start()``), JSON-able for the child."""
+
+    pool_size: int = 4
+    max_prepared: int = 500
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    cleanup_timeout: float = 10.0
+    login_timeout: float = 60.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
 def build_proxy(
-    upstream_dsn: str,
-    listen: str,
-    *,
-    password: str | None = None,
-    pool_size: int,
-    max_prepared: int,
-    max_message_size: int,
-    cleanup_timeout: float,
-    login_timeout: float,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
+    upstream_dsn: str, listen: str, settings: ProxySettings, *, password: str | None = None
 ) -> tuple[Proxy, str, str, int]:
     """Build (not start) a proxy: (proxy, client password, listen host, listen port).
 
     The client password is ``password``, else the upstream one, else a random one.
     """
+    pool_size, max_prepared = settings.pool_size, settings.max_prepared
+    max_message_size, login_timeout = settings.max_message_size, settings.login_timeout
+    tls_cert, tls_key = settings.tls_cert, settings.tls_key
     host, port = split_listen(listen)
     if pool_size < 1:
         raise ValueError(f"pool_size must be >= 1, got {pool_size}")
@@ -56,7 +63,7 @@ def build_proxy(
         pool_size=pool_size,
         max_prepared=max_prepared,
         max_message_size=max_message_size,
-        cleanup_timeout=cleanup_timeout,
+        cleanup_timeout=settings.cleanup_timeout,
         login_timeout=login_timeout,
         tls=tls,
     )

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from ._build import build_proxy, new_loop
+from ._build import ProxySettings, build_proxy, new_loop
 
 logger = logging.getLogger("poolguard.rewriter")
 
@@ -162,11 +162,9 @@ def main() -> int:
     cfg = json.loads(line)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
+        settings = ProxySettings(**cfg["settings"])
         proxy, _, host, port = build_proxy(
-            cfg["upstream_dsn"],
-            cfg["listen"],
-            password=cfg["password"],
-            **{k: cfg[k] for k in _SETTINGS},
+            cfg["upstream_dsn"], cfg["listen"], settings, password=cfg["password"]
         )
     except ValueError as exc:
         print(f"error {exc}", flush=True)
@@ -203,14 +201,3 @@ def _on_stdin(done: asyncio.Event) -> None:
     if not os.read(sys.stdin.fileno(), 4096):
         asyncio.get_running_loop().remove_reader(sys.stdin.fileno())
         done.set()
-
-
-_SETTINGS = (
-    "pool_size",
-    "max_prepared",
-    "max_message_size",
-    "cleanup_timeout",
-    "login_timeout",
-    "tls_cert",
-    "tls_key",
-)
