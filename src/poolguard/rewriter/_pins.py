@@ -8,6 +8,8 @@ as Odyssey does, instead of losing notifications or statements at the next trans
 
 from __future__ import annotations
 
+from . import _protocol as p
+from ._pool import BackendPool
 from ._sqltext import deallocate_target, drops_all, listens, sql_prepared_names, unlistens_all
 
 
@@ -22,8 +24,22 @@ class Pins:
     def pinned(self) -> bool:
         return self.listening or bool(self.sql_prepared)
 
-    def would_pin(self, sql: bytes) -> bool:
-        return listens(sql) or bool(sql_prepared_names(sql))
+    def update(self, sql: bytes, pool: BackendPool) -> bytes | None:
+        """Track ``sql`` and keep ``pool.pinned`` counting pinned clients; or, if pinning this
+        client would leave the others no server connection, the error to answer with."""
+        was = self.pinned
+        if not was and (listens(sql) or sql_prepared_names(sql)) and pool.pinned >= pool.size - 1:
+            return p.error_response(
+                "53300",
+                "LISTEN and SQL-level PREPARE keep a server connection for this client until "
+                f"it disconnects, and {pool.pinned} of the proxy's {pool.size} are kept so "
+                "already (one stays for everyone else): raise pool_size, or run this on a "
+                "direct connection to PostgreSQL",
+            )
+        self.track(sql)
+        if self.pinned != was:
+            pool.pinned += 1 if self.pinned else -1
+        return None
 
     def track(self, sql: bytes) -> None:
         """Note what ``sql`` (already sent to the pinned connection) starts or ends.

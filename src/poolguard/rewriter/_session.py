@@ -17,7 +17,7 @@ from typing import Protocol, cast
 from . import _auth, _janitor
 from . import _protocol as p
 from ._login import Login
-from ._params import TRACKED, reset_message, set_message
+from ._params import TRACKED, apply_settings
 from ._pins import Pins
 from ._pool import Backend, BackendPool
 from ._prepare import ClientStatements
@@ -287,38 +287,7 @@ class Session(asyncio.Protocol):
         return self.backend
 
     def _sync_settings(self, backend: Backend) -> None:
-        """Give this backend the client's settings: one hidden query for each that differs,
-        and a RESET for each another client had set that this one did not ask for."""
-        wanted = self.wanted
-        extra = backend.extra
-        # The usual case, checked in C: nothing to do.
-        if wanted.items() <= backend.params.items() and (not extra or extra <= wanted.keys()):
-            return
-        backend.unnamed = None  # a simple Query drops the unnamed statement
-        for name in [n for n in extra if n not in wanted]:
-            extra.discard(name)
-            backend.params.pop(name, None)
-            self.ex.to_server(reset_message(name), Pending(SYNC_ENDS, extended=False, hidden=True))
-        server_params = self.proxy.server_params
-        for name, value in wanted.items():
-            if backend.params.get(name) == value:
-                continue
-            backend.params[name] = value
-            if name not in server_params:
-                extra.add(name)
-
-            def failed(name: str = name, value: str = value) -> None:
-                # PostgreSQL would have refused this at login; don't retry it on every backend.
-                logger.warning("could not apply client setting %s=%r on the server", name, value)
-                backend.params.pop(name, None)
-                backend.extra.discard(name)
-                if self.wanted.get(name) == value:
-                    del self.wanted[name]
-
-            self.ex.to_server(
-                set_message(name, value),
-                Pending(SYNC_ENDS, extended=False, hidden=True, undo=failed),
-            )
+        apply_settings(backend, self.wanted, self.proxy.server_params, self.ex)
 
     def _handle(self, kind: bytes, body: bytes) -> bool:
         """Route one client message; False if it has to wait for a backend."""
@@ -409,24 +378,12 @@ class Session(asyncio.Protocol):
         return True
 
     def _session_state(self, sql: bytes) -> bytes | None:
-        """Pin or unpin the client for LISTEN / SQL PREPARE and what ends them; the error to
-        answer with instead if pinning would leave the other clients no server connection."""
+        """Pin or unpin the client (see ``_pins``); the error to answer with if refused."""
         if not may_change_session_state(sql):
             return None
-        pins, pool = self.pins, self.proxy.pool
-        if not self.pinned and pins.would_pin(sql) and pool.pinned >= pool.size - 1:
-            return p.error_response(
-                "53300",
-                "LISTEN and SQL-level PREPARE keep a server connection for this client until "
-                f"it disconnects, and {pool.pinned} of the proxy's {pool.size} are kept so "
-                "already (one stays for everyone else): raise pool_size, or run this on a "
-                "direct connection to PostgreSQL",
-            )
-        pins.track(sql)
-        if pins.pinned != self.pinned:
-            self.pinned = pins.pinned
-            pool.pinned += 1 if self.pinned else -1
-        return None
+        refused = self.pins.update(sql, self.proxy.pool)
+        self.pinned = self.pins.pinned
+        return refused
 
     # --- server replies -----------------------------------------------------------------
 
