@@ -145,7 +145,7 @@ class Borrower(Protocol):
     def attach_failed(self, reason: str) -> None:
         """No backend will come: the upstream cannot be reached."""
 
-    def server_data(self, backend: Backend, buf: bytearray) -> int:
+    def server_data(self, backend: Backend, buf: bytes | bytearray) -> int:
         """Route the complete server messages at the start of ``buf``; returns bytes used."""
 
     def server_lost(self, backend: Backend, exc: Exception | None) -> None: ...
@@ -191,13 +191,21 @@ class Backend(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
-        buf += data
         owner = self.owner
         if owner is not None:
-            used = owner.server_data(self, buf)
-            if used:
-                del buf[:used]
+            if buf:
+                buf += data
+                used = owner.server_data(self, buf)
+                if used:
+                    del buf[:used]
+            else:
+                # The usual case, whole messages in one read: routed without copying them
+                # into the buffer first (only a partial tail is kept).
+                used = owner.server_data(self, data)
+                if used < len(data):
+                    buf += memoryview(data)[used:]
             return
+        buf += data
         try:
             msgs, used = p.split_messages(buf, _MAX_SERVER_MESSAGE)
         except p.ProtocolError as exc:

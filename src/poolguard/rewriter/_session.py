@@ -387,48 +387,65 @@ class Session(asyncio.Protocol):
 
     # --- server replies -----------------------------------------------------------------
 
-    def server_data(self, backend: Backend, buf: bytearray) -> int:
-        """Route the complete server messages at the start of ``buf``; returns bytes used."""
+    def server_data(self, backend: Backend, buf: bytes | bytearray) -> int:
+        """Route the complete server messages at the start of ``buf``; returns bytes used.
+
+        Replies the client gets as they are go out as one slice per run of consecutive
+        messages (usually the whole read), not one object per message.
+        """
         pos, n = 0, len(buf)
         ex = self.ex
         q = ex.pending
         out = ex.client_out
         release = False
+        run = 0  # start of the pass-through messages not yet queued for the client
         while n - pos >= 5:
             end = pos + 1 + _UNPACK_I32(buf, pos + 1)[0]
             if end > n:
                 break
             t = buf[pos]
-            if t in (_S, _N, _A):
-                self._async_message(backend, t, bytes(buf[pos:end]))
-                pos = end
-                continue
-            if not q:
-                if t == _E and self._server_closing(bytes(buf[pos:end])):
+            if t in (_S, _N, _A) or t == _E or not q:
+                if run < pos:
+                    out.append(buf[run:pos])
+                run = end
+                if t in (_S, _N, _A):
+                    self._async_message(backend, t, bytes(buf[pos:end]))
                     pos = end
                     continue
-                self._desync(backend, f"unexpected message {chr(t)!r} from server")
-                return n
+                if not q:
+                    if t == _E and self._server_closing(bytes(buf[pos:end])):
+                        pos = end
+                        continue
+                    self._desync(backend, f"unexpected message {chr(t)!r} from server")
+                    return n
+                self._server_error(backend, q[0], bytes(buf[pos:end]))
+                pos = end
+                continue
             head = q[0]
-            if t == _E:
-                self._server_error(backend, head, bytes(buf[pos:end]))
-            else:
-                if not head.hidden:
-                    out.append(buf[pos:end])
-                if t == _G:
-                    head.copying = True
-                if t in head.ends:
-                    q.popleft()
-                    if head.on_ok is not None:
-                        head.on_ok(bytes(buf[pos:end]))
-                    if t == _Z:
-                        ex.status = bytes(buf[pos + 5 : pos + 6])
-                        if not head.hidden and ex.status == b"I" and not q:
-                            release = not self.pinned
+            if head.hidden:
+                if run < pos:
+                    out.append(buf[run:pos])
+                run = end
+            if t == _G:
+                head.copying = True
+            if t in head.ends:
+                q.popleft()
+                if head.on_ok is not None:
+                    head.on_ok(bytes(buf[pos:end]))
+                if t == _Z:
+                    ex.status = bytes(buf[pos + 5 : pos + 6])
+                    if not head.hidden and ex.status == b"I" and not q:
+                        release = not self.pinned
+                if q and q[0].synth is not None:
+                    if run < end:
+                        out.append(buf[run:end])
+                    run = end
                     ex.deliver_synth()
             pos = end
             if release:
                 break
+        if run < pos:
+            out.append(buf[run:pos])
         self._flush()
         if release or (self.gone and not q and ex.status == b"I"):
             self._detach(backend)
