@@ -77,6 +77,12 @@ def main() -> None:
         help="runs of each target, interleaved; medians are printed (the machine may be shared)",
     )
     parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="seconds of unrecorded pgbench per target first (connections opened, caches warm)",
+    )
+    parser.add_argument(
         "--no-uvloop",
         action="store_true",
         help="use the standard asyncio loop even if uvloop is installed",
@@ -103,6 +109,12 @@ def main() -> None:
         }
         runs: dict[str, list[float]] = {name: [] for name in targets}
         cpu: dict[str, list[float]] = {name: [] for name in targets}
+        # Unrecorded first pass: each proxy opens its server connections and each server
+        # backend warms its caches, so round one does not favour whichever ran later.
+        if opts.warmup > 0:
+            warm = ["-S", "-c", str(opts.clients), "-j", str(opts.threads), "-T", str(opts.warmup)]
+            for target, password, mode, _ in targets.values():
+                pgbench(bindir, target, password, [*warm, "-M", mode])
         for _ in range(opts.rounds):
             for name, (target, password, mode, port) in targets.items():
                 pid = listener_pid(port) if port else None
@@ -120,7 +132,8 @@ def main() -> None:
 
     print(
         f"pgbench -S, {opts.clients} clients, {opts.threads} threads, {opts.duration} s, "
-        f"pool size {opts.pool_size}, {os.cpu_count()} CPUs, rewriter loop: {loop_name}"
+        f"pool size {opts.pool_size} (server connections, both proxies), {opts.warmup} s "
+        f"warm-up, {os.cpu_count()} CPUs, rewriter loop: {loop_name}"
     )
     for name, results in runs.items():
         each = " ".join(f"{t:.0f}" for t in results)
