@@ -446,10 +446,16 @@ class Session(asyncio.Protocol):
                 break
         if run < pos:
             out.append(buf[run:pos])
-        self._flush()
         if release or (self.gone and not q and ex.status == b"I"):
+            # The backend goes to the next waiting client before this reply is written: the
+            # server connections are the scarce resource, so its next requests go out first.
+            if ex.server_out:
+                self._flush()
             self._detach(backend)
-        elif self.gone and not q:
+            self._flush()
+            return pos
+        self._flush()
+        if self.gone and not q:
             self._clean_backend()
         elif self.held and self.prep.checking is None:
             self._resume()
