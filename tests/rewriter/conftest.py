@@ -16,6 +16,7 @@ def make_rewriter(pg_dsn: str) -> Iterator[Callable[..., rewriter.RewriterHandle
 
     def factory(**kwargs: Any) -> rewriter.RewriterHandle:
         kwargs.setdefault("pool_size", 2)
+        kwargs.setdefault("isolate", False)  # in process, so tests can look at its state
         # Default: uvloop if installed. POOLGUARD_REWRITER_UVLOOP=0/1 forces one event loop.
         kwargs.setdefault(
             "use_uvloop",

@@ -433,7 +433,7 @@ def test_clients_wait_for_existing_connections_when_the_server_refuses_more(
     postgres_factory: Callable[..., PostgresServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     server = postgres_factory(max_connections=3, settings={"superuser_reserved_connections": "0"})
-    proxy = start(server.dsn, pool_size=6)
+    proxy = start(server.dsn, pool_size=6, isolate=False)  # its log is read below
     try:
 
         async def client(n: int) -> int:

@@ -9,13 +9,8 @@ import pytest
 
 from poolguard.rewriter import _auth
 from poolguard.rewriter import _protocol as p
-from poolguard.rewriter._statements import (
-    BackendStatements,
-    Registry,
-    deallocate_target,
-    drops_all,
-    may_drop_statements,
-)
+from poolguard.rewriter._sqltext import deallocate_target, drops_all, may_drop_statements
+from poolguard.rewriter._statements import BackendStatements, Registry
 
 # --- framing ------------------------------------------------------------------------------
 

@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
+import dataclasses
 import logging
 import os
-import secrets
 import signal
 import threading
 from collections.abc import Sequence
@@ -29,6 +28,8 @@ from urllib.parse import quote
 
 from psycopg.conninfo import make_conninfo
 
+from ._build import DEFAULT_MAX_MESSAGE_SIZE, ProxySettings, build_proxy, new_loop
+from ._child import Child, ChildError
 from ._pool import Upstream, UpstreamError
 from ._server import Proxy
 
@@ -36,68 +37,28 @@ __all__ = ["RewriterHandle", "UpstreamError", "main", "serve", "start"]
 
 logger = logging.getLogger("poolguard.rewriter")
 
-DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
+class _Thread:
+    """The rewriter on a background thread of this process."""
 
-def _proxy(
-    upstream_dsn: str,
-    listen: str,
-    *,
-    pool_size: int,
-    max_prepared: int,
-    max_message_size: int,
-    cleanup_timeout: float,
-) -> tuple[Proxy, str, str, int]:
-    """Build (not start) a proxy: (proxy, client password, listen host, listen port).
+    def __init__(
+        self, proxy: Proxy, loop: asyncio.AbstractEventLoop, thread: threading.Thread
+    ) -> None:
+        self.proxy = proxy
+        self.loop = loop
+        self.thread = thread
 
-    The client password is the upstream one, else a random one.
-    """
-    host, port = _split_listen(listen)
-    if pool_size < 1:
-        raise ValueError(f"pool_size must be >= 1, got {pool_size}")
-    if max_prepared < 1:
-        raise ValueError(f"max_prepared must be >= 1, got {max_prepared}")
-    if max_message_size < 1024:
-        raise ValueError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
-    upstream = Upstream.from_dsn(upstream_dsn)
-    password = upstream.password or secrets.token_urlsafe(24)
-    proxy = Proxy(
-        upstream,
-        password=password,
-        pool_size=pool_size,
-        max_prepared=max_prepared,
-        max_message_size=max_message_size,
-        cleanup_timeout=cleanup_timeout,
-    )
-    return proxy, password, host, port
+    def alive(self) -> bool:
+        return self.thread.is_alive()
 
-
-def _new_loop(use_uvloop: bool | None) -> asyncio.AbstractEventLoop:
-    """uvloop when installed (or asked for): the proxy spends most of its time in the event
-    loop's socket calls, which uvloop does with less overhead than the standard loop."""
-    if use_uvloop is not False:
-        try:
-            loop: asyncio.AbstractEventLoop = importlib.import_module("uvloop").new_event_loop()
-            return loop
-        except ImportError:
-            if use_uvloop:
-                raise ImportError("use_uvloop=True but uvloop is not installed") from None
-    return asyncio.new_event_loop()
-
-
-def _split_listen(listen: str) -> tuple[str, int]:
-    if listen.startswith("/"):  # a private folder for a unix socket, optionally :PORT
-        folder, sep, port = listen.rpartition(":")
-        if sep and port.isdigit():
-            return folder, int(port)
-        return listen, 0
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(
-            "listen must be HOST:PORT (like 127.0.0.1:6432) or a private folder for a unix "
-            f"socket (like /run/app/pg or /run/app/pg:6432), got {listen!r}"
-        )
-    return host.strip("[]") or "127.0.0.1", int(port)
+    def stop(self, timeout: float) -> None:
+        if not self.thread.is_alive():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop)
+        with contextlib.suppress(Exception):
+            fut.result(timeout)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout)
 
 
 class RewriterHandle:
@@ -105,20 +66,31 @@ class RewriterHandle:
 
     def __init__(
         self,
-        proxy: Proxy,
+        runner: _Thread | Child,
+        *,
+        host: str,
+        port: int,
+        upstream: Upstream,
         password: str,
-        loop: asyncio.AbstractEventLoop,
-        thread: threading.Thread,
     ) -> None:
-        self._proxy = proxy
+        self._runner = runner
         self._password = password
-        self._loop = loop
-        self._thread = thread
-        up = proxy.pool.upstream
-        self.host = proxy.host
-        self.port = proxy.port
-        self.user = up.user
-        self.dbname = up.dbname
+        self.host = host
+        self.port = port
+        self.user = upstream.user
+        self.dbname = upstream.dbname
+
+    @property
+    def _proxy(self) -> Proxy:
+        """The proxy object, for tests of the in-process (``isolate=False``) rewriter."""
+        if not isinstance(self._runner, _Thread):
+            raise AttributeError("the rewriter runs in a child process (isolate=True)")
+        return self._runner.proxy
+
+    @property
+    def pid(self) -> int:
+        """The process the rewriter runs in (this one when ``isolate=False``)."""
+        return self._runner.pid if isinstance(self._runner, Child) else os.getpid()
 
     @property
     def dsn(self) -> str:
@@ -148,18 +120,17 @@ class RewriterHandle:
         return self._password
 
     def __repr__(self) -> str:
-        state = "running" if self._thread.is_alive() else "stopped"
-        return f"<RewriterHandle {self.user}@{self.host}:{self.port}/{self.dbname} {state}>"
+        state = "running" if self._runner.alive() else "stopped"
+        where = "process" if isinstance(self._runner, Child) else "thread"
+        return (
+            f"<RewriterHandle {self.user}@{self.host}:{self.port}/{self.dbname} "
+            f"{state} in a {where}>"
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Close client and server connections and end the background thread. Idempotent."""
-        if not self._thread.is_alive():
-            return
-        fut = asyncio.run_coroutine_threadsafe(self._proxy.stop(), self._loop)
-        with contextlib.suppress(Exception):
-            fut.result(timeout)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
+        """Close client and server connections and end the rewriter's thread or process.
+        Idempotent."""
+        self._runner.stop(timeout)
 
     def __enter__(self) -> RewriterHandle:
         return self
@@ -176,9 +147,18 @@ def start(
     max_prepared: int = 500,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     cleanup_timeout: float = 10.0,
+    login_timeout: float = 60.0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
     use_uvloop: bool | None = None,
+    isolate: bool = True,
 ) -> RewriterHandle:
-    """Run the rewriter on a background thread and return once it accepts connections.
+    """Run the rewriter and return once it accepts connections.
+
+    ``isolate=True`` (the default) runs it in a child process that this process supervises
+    (restarted on the same address if it dies) and stops with ``stop()`` or when this process
+    exits, so app threads holding the GIL (a long C call) cannot stall other clients.
+    ``isolate=False`` runs it on a background thread of this process instead.
 
     ``listen`` is HOST:PORT (port 0 picks a free one), or the path of a folder (created with
     mode 0700, or already private) for a unix socket whose clients are trusted without a
@@ -186,18 +166,36 @@ def start(
     connections shared by all clients; ``max_prepared`` bounds the prepared statements kept on
     each of them (least recently used are closed first). Clients log in with the upstream
     user, database and password (a random password if the upstream needs none; it is in
-    ``handle.dsn``). ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
+    ``handle.dsn``). ``login_timeout``: a client that has not logged in after this many
+    seconds is closed (PostgreSQL's authentication_timeout, 60 s by default). ``tls_cert`` and
+    ``tls_key`` (PEM files): clients that ask for TLS get it. Towards the upstream, TLS follows
+    the DSN's ``sslmode``/``sslrootcert``/``sslcert``/``sslkey`` as libpq reads them.
+    ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
     if the upstream cannot be reached.
     """
-    proxy, password, host, port = _proxy(
-        upstream_dsn,
-        listen,
-        pool_size=pool_size,
-        max_prepared=max_prepared,
-        max_message_size=max_message_size,
-        cleanup_timeout=cleanup_timeout,
+    # Built here in every case: bad settings raise ValueError in the caller's process.
+    settings = ProxySettings(
+        pool_size, max_prepared, max_message_size, cleanup_timeout, login_timeout, tls_cert, tls_key
     )
-    loop = _new_loop(use_uvloop)
+    proxy, password, host, port = build_proxy(upstream_dsn, listen, settings)
+    if isolate:
+        if use_uvloop:
+            new_loop(True).close()  # raises ImportError here if uvloop is missing
+        config = {
+            "upstream_dsn": upstream_dsn,
+            "listen": listen,
+            "password": password,
+            "use_uvloop": use_uvloop,
+            "settings": dataclasses.asdict(settings),
+        }
+        try:
+            child = Child(config)
+        except (ChildError, TimeoutError) as failed:
+            raise UpstreamError(str(failed)) from None
+        return RewriterHandle(
+            child, host=child.host, port=child.port, upstream=proxy.pool.upstream, password=password
+        )
+    loop = new_loop(use_uvloop)
     started: asyncio.Future[None] = loop.create_future()
 
     async def boot() -> None:
@@ -231,7 +229,13 @@ def start(
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         raise exc
-    return RewriterHandle(proxy, password, loop, thread)
+    return RewriterHandle(
+        _Thread(proxy, loop, thread),
+        host=proxy.host,
+        port=proxy.port,
+        upstream=proxy.pool.upstream,
+        password=password,
+    )
 
 
 async def serve(
@@ -242,16 +246,15 @@ async def serve(
     max_prepared: int = 500,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     cleanup_timeout: float = 10.0,
+    login_timeout: float = 60.0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> None:
     """Run the rewriter in the current event loop until SIGINT/SIGTERM (the sidecar)."""
-    proxy, _, host, port = _proxy(
-        upstream_dsn,
-        listen,
-        pool_size=pool_size,
-        max_prepared=max_prepared,
-        max_message_size=max_message_size,
-        cleanup_timeout=cleanup_timeout,
+    settings = ProxySettings(
+        pool_size, max_prepared, max_message_size, cleanup_timeout, login_timeout, tls_cert, tls_key
     )
+    proxy, _, host, port = build_proxy(upstream_dsn, listen, settings)
     await proxy.start(host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -285,6 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--max-prepared", type=int, default=500, help="prepared statements per server connection"
     )
+    parser.add_argument(
+        "--login-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client may take to log in before it is closed (60)",
+    )
+    parser.add_argument("--tls-cert", help="PEM certificate offered to clients that ask for TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
     if not args.upstream:
         parser.error("--upstream is required (or set POOLGUARD_UPSTREAM / DATABASE_URL)")
@@ -294,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "upstream's password, so include one (or set PGPASSWORD)"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    loop = _new_loop(None)
+    loop = new_loop(None)
     try:
         loop.run_until_complete(
             serve(
@@ -302,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 listen=args.listen,
                 pool_size=args.pool_size,
                 max_prepared=args.max_prepared,
+                login_timeout=args.login_timeout,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
             )
         )
     except (UpstreamError, ValueError, OSError) as exc:

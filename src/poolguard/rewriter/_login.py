@@ -21,6 +21,8 @@ class Login:
         "scram",
         "server_params",
         "state",
+        "tls",
+        "tls_requested",
         "trusted",
         "user",
         "verifier",
@@ -35,6 +37,7 @@ class Login:
         verifier: _auth.ScramVerifier,
         server_params: dict[str, str],
         trusted: bool,
+        tls: bool = False,
     ) -> None:
         self.user = user  # the proxy's user until the client names its own
         self.dbname = dbname
@@ -45,14 +48,17 @@ class Login:
         self.scram: _auth.ScramServer | None = None
         self.cancel: tuple[int, int] | None = None  # the connection was a CancelRequest
         self.wanted: dict[str, str] = {}  # the client's settings, once its startup arrived
+        self.tls = tls  # the proxy has a certificate: an SSLRequest is answered S
+        self.tls_requested = False  # answer S and hand the connection to TLS before going on
 
     @property
     def done(self) -> bool:
         return self.state == "done"
 
     def feed(self, buf: bytearray, out: list[bytes | bytearray]) -> None:
-        """Consume what ``buf`` holds of the login; stops at a CancelRequest, when more bytes
-        are needed, or when the client is logged in (bytes after that stay in ``buf``).
+        """Consume what ``buf`` holds of the login; stops at a CancelRequest, at an SSLRequest
+        the proxy accepts (``tls_requested``), when more bytes are needed, or when the client
+        is logged in (bytes after that stay in ``buf``).
 
         Raises ``_auth.AuthError``, ``p.Refused`` or ``p.ProtocolError``.
         """
@@ -66,8 +72,12 @@ class Login:
             if startup.cancel is not None:
                 self.cancel = startup.cancel
                 return
+            if startup.code == p.SSL_REQUEST and self.tls:
+                self.tls = False  # once per connection
+                self.tls_requested = True
+                return
             if startup.code in (p.SSL_REQUEST, p.GSSENC_REQUEST):
-                out.append(b"N")  # no TLS here: the client may go on in plain text or give up
+                out.append(b"N")  # the client may go on in plain text or give up
                 continue
             self._begin(startup.params, out)
         while self.state in ("auth", "auth2"):

@@ -12,6 +12,8 @@ import contextlib
 import getpass
 import logging
 import os
+import socket
+import ssl
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from typing import Protocol, cast
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import _auth
+from . import _auth, _tls
 from . import _protocol as p
 from ._statements import BackendStatements
 
@@ -47,6 +49,10 @@ class Upstream:
     dbname: str
     password: str | None = field(default=None, repr=False)
     connect_timeout: float = 10.0
+    sslmode: str = "prefer"
+    sslrootcert: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
 
     @classmethod
     def from_dsn(cls, dsn: str) -> Upstream:
@@ -61,6 +67,20 @@ class Upstream:
         user = str(info.get("user") or env.get("PGUSER") or getpass.getuser())
         password = info.get("password") or env.get("PGPASSWORD")
         timeout = float(info.get("connect_timeout") or 10)
+
+        def opt(name: str, env_name: str) -> str | None:
+            value = info.get(name) or env.get(env_name)
+            return None if value is None else str(value)
+
+        sslmode = _tls.check_sslmode(opt("sslmode", "PGSSLMODE") or "prefer")
+        if host.startswith("/"):
+            sslmode = "disable"  # libpq never uses TLS on a unix socket
+        rootcert = opt("sslrootcert", "PGSSLROOTCERT")
+        if sslmode in ("verify-ca", "verify-full") and rootcert is None:
+            raise ValueError(
+                f"sslmode={sslmode} needs sslrootcert=<file of trusted CA certificates> in "
+                "upstream_dsn"
+            )
         return cls(
             host=host,
             port=port,
@@ -68,19 +88,52 @@ class Upstream:
             dbname=str(info.get("dbname") or env.get("PGDATABASE") or user),
             password=None if password is None else str(password),
             connect_timeout=timeout,
+            sslmode=sslmode,
+            sslrootcert=rootcert,
+            sslcert=opt("sslcert", "PGSSLCERT"),
+            sslkey=opt("sslkey", "PGSSLKEY"),
         )
 
     def describe(self) -> str:
         return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
 
     async def open(
-        self, factory: Callable[[], asyncio.Protocol]
+        self, factory: Callable[[], asyncio.Protocol], *, tls: bool = True
     ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+        """Connect; with ``tls`` (not for a CancelRequest) as the DSN's sslmode asks."""
         loop = asyncio.get_running_loop()
         if self.host.startswith("/"):
             path = os.path.join(self.host, f".s.PGSQL.{self.port}")
             return await loop.create_unix_connection(factory, path)
-        return await loop.create_connection(factory, self.host, self.port)
+        if not (tls and _tls.wants_tls(self.sslmode)):
+            return await loop.create_connection(factory, self.host, self.port)
+        # SSLRequest on a plain socket first; the handshake follows on the same socket.
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, _tls.SSL_REQUEST_MSG)
+            answer = await loop.sock_recv(sock, 1)
+            if answer == b"S":
+                ctx = _tls.client_context(self.sslmode, self.sslrootcert, self.sslcert, self.sslkey)
+                return await loop.create_connection(
+                    factory, sock=sock, ssl=ctx, server_hostname=self.host
+                )
+            if answer != b"N":
+                raise UpstreamError(
+                    f"upstream {self.describe()} answered SSLRequest with {answer!r}"
+                )
+            if _tls.needs_tls(self.sslmode):
+                raise UpstreamError(
+                    f"upstream {self.describe()} does not accept TLS but the DSN says "
+                    f"sslmode={self.sslmode}"
+                )
+            return await loop.create_connection(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
 
 class Borrower(Protocol):
@@ -92,7 +145,7 @@ class Borrower(Protocol):
     def attach_failed(self, reason: str) -> None:
         """No backend will come: the upstream cannot be reached."""
 
-    def server_data(self, backend: Backend, buf: bytearray) -> int:
+    def server_data(self, backend: Backend, buf: bytes | bytearray) -> int:
         """Route the complete server messages at the start of ``buf``; returns bytes used."""
 
     def server_lost(self, backend: Backend, exc: Exception | None) -> None: ...
@@ -112,12 +165,17 @@ class Backend(asyncio.Protocol):
         self.pid = 0
         self.key = 0
         self.params: dict[str, str] = {}
+        # Settings the proxy SET for a client that the server does not report: the next
+        # client that did not ask for them gets them RESET.
+        self.extra: set[str] = set()
         self.statements = BackendStatements(pool.max_prepared)
         # The client's unnamed-statement record whose Parse this backend last ran, so a Bind of
         # the unnamed statement knows whether it must be parsed here again first.
         self.unnamed: object | None = None
         self.owner: Borrower | None = None
         self.closed = False
+        # Done once the transport is gone (a TLS close takes a round trip): stop() waits for it.
+        self.lost: asyncio.Future[None] | None = None
         self._inbox: deque[tuple[bytes, bytes]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
 
@@ -129,16 +187,25 @@ class Backend(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass it
         self.transport = transport
+        self.lost = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
-        buf += data
         owner = self.owner
         if owner is not None:
-            used = owner.server_data(self, buf)
-            if used:
-                del buf[:used]
+            if buf:
+                buf += data
+                used = owner.server_data(self, buf)
+                if used:
+                    del buf[:used]
+            else:
+                # The usual case, whole messages in one read: routed without copying them
+                # into the buffer first (only a partial tail is kept).
+                used = owner.server_data(self, data)
+                if used < len(data):
+                    buf += memoryview(data)[used:]
             return
+        buf += data
         try:
             msgs, used = p.split_messages(buf, _MAX_SERVER_MESSAGE)
         except p.ProtocolError as exc:
@@ -160,6 +227,8 @@ class Backend(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
         owner, self.owner = self.owner, None
@@ -176,6 +245,12 @@ class Backend(asyncio.Protocol):
             self.owner.resume_client()
 
     # --- helpers -----------------------------------------------------------------------
+
+    def settings_reset(self) -> None:
+        """RESET ALL or DISCARD ALL ran: what the proxy SET is back to the server's default."""
+        for name in self.extra:
+            self.params.pop(name, None)
+        self.extra.clear()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -269,6 +344,8 @@ class BackendPool:
         self.members: set[Backend] = set()
         self.connecting = 0
         self.closing = False
+        self.pinned = 0  # sessions keeping a backend between transactions (LISTEN, PREPARE)
+        self.failing = False  # the last attempt to connect upstream failed
 
     async def connect(self) -> Backend:
         backend = Backend(self)
@@ -277,7 +354,13 @@ class BackendPool:
                 self.upstream.open(lambda: backend), self.upstream.connect_timeout
             )
             await backend.startup(self.upstream)
-        except (OSError, asyncio.TimeoutError, _auth.AuthError, UpstreamError) as exc:
+        except (
+            OSError,
+            ssl.SSLError,
+            asyncio.TimeoutError,
+            _auth.AuthError,
+            UpstreamError,
+        ) as exc:
             backend.close()
             if isinstance(exc, UpstreamError):
                 raise
@@ -331,7 +414,9 @@ class BackendPool:
             backend = await self.connect()
         except UpstreamError as exc:
             self.connecting -= 1
-            logger.error("%s", exc)
+            # Once per outage (a restarting server refuses every attempt), not per attempt.
+            logger.log(logging.DEBUG if self.failing else logging.ERROR, "%s", exc)
+            self.failing = True
             if not self.members:
                 # Nothing will ever serve the waiters: fail them rather than leave them hanging.
                 waiters, self.waiters = self.waiters, deque()
@@ -339,13 +424,19 @@ class BackendPool:
                     session.attach_failed(str(exc))
             return
         self.connecting -= 1
+        if self.failing:
+            self.failing = False
+            logger.warning("upstream %s reachable again", self.upstream.describe())
         if self.closing:
             backend.close()
             return
         self.release(backend)
 
-    def close(self) -> None:
+    def close(self) -> list[asyncio.Future[None]]:
+        """Close every backend; returns what to await until their transports are gone."""
         self.closing = True
+        lost = [b.lost for b in self.members if b.lost is not None]
         for backend in list(self.members):
             backend.close()
         self.idle.clear()
+        return lost

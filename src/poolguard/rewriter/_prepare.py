@@ -13,7 +13,20 @@ from collections.abc import Callable
 from . import _protocol as p
 from ._pool import Backend
 from ._replies import SYNC_ENDS, Exchange, Pending
-from ._statements import Registry, Statement, deallocate_target, drops_all, may_drop_statements
+from ._sqltext import (
+    deallocate_target,
+    drops_all,
+    ends_transaction,
+    may_drop_statements,
+    may_reset_settings,
+)
+from ._statements import Registry, Statement
+
+# PostgreSQL's own answers, given where the proxy knows them without asking the server.
+_ABORTED = p.error_response(
+    "25P02", "current transaction is aborted, commands ignored until end of transaction block"
+)
+_CHANGED = p.error_response("0A000", "cached plan must not change result type")
 
 
 class Unnamed:
@@ -29,20 +42,25 @@ class Unnamed:
 class ClientStatements:
     """The statement names one client has prepared, rewritten onto server statements."""
 
-    __slots__ = ("ex", "named", "registry", "unnamed")
+    __slots__ = ("checking", "ex", "named", "registry", "unnamed")
 
     def __init__(self, registry: Registry, ex: Exchange) -> None:
         self.registry = registry
         self.ex = ex
         self.named: dict[bytes, Statement] = {}
         self.unnamed: Unnamed | None = None
+        # A statement whose result type is being compared on a new backend: the client's
+        # requests wait until the server answers (see ``_ensure``).
+        self.checking: Statement | None = None
 
     # --- Parse --------------------------------------------------------------------------
 
     def parse_without_server(self, msg: p.Parse, backend: Backend | None) -> bool:
         """Answer a named Parse in turn without the server if the statement is known valid
         (on ``backend``, or anywhere when there is none); False if the server is needed."""
-        if msg.name == b"" or msg.name in self.named or self.ex.status == b"E":
+        if msg.name == b"" or msg.name in self.named:
+            return False
+        if self.ex.status == b"E" and not ends_transaction(msg.query):
             return False
         stmt = self.registry.get((msg.query, msg.param_types))
         if (backend is None and stmt.verified) or (
@@ -57,6 +75,11 @@ class ClientStatements:
         if msg.name == b"":
             self._parse_unnamed(backend, msg)
             return
+        if self.ex.status == b"E" and not ends_transaction(msg.query):
+            # In a failed transaction PostgreSQL parses only what ends it (pgJDBC sends a
+            # named Parse of ROLLBACK there); anything else gets 25P02 and aborts the pipeline.
+            self.ex.probe(_ABORTED, None)
+            return
         if msg.name in self.named:
             error = f'prepared statement "{_name(msg.name)}" already exists'
             self.ex.probe(p.error_response("42P05", error), None)
@@ -64,10 +87,7 @@ class ClientStatements:
         stmt = self.registry.get((msg.query, msg.param_types))
         self.named[msg.name] = stmt
         undo = self._forget(msg.name, stmt)
-        if self.ex.status == b"E":
-            # PostgreSQL rejects Parse in a failed transaction; let the server say so.
-            self.ex.probe(None, undo)
-        elif backend.statements.touch(stmt):
+        if backend.statements.touch(stmt):
             self.ex.synth(p.PARSE_COMPLETE, undo)
         else:
             self.prepare(backend, stmt, hidden=False, undo=undo)
@@ -93,6 +113,8 @@ class ClientStatements:
                 query = b'DEALLOCATE "' + throwaway.name + b'"'
             else:
                 self.dropping(backend, query)
+        if backend.extra and may_reset_settings(query):
+            backend.settings_reset()
         u = Unnamed(query, msg.param_types)
         self.unnamed = u
         backend.unnamed = u
@@ -113,7 +135,11 @@ class ClientStatements:
         hidden: bool,
         undo: Callable[[], None] | None = None,
     ) -> None:
-        """Parse ``stmt`` on ``backend``, closing what the LRU evicts (those replies hidden)."""
+        """Parse ``stmt`` on ``backend``, closing what the LRU evicts (those replies hidden).
+
+        The first Parse of a statement records its result type; a later one on another backend
+        compares (``checking`` is set until the server answers, and the client waits).
+        """
         ex = self.ex
         for old in backend.statements.add(stmt):
             ex.to_server(p.build_target(p.CLOSE, b"S", old.name), Pending(b"3E", hidden=True))
@@ -126,24 +152,52 @@ class ClientStatements:
             if undo is not None:
                 undo()
 
-        def ok() -> None:
+        def ok(_: bytes) -> None:
             stmt.verified = True
 
         ex.to_server(
             p.build_parse(stmt.name, stmt.query, stmt.param_types),
             Pending(b"1E", hidden=hidden, undo=failed, on_ok=ok),
         )
+        describe = p.build_target(p.DESCRIBE, b"S", stmt.name)
+        if stmt.result is None:
+
+            def record(result: bytes) -> None:
+                if stmt.result is None:
+                    stmt.result = result
+
+            ex.to_server(describe, Pending(b"Tn", hidden=True, on_ok=record))
+            return
+
+        def skipped() -> None:
+            if self.checking is stmt:
+                self.checking = None
+
+        def compare(result: bytes) -> None:
+            skipped()
+            if result != stmt.result:
+                # DDL changed the result type since the statement was first prepared: this
+                # copy must not serve clients that were told the old one.
+                self.plan_changed(backend, stmt)
+                ex.to_server(p.build_target(p.CLOSE, b"S", stmt.name), Pending(b"3E", hidden=True))
+
+        ex.to_server(describe, Pending(b"Tn", hidden=True, on_ok=compare, undo=skipped))
+        if hidden:  # a lazy Parse for a Bind or Describe: those wait for the answer
+            self.checking = stmt
+            ex.to_server(p.FLUSH_MSG)  # needed now, not at the client's Sync
 
     # --- Bind, Describe, Close ----------------------------------------------------------
 
-    def _ensure(self, backend: Backend, name: bytes) -> tuple[bytes, Statement | None] | None:
+    def _ensure(
+        self, backend: Backend, name: bytes
+    ) -> tuple[bytes, Statement | None] | bytes | None:
         """The server-side name for a Bind/Describe of the client's ``name`` (and its Statement,
-        None for the unnamed one), parsed on ``backend`` first if needed; None if the client
-        has no such statement."""
+        None for the unnamed one), parsed on ``backend`` first if needed; or the error to
+        answer with; or None when the client must wait for a result-type check."""
         if name == b"":
             u = self.unnamed
             if u is None:
-                return None
+                return _missing_error(name)
             if backend.unnamed is not u:
                 backend.unnamed = u
 
@@ -157,33 +211,45 @@ class ClientStatements:
             return b"", None
         stmt = self.named.get(name)
         if stmt is None:
-            return None
+            return _missing_error(name)
+        if stmt.stale:
+            return _CHANGED
         if not backend.statements.touch(stmt):
             self.prepare(backend, stmt, hidden=True)
+            if self.checking is stmt:
+                return None
         return stmt.name, stmt
 
-    def bind(self, backend: Backend, body: bytes) -> None:
+    def bind(self, backend: Backend, body: bytes) -> bool:
+        """Forward a Bind; False if the client must wait (and send it again)."""
         portal, name, rest_at = p.split_bind(body)
         target = self._ensure(backend, name)
         if target is None:
-            self.ex.probe(_missing_error(name), None)
-            return
-        self.ex.to_server(
-            p.build_bind(portal, target[0], body[rest_at:]), Pending(b"2E", stmt=target[1])
-        )
+            return False
+        if isinstance(target, bytes):
+            self.ex.probe(target, None)
+        else:
+            self.ex.to_server(
+                p.build_bind(portal, target[0], body[rest_at:]), Pending(b"2E", stmt=target[1])
+            )
+        return True
 
-    def describe(self, backend: Backend, body: bytes) -> None:
+    def describe(self, backend: Backend, body: bytes) -> bool:
+        """Forward a Describe; False if the client must wait (and send it again)."""
         which, name = p.parse_target(body)
         if which == b"P":
             self.ex.to_server(p.frame(p.DESCRIBE, body), Pending(b"TnE"))
-            return
+            return True
         target = self._ensure(backend, name)
         if target is None:
-            self.ex.probe(_missing_error(name), None)
-            return
-        self.ex.to_server(
-            p.build_target(p.DESCRIBE, b"S", target[0]), Pending(b"TnE", stmt=target[1])
-        )
+            return False
+        if isinstance(target, bytes):
+            self.ex.probe(target, None)
+        else:
+            self.ex.to_server(
+                p.build_target(p.DESCRIBE, b"S", target[0]), Pending(b"TnE", stmt=target[1])
+            )
+        return True
 
     def close(self, backend: Backend | None, body: bytes) -> None:
         which, name = p.parse_target(body)
@@ -227,6 +293,8 @@ class ClientStatements:
     def query(self, backend: Backend, body: bytes, sql: bytes, dropping: bool) -> None:
         if dropping:
             self.dropping(backend, sql)
+        if backend.extra and may_reset_settings(sql):
+            backend.settings_reset()
         # A simple Query drops the unnamed statement, on the server and so for the client.
         self.unnamed = None
         backend.unnamed = None
@@ -245,6 +313,7 @@ class ClientStatements:
     def plan_changed(self, backend: Backend, stmt: Statement) -> None:
         """The server said the statement's plan is unusable ("cached plan must not change
         result type"): the next Parse of this SQL gets a fresh server statement."""
+        stmt.stale = True
         self.registry.retire(stmt)
         backend.statements.discard(stmt)
 

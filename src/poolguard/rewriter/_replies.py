@@ -47,7 +47,7 @@ class Pending:
         stmt: Statement | None = None,
         error: bytes | None = None,
         undo: Callable[[], None] | None = None,
-        on_ok: Callable[[], None] | None = None,
+        on_ok: Callable[[bytes], None] | None = None,
         synth: bytes | Callable[[], bytes] | None = None,
         sync: bool = False,
     ) -> None:
@@ -57,7 +57,7 @@ class Pending:
         self.stmt = stmt
         self.error = error  # replaces the server's 26000 error (a probe)
         self.undo = undo  # the request failed or was skipped: forget its effects
-        self.on_ok = on_ok
+        self.on_ok = on_ok  # called with the message that completed the request
         self.synth = synth  # reply to deliver when this reaches the head, no server involved
         self.sync = sync  # a Sync: where skipping after an error stops
         self.copying = False  # the server answered with CopyInResponse

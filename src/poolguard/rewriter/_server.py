@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import ssl
 import stat
 from typing import cast
 
@@ -30,12 +31,16 @@ class Proxy:
         max_prepared: int,
         max_message_size: int,
         cleanup_timeout: float,
+        login_timeout: float = 60.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.pool = BackendPool(upstream, size=pool_size, max_prepared=max_prepared)
         self.registry = Registry()
         self.verifier = ScramVerifier.from_password(password)
         self.max_message_size = max_message_size
         self.cleanup_timeout = cleanup_timeout
+        self.login_timeout = login_timeout
+        self.tls = tls  # offered to clients that send SSLRequest
         self.server_params: dict[str, str] = {}
         self.sessions: dict[int, Session] = {}
         self._next_pid = 1
@@ -63,7 +68,7 @@ class Proxy:
             )
             self.host, self.port = host, port
         else:
-            if not _is_loopback(host):
+            if not _is_loopback(host) and self.tls is None:
                 logger.warning(
                     "rewriter listening on non-loopback address %s: clients authenticate with "
                     "SCRAM over plain TCP (no TLS)",
@@ -88,7 +93,9 @@ class Proxy:
         for session in list(self.sessions.values()):
             if session.transport is not None:
                 session.transport.close()
-        self.pool.close()
+        lost = self.pool.close()
+        if lost:
+            await asyncio.wait(lost, timeout=2)
         if self._server is not None:
             await self._server.wait_closed()
         if self.socket_path:
@@ -121,7 +128,8 @@ class Proxy:
         transport: asyncio.BaseTransport | None = None
         try:
             transport, _ = await asyncio.wait_for(
-                self.pool.upstream.open(asyncio.Protocol), self.pool.upstream.connect_timeout
+                self.pool.upstream.open(asyncio.Protocol, tls=False),
+                self.pool.upstream.connect_timeout,
             )
             cast(asyncio.WriteTransport, transport).write(p.build_cancel(pid, key))
         except (OSError, asyncio.TimeoutError) as exc:

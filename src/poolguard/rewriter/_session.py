@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
 from typing import Protocol, cast
 
 from . import _auth, _janitor
 from . import _protocol as p
 from ._login import Login
-from ._params import TRACKED, set_message
+from ._params import TRACKED, apply_settings
+from ._pins import Pins
 from ._pool import Backend, BackendPool
 from ._prepare import ClientStatements
 from ._replies import SYNC_ENDS, Exchange, Pending
-from ._statements import Registry, may_drop_statements
+from ._sqltext import may_change_session_state, may_drop_statements
+from ._statements import Registry
 
 logger = logging.getLogger("poolguard.rewriter")
 
@@ -40,6 +43,8 @@ class Host(Protocol):
     server_params: dict[str, str]
     max_message_size: int
     cleanup_timeout: float
+    login_timeout: float
+    tls: ssl.SSLContext | None
 
     def register_session(self, session: Session) -> tuple[int, int]:
         """A (pid, key) pair for the client's BackendKeyData."""
@@ -62,6 +67,7 @@ class Session(asyncio.Protocol):
             verifier=proxy.verifier,
             server_params=proxy.server_params,
             trusted=trusted,
+            tls=proxy.tls is not None and not trusted,
         )
         self.params: dict[str, str] = {}  # what the client believes the session settings are
         self.wanted: dict[str, str] = {}  # settings to re-apply on each backend
@@ -69,12 +75,18 @@ class Session(asyncio.Protocol):
         self.prep = ClientStatements(proxy.registry, self.ex)
         self.backend: Backend | None = None
         self.waiting = False  # asked the pool for a backend, not attached yet
+        self.held = False  # waiting for the server's answer to a result-type check
+        self.pins = Pins()
+        self.pinned = False  # keeps its backend between transactions (LISTEN, SQL PREPARE)
+        self.server_closing = False  # the server sent a FATAL error: the client has it
         self.paused = False  # stopped reading from the client while waiting
         self.stalled: list[tuple[bytes, bytes]] = []
         self.gone = False  # client disconnected; only cleaning the backend remains
         self.pid = 0
         self.key = 0
         self._cleanup_timer: asyncio.TimerHandle | None = None
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._tls_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Session pid={self.pid} state={self.state}>"
@@ -84,6 +96,18 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass it
         self.transport = transport
+        # Like the server's authentication_timeout: a client that does not finish logging in
+        # (silent socket, half a startup packet, stopped at the password) is closed.
+        loop = asyncio.get_running_loop()
+        self._login_timer = loop.call_later(self.proxy.login_timeout, self._login_expired)
+
+    def _login_expired(self) -> None:
+        self._login_timer = None
+        if self.state != "ready" and self.transport is not None:
+            logger.info(
+                "closing a client that did not log in within %.0f s", self.proxy.login_timeout
+            )
+            self._close()
 
     def data_received(self, data: bytes) -> None:
         if self.state == "closed":
@@ -107,12 +131,18 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
         self.transport = None
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         self.proxy.forget_session(self)
         if self.waiting:
             self.proxy.pool.cancel_wait(self)
             self.waiting = False
         if self.backend is not None:
             self._clean_backend()
+        if self.pinned:
+            self.pinned = False
+            self.proxy.pool.pinned -= 1
 
     def pause_writing(self) -> None:
         if self.backend is not None and self.backend.transport is not None:
@@ -136,6 +166,10 @@ class Session(asyncio.Protocol):
         login = self.login
         assert login is not None
         login.feed(self.buf, self.ex.client_out)
+        if login.tls_requested:
+            login.tls_requested = False
+            self._start_tls()
+            return
         if login.cancel is not None:
             self.proxy.cancel(*login.cancel)
             self._close()
@@ -143,10 +177,38 @@ class Session(asyncio.Protocol):
         if not login.done:
             return
         self.login = None
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         self.wanted = login.wanted
         self._logged_in()
         if self.buf:  # queries sent right behind the password
             self._client_messages()
+
+    def _start_tls(self) -> None:
+        transport, ctx = self.transport, self.proxy.tls
+        assert transport is not None and ctx is not None
+        self._flush()
+        transport.write(b"S")
+        loop = asyncio.get_running_loop()
+
+        async def handshake() -> None:
+            try:
+                tls = await loop.start_tls(
+                    transport, self, ctx, server_side=True,
+                    ssl_handshake_timeout=self.proxy.login_timeout,
+                )  # fmt: skip
+            except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+                logger.info("TLS handshake with a client failed: %s", exc)
+                transport.close()
+                return
+            if tls is None:  # the client went away during the handshake
+                return
+            self.transport = tls
+            if self.buf and self.state != "closed":
+                self.data_received(b"")
+
+        self._tls_task = loop.create_task(handshake())
 
     def _logged_in(self) -> None:
         """Tell the client the session settings, its cancel key, and that it may send queries."""
@@ -165,7 +227,7 @@ class Session(asyncio.Protocol):
     # --- client messages ----------------------------------------------------------------
 
     def _client_messages(self) -> None:
-        if self.waiting:
+        if self.waiting or self.held:
             # Buffer while waiting for a backend; stop reading only if the client keeps
             # sending (pausing costs two epoll calls, and nearly every request waits briefly).
             if len(self.buf) > _WAIT_BUFFER and self.transport is not None:
@@ -187,16 +249,24 @@ class Session(asyncio.Protocol):
             return
         self.backend = backend
         self._sync_settings(backend)
+        self._resume()
+
+    def _resume(self) -> None:
+        """Handle the messages that waited (for a backend, or for a check), then read on."""
+        self.held = False
+        if self.gone or self.state == "closed":
+            return
         stalled, self.stalled = self.stalled, []
         try:
             for i, (kind, body) in enumerate(stalled):
                 if not self._handle(kind, body):
                     self.stalled = stalled[i:]
-                    return
-            if self.paused and self.transport is not None:
-                self.paused = False
-                self.transport.resume_reading()
-            self._client_messages()
+                    break
+            else:
+                if self.paused and self.transport is not None:
+                    self.paused = False
+                    self.transport.resume_reading()
+                self._client_messages()
         except p.ProtocolError as exc:
             self._fatal(exc.sqlstate, f"protocol violation: {exc}")
         self._flush()
@@ -217,26 +287,7 @@ class Session(asyncio.Protocol):
         return self.backend
 
     def _sync_settings(self, backend: Backend) -> None:
-        """Re-apply the client's settings where this backend's differ (one hidden SET each)."""
-        if self.wanted.items() <= backend.params.items():  # the usual case, checked in C
-            return
-        for name, value in self.wanted.items():
-            if backend.params.get(name) == value:
-                continue
-            backend.params[name] = value
-            backend.unnamed = None  # a simple Query drops the unnamed statement
-
-            def failed(name: str = name, value: str = value) -> None:
-                # PostgreSQL would have refused this at login; don't retry it on every backend.
-                logger.warning("could not apply client setting %s=%r on the server", name, value)
-                backend.params.pop(name, None)
-                if self.wanted.get(name) == value:
-                    del self.wanted[name]
-
-            self.ex.to_server(
-                set_message(name, value),
-                Pending(SYNC_ENDS, extended=False, hidden=True, undo=failed),
-            )
+        apply_settings(backend, self.wanted, self.proxy.server_params, self.ex)
 
     def _handle(self, kind: bytes, body: bytes) -> bool:
         """Route one client message; False if it has to wait for a backend."""
@@ -250,7 +301,9 @@ class Session(asyncio.Protocol):
             backend = self._need_backend()
             if backend is None:
                 return False
-            self.prep.bind(backend, body)
+            if not self.prep.bind(backend, body):
+                self.held = True
+                return False
             return True
         if kind == p.EXECUTE or kind == p.FUNCTION_CALL:
             if self._need_backend() is None:
@@ -267,13 +320,19 @@ class Session(asyncio.Protocol):
             backend = self._need_backend()
             if backend is None:
                 return False
-            self.prep.parse(backend, msg)
+            refused = self._session_state(msg.query)
+            if refused is not None:
+                ex.probe(refused, None)
+            else:
+                self.prep.parse(backend, msg)
             return True
         if kind == p.DESCRIBE:
             backend = self._need_backend()
             if backend is None:
                 return False
-            self.prep.describe(backend, body)
+            if not self.prep.describe(backend, body):
+                self.held = True
+                return False
             return True
         if kind == p.CLOSE:
             self.prep.close(self.backend, body)
@@ -310,56 +369,107 @@ class Session(asyncio.Protocol):
         backend = self._need_backend()
         if backend is None:
             return False
+        refused = self._session_state(sql)
+        if refused is not None:
+            # Let the server raise it: it then aborts the transaction as any error would.
+            self.ex.to_server(_raise(refused), Pending(SYNC_ENDS, extended=False))
+            return True
         self.prep.query(backend, body, sql, dropping)
         return True
 
+    def _session_state(self, sql: bytes) -> bytes | None:
+        """Pin or unpin the client (see ``_pins``); the error to answer with if refused."""
+        if not may_change_session_state(sql):
+            return None
+        refused = self.pins.update(sql, self.proxy.pool)
+        self.pinned = self.pins.pinned
+        return refused
+
     # --- server replies -----------------------------------------------------------------
 
-    def server_data(self, backend: Backend, buf: bytearray) -> int:
-        """Route the complete server messages at the start of ``buf``; returns bytes used."""
+    def server_data(self, backend: Backend, buf: bytes | bytearray) -> int:
+        """Route the complete server messages at the start of ``buf``; returns bytes used.
+
+        Replies the client gets as they are go out as one slice per run of consecutive
+        messages (usually the whole read), not one object per message.
+        """
         pos, n = 0, len(buf)
         ex = self.ex
         q = ex.pending
         out = ex.client_out
         release = False
+        run = 0  # start of the pass-through messages not yet queued for the client
         while n - pos >= 5:
             end = pos + 1 + _UNPACK_I32(buf, pos + 1)[0]
             if end > n:
                 break
             t = buf[pos]
-            if t in (_S, _N, _A):
-                self._async_message(backend, t, bytes(buf[pos:end]))
+            if t in (_S, _N, _A) or t == _E or not q:
+                if run < pos:
+                    out.append(buf[run:pos])
+                run = end
+                if t in (_S, _N, _A):
+                    self._async_message(backend, t, bytes(buf[pos:end]))
+                    pos = end
+                    continue
+                if not q:
+                    if t == _E and self._server_closing(bytes(buf[pos:end])):
+                        pos = end
+                        continue
+                    self._desync(backend, f"unexpected message {chr(t)!r} from server")
+                    return n
+                self._server_error(backend, q[0], bytes(buf[pos:end]))
                 pos = end
                 continue
-            if not q:
-                self._desync(backend, f"unexpected message {chr(t)!r} from server")
-                return n
             head = q[0]
-            if t == _E:
-                self._server_error(backend, head, bytes(buf[pos:end]))
-            else:
-                if not head.hidden:
-                    out.append(buf[pos:end])
-                if t == _G:
-                    head.copying = True
-                if t in head.ends:
-                    q.popleft()
-                    if head.on_ok is not None:
-                        head.on_ok()
-                    if t == _Z:
-                        ex.status = bytes(buf[pos + 5 : pos + 6])
-                        if not head.hidden and ex.status == b"I" and not q:
-                            release = True
+            if head.hidden:
+                if run < pos:
+                    out.append(buf[run:pos])
+                run = end
+            if t == _G:
+                head.copying = True
+            if t in head.ends:
+                q.popleft()
+                if head.on_ok is not None:
+                    head.on_ok(bytes(buf[pos:end]))
+                if t == _Z:
+                    ex.status = bytes(buf[pos + 5 : pos + 6])
+                    if not head.hidden and ex.status == b"I" and not q:
+                        release = not self.pinned
+                if q and q[0].synth is not None:
+                    if run < end:
+                        out.append(buf[run:end])
+                    run = end
                     ex.deliver_synth()
             pos = end
             if release:
                 break
-        self._flush()
+        if run < pos:
+            out.append(buf[run:pos])
         if release or (self.gone and not q and ex.status == b"I"):
+            # The backend goes to the next waiting client before this reply is written: the
+            # server connections are the scarce resource, so its next requests go out first.
+            if ex.server_out:
+                self._flush()
             self._detach(backend)
-        elif self.gone and not q:
+            self._flush()
+            return pos
+        self._flush()
+        if self.gone and not q:
             self._clean_backend()
+        elif self.held and self.prep.checking is None:
+            self._resume()
         return pos
+
+    def _server_closing(self, msg: bytes) -> bool:
+        """A FATAL error outside any request (57P01 at server shutdown, a terminated
+        backend): passed on as it is, since the server closes the connection next."""
+        severity = p.parse_error_fields(msg[5:]).get("V", "")
+        if severity not in ("FATAL", "PANIC"):
+            return False
+        self.server_closing = True
+        self.ex.client_out.append(msg)
+        return True
 
     def _async_message(self, backend: Backend, t: int, msg: bytes) -> None:
         if t == _S:
@@ -380,6 +490,8 @@ class Session(asyncio.Protocol):
             msg = head.error
         if code == "0A000" and head.stmt is not None and _CACHED_PLAN in fields.get("M", ""):
             self.prep.plan_changed(backend, head.stmt)
+        if fields.get("V") in ("FATAL", "PANIC"):
+            self.server_closing = True
         if not head.extended:  # a simple Query or Sync: ReadyForQuery follows
             if head.hidden:  # the proxy's own SET or ROLLBACK: the client asked for neither
                 if head.undo is not None:
@@ -404,9 +516,13 @@ class Session(asyncio.Protocol):
     def server_lost(self, backend: Backend, exc: Exception | None) -> None:
         self.backend = None
         self.ex.pending.clear()
-        if not self.gone:
+        if self.gone:
+            return
+        if self.server_closing:  # the client has the server's own FATAL error already
+            self._close()
+        else:
             self._fatal("08006", "the server connection was lost; reconnect and retry")
-            self._flush()
+        self._flush()
 
     def _desync(self, backend: Backend, what: str) -> None:
         logger.error("protocol desync with server pid=%d: %s", backend.pid, what)
@@ -426,7 +542,8 @@ class Session(asyncio.Protocol):
             return
         if backend.transport is not None:
             backend.transport.resume_reading()  # the client may have paused it; drain now
-        _janitor.queue_rollback(self.ex)
+        pins = self.pins
+        _janitor.queue_rollback(self.ex, unlisten=pins.listening, sql_prepared=pins.sql_prepared)
         self._flush()
         loop = asyncio.get_running_loop()
         self._cleanup_timer = loop.call_later(self.proxy.cleanup_timeout, self._cleanup_expired)
@@ -462,3 +579,17 @@ class Session(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self.state = "closed"
+
+
+def _raise(error: bytes) -> bytes:
+    """A simple Query that makes the server raise ``error`` (an ErrorResponse message)."""
+    fields = p.parse_error_fields(error[5:])
+    message = fields["M"].replace("'", "''")
+    sql = (
+        "DO $poolguard$BEGIN RAISE EXCEPTION USING ERRCODE = '"
+        + fields["C"]
+        + "', MESSAGE = '"
+        + message
+        + "'; END$poolguard$"
+    )
+    return p.frame(p.QUERY, sql.encode() + b"\0")

@@ -8,7 +8,6 @@ prepare the same SQL share one server statement and a backend prepares it at mos
 from __future__ import annotations
 
 import itertools
-import re
 import weakref
 from collections import OrderedDict
 
@@ -18,7 +17,7 @@ StatementKey = tuple[bytes, tuple[int, ...]]
 class Statement:
     """One server-side prepared statement, shared by every client that prepared the same key."""
 
-    __slots__ = ("__weakref__", "key", "name", "verified")
+    __slots__ = ("__weakref__", "key", "name", "result", "stale", "verified")
 
     def __init__(self, key: StatementKey, name: bytes) -> None:
         self.key = key
@@ -26,6 +25,12 @@ class Statement:
         # True once some backend accepted the Parse: a client's Parse of the same key can then
         # be answered without a round trip.
         self.verified = False
+        # The RowDescription (or NoData) message of the first Parse: PostgreSQL fixes a
+        # prepared statement's result type then, and so must every later backend's copy.
+        self.result: bytes | None = None
+        # The result type changed (DDL): every use answers 0A000, as PostgreSQL does for a
+        # cached plan, so drivers prepare again (and get a fresh Statement).
+        self.stale = False
 
     @property
     def query(self) -> bytes:
@@ -109,42 +114,3 @@ class BackendStatements:
 
     def clear(self) -> None:
         self._lru.clear()
-
-
-# --- SQL that changes which statements exist ------------------------------------------------
-
-_COMMENTS = re.compile(rb"--[^\n]*|/\*.*?\*/", re.S)
-_DEALLOCATE = re.compile(
-    rb"\s*deallocate\s+(?:prepare\s+)?(?:\"((?:[^\"]|\"\")+)\"|([a-z_][a-z0-9_$]*))\s*;?\s*",
-    re.I,
-)
-_DROPS_ALL = re.compile(rb"\s*(?:deallocate\s+(?:prepare\s+)?all|discard\s+all)\s*;?\s*", re.I)
-_MAY_DROP = re.compile(rb"deallocate|discard", re.I)
-
-
-def deallocate_target(sql: bytes) -> bytes | None:
-    """The statement name of a lone ``DEALLOCATE [PREPARE] name``, else None.
-
-    Unquoted names fold to lower case as PostgreSQL folds identifiers.
-    """
-    m = _DEALLOCATE.fullmatch(_COMMENTS.sub(b" ", sql))
-    if m is None:
-        return None
-    if m.group(1) is not None:
-        return m.group(1).replace(b'""', b'"')
-    name = m.group(2).lower()
-    return None if name == b"all" else name
-
-
-def drops_all(sql: bytes) -> bool:
-    """True for a lone ``DEALLOCATE ALL`` or ``DISCARD ALL``: the client's statements are gone."""
-    return _DROPS_ALL.fullmatch(_COMMENTS.sub(b" ", sql)) is not None
-
-
-def may_drop_statements(sql: bytes) -> bool:
-    """Cheap over-approximation: could this SQL drop prepared statements on the backend?
-
-    A false positive only costs a re-prepare later, so a multi-statement string or a function
-    body mentioning the words is treated as if it did.
-    """
-    return _MAY_DROP.search(sql) is not None
