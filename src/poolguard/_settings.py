@@ -38,6 +38,9 @@ ENV_VARIABLES = frozenset(
         "POOLGUARD_UPSTREAM",
         "POOLGUARD_PG_BINDIR",
         "POOLGUARD_REQUIRE_PGBOUNCER",
+        "POOLGUARD_REQUIRE_CLIENTS",
+        "POOLGUARD_NODE_MODULES",
+        "POOLGUARD_REWRITER_UVLOOP",
     }
 )
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
