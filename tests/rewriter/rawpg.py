@@ -16,6 +16,14 @@ from poolguard.rewriter import _protocol as p
 Msg = tuple[bytes, bytes]
 
 
+class LoginRefused(ConnectionError):
+    """The server answered the login with an ErrorResponse; ``fields`` has its SQLSTATE ("C")."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(fields.get("M"))
+        self.fields = fields
+
+
 class RawClient:
     def __init__(self, dsn: str, *, after_password: bytes = b"", **params: str) -> None:
         """``after_password`` is sent in the same packet as the last SCRAM message."""
@@ -37,7 +45,9 @@ class RawClient:
             kind, body = self.read()
             if kind == b"R":
                 code = struct.unpack_from("!i", body)[0]
-                if code == 10:
+                if code == 3:  # cleartext (the rewriter's auth passthrough)
+                    self.send(p.frame(b"p", self.password.encode() + b"\0"))
+                elif code == 10:
                     scram = _auth.ScramClient(self.password)
                     first = scram.first()
                     payload = _auth.MECHANISM + b"\0" + struct.pack("!i", len(first)) + first
@@ -57,7 +67,7 @@ class RawClient:
                 continue
             got.append((kind, body))
             if kind == b"E":
-                raise ConnectionError(p.parse_error_fields(body).get("M"))
+                raise LoginRefused(p.parse_error_fields(body))
             if kind == b"Z":
                 self.status = body
                 return got

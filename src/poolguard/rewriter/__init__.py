@@ -28,9 +28,11 @@ from urllib.parse import quote
 
 from psycopg.conninfo import make_conninfo
 
+from ._admin import Stats, query_stats
 from ._build import DEFAULT_MAX_MESSAGE_SIZE, ProxySettings, build_proxy, new_loop
 from ._child import Child, ChildError
 from ._pool import Upstream, UpstreamError
+from ._pools import ADMIN_DATABASE
 from ._server import Proxy
 
 __all__ = ["RewriterHandle", "UpstreamError", "main", "serve", "start"]
@@ -127,6 +129,26 @@ class RewriterHandle:
             f"{state} in a {where}>"
         )
 
+    def stats(self) -> Stats:
+        """The admin console's views as rows: ``{"pools": [...], "clients": [...], "servers":
+        [...], "stats": [...]}``, each row a dict of the SHOW command's columns."""
+        runner = self._runner
+        if isinstance(runner, _Thread):
+
+            async def collect() -> Stats:
+                return runner.proxy.stats()
+
+            return asyncio.run_coroutine_threadsafe(collect(), runner.loop).result(10)
+        return query_stats(
+            make_conninfo(
+                host=self.host,
+                port=self.port,
+                user=self.user,
+                password=self._password,
+                dbname=ADMIN_DATABASE,
+            )
+        )
+
     def stop(self, timeout: float = 10.0) -> None:
         """Close client and server connections and end the rewriter's thread or process.
         Idempotent."""
@@ -150,6 +172,10 @@ def start(
     login_timeout: float = 60.0,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    userlist: str | None = None,
+    auth_passthrough: bool = False,
+    admin_users: Sequence[str] = (),
+    pool_sizes: dict[str, int] | None = None,
     use_uvloop: bool | None = None,
     isolate: bool = True,
 ) -> RewriterHandle:
@@ -163,19 +189,37 @@ def start(
     ``listen`` is HOST:PORT (port 0 picks a free one), or the path of a folder (created with
     mode 0700, or already private) for a unix socket whose clients are trusted without a
     password. ``pool_size`` is the number of server
-    connections shared by all clients; ``max_prepared`` bounds the prepared statements kept on
-    each of them (least recently used are closed first). Clients log in with the upstream
-    user, database and password (a random password if the upstream needs none; it is in
-    ``handle.dsn``). ``login_timeout``: a client that has not logged in after this many
-    seconds is closed (PostgreSQL's authentication_timeout, 60 s by default). ``tls_cert`` and
-    ``tls_key`` (PEM files): clients that ask for TLS get it. Towards the upstream, TLS follows
-    the DSN's ``sslmode``/``sslrootcert``/``sslcert``/``sslkey`` as libpq reads them.
+    connections of each (user, database) pool; ``max_prepared`` bounds the prepared statements
+    kept on each of them (least recently used are closed first). Clients log in with the
+    upstream user and password (a random password if the upstream needs none; it is in
+    ``handle.dsn``) to any database that user may open upstream, or as a user of the
+    ``userlist`` file (PgBouncer's auth_file format: ``"user" "password"`` lines, the password
+    plain or PostgreSQL's SCRAM secret), or with ``auth_passthrough`` as any other user: the
+    client's cleartext password is tried upstream (use it over TLS or a local socket). Each
+    (user, database) pair gets its own pool; ``pool_sizes`` maps ``"user/database"`` to a size
+    other than ``pool_size``. The virtual database ``poolguard`` is an admin console (``SHOW
+    POOLS``/``CLIENTS``/``SERVERS``/``STATS``) for the upstream user and ``admin_users``;
+    ``handle.stats()`` returns the same rows. ``login_timeout``: a client that has not logged
+    in after this many seconds is closed (PostgreSQL's authentication_timeout, 60 s by
+    default). ``tls_cert`` and ``tls_key`` (PEM files): clients that ask for TLS get it.
+    Towards the upstream, TLS follows the DSN's ``sslmode``/``sslrootcert``/``sslcert``/
+    ``sslkey`` as libpq reads them.
     ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
     if the upstream cannot be reached.
     """
     # Built here in every case: bad settings raise ValueError in the caller's process.
     settings = ProxySettings(
-        pool_size, max_prepared, max_message_size, cleanup_timeout, login_timeout, tls_cert, tls_key
+        pool_size,
+        max_prepared,
+        max_message_size,
+        cleanup_timeout,
+        login_timeout,
+        tls_cert,
+        tls_key,
+        userlist,
+        auth_passthrough,
+        tuple(admin_users),
+        dict(pool_sizes or {}),
     )
     proxy, password, host, port = build_proxy(upstream_dsn, listen, settings)
     if isolate:
@@ -249,10 +293,24 @@ async def serve(
     login_timeout: float = 60.0,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    userlist: str | None = None,
+    auth_passthrough: bool = False,
+    admin_users: Sequence[str] = (),
+    pool_sizes: dict[str, int] | None = None,
 ) -> None:
     """Run the rewriter in the current event loop until SIGINT/SIGTERM (the sidecar)."""
     settings = ProxySettings(
-        pool_size, max_prepared, max_message_size, cleanup_timeout, login_timeout, tls_cert, tls_key
+        pool_size,
+        max_prepared,
+        max_message_size,
+        cleanup_timeout,
+        login_timeout,
+        tls_cert,
+        tls_key,
+        userlist,
+        auth_passthrough,
+        tuple(admin_users),
+        dict(pool_sizes or {}),
     )
     proxy, _, host, port = build_proxy(upstream_dsn, listen, settings)
     await proxy.start(host, port)
@@ -272,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="poolguard proxy",
         description="PostgreSQL proxy with transaction pooling that keeps prepared statements "
-        "working. Clients log in with the upstream's user, database and password.",
+        "working. Clients log in with the upstream's user and password, or as --userlist users "
+        "(or any user with --auth-passthrough), one pool per user and database. The database "
+        "'poolguard' is an admin console: SHOW POOLS, CLIENTS, SERVERS, STATS.",
     )
     parser.add_argument(
         "--upstream",
@@ -294,12 +354,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=60.0,
         help="seconds a client may take to log in before it is closed (60)",
     )
+    parser.add_argument(
+        "--userlist",
+        help='file of users clients may log in as, lines of "user" "password" (the password '
+        "plain or a SCRAM-SHA-256 secret from pg_authid; PgBouncer's auth_file format)",
+    )
+    parser.add_argument(
+        "--auth-passthrough",
+        action="store_true",
+        help="let users not in the userlist log in with their upstream password: the proxy asks "
+        "for it in cleartext and tries it upstream (use with TLS or a local socket)",
+    )
+    parser.add_argument(
+        "--admin-user",
+        action="append",
+        default=[],
+        help="a user (besides the upstream's) allowed to use the 'poolguard' console; repeatable",
+    )
+    parser.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="USER/DATABASE=SIZE",
+        help="server connections of one user/database pool instead of --pool-size; repeatable",
+    )
     parser.add_argument("--tls-cert", help="PEM certificate offered to clients that ask for TLS")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
     if not args.upstream:
         parser.error("--upstream is required (or set POOLGUARD_UPSTREAM / DATABASE_URL)")
-    if not Upstream.from_dsn(args.upstream).password:
+    pool_sizes = {}
+    for spec in args.pool:
+        pair, sep, size = spec.rpartition("=")
+        if not sep or not size.isdigit():
+            parser.error(f"--pool {spec!r}: expected USER/DATABASE=SIZE, like app/shop=8")
+        pool_sizes[pair] = int(size)
+    if not Upstream.from_dsn(args.upstream).password and not (
+        args.userlist or args.auth_passthrough
+    ):
         parser.error(
             "the upstream URL has no password: clients authenticate to the proxy with the "
             "upstream's password, so include one (or set PGPASSWORD)"
@@ -316,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 login_timeout=args.login_timeout,
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
+                userlist=args.userlist,
+                auth_passthrough=args.auth_passthrough,
+                admin_users=args.admin_user,
+                pool_sizes=pool_sizes,
             )
         )
     except (UpstreamError, ValueError, OSError) as exc:

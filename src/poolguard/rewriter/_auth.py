@@ -64,12 +64,37 @@ class ScramVerifier:
         client_key = _hmac(salted, b"Client Key")
         return cls(salt, iterations, _h(client_key), _hmac(salted, b"Server Key"))
 
+    @classmethod
+    def from_secret(cls, secret: str) -> ScramVerifier:
+        """From PostgreSQL's stored form (pg_authid.rolpassword),
+        ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>``.
+
+        Raises ValueError without echoing the secret."""
+        try:
+            head, keys = secret.split("$", 1)[1].split("$")
+            iterations, salt = head.split(":")
+            stored, server = keys.split(":")
+            verifier = cls(
+                base64.b64decode(salt, validate=True),
+                int(iterations),
+                base64.b64decode(stored, validate=True),
+                base64.b64decode(server, validate=True),
+            )
+        except (ValueError, IndexError):
+            raise ValueError("malformed SCRAM-SHA-256 secret") from None
+        if len(verifier.stored_key) != 32 or len(verifier.server_key) != 32:
+            raise ValueError("malformed SCRAM-SHA-256 secret")
+        return verifier
+
 
 class ScramServer:
     """One server-side SCRAM exchange: first() then final(), each returning the reply payload."""
 
     def __init__(self, verifier: ScramVerifier) -> None:
         self._v = verifier
+        # Recovered from a valid proof (proof XOR ClientSignature): with the ServerKey it lets the
+        # proxy log in upstream as this client when it holds only the SCRAM secret.
+        self.client_key: bytes | None = None
         self._nonce = b""
         self._auth_prefix = b""
 
@@ -112,14 +137,27 @@ class ScramServer:
             _h(_xor(proof, signature)), self._v.stored_key
         ):
             raise AuthError("password authentication failed")
+        self.client_key = _xor(proof, signature)
         return b"v=" + base64.b64encode(_hmac(self._v.server_key, auth_message))
 
 
-class ScramClient:
-    """One client-side SCRAM exchange against an upstream server."""
+@dataclass(frozen=True)
+class ScramKeys:
+    """A client's ClientKey and ServerKey for one SCRAM secret (salt and iterations included):
+    enough to log in as that client to a server holding the same secret, no password needed."""
 
-    def __init__(self, password: str) -> None:
+    salt: bytes
+    iterations: int
+    client_key: bytes = field(repr=False)
+    server_key: bytes = field(repr=False)
+
+
+class ScramClient:
+    """One client-side SCRAM exchange against an upstream server, with a password or keys."""
+
+    def __init__(self, password: str, keys: ScramKeys | None = None) -> None:
         self._password = password
+        self._keys = keys
         self._nonce = base64.b64encode(secrets.token_bytes(18))
         self._bare = b"n=,r=" + self._nonce
         self._server_signature = b""
@@ -135,12 +173,22 @@ class ScramClient:
         nonce, salt, iterations = attrs.get("r", b""), attrs.get("s"), attrs.get("i")
         if not nonce.startswith(self._nonce) or salt is None or iterations is None:
             raise AuthError("malformed SCRAM server-first-message from upstream")
-        salted = _salted(self._password, base64.b64decode(salt), int(iterations))
-        client_key = _hmac(salted, b"Client Key")
+        if self._keys is not None:
+            keys = self._keys
+            if base64.b64decode(salt) != keys.salt or int(iterations) != keys.iterations:
+                raise AuthError(
+                    "upstream's SCRAM salt differs from the userlist secret: copy the secret "
+                    "from the upstream's pg_authid again"
+                )
+            client_key, server_key = keys.client_key, keys.server_key
+        else:
+            salted = _salted(self._password, base64.b64decode(salt), int(iterations))
+            client_key = _hmac(salted, b"Client Key")
+            server_key = _hmac(salted, b"Server Key")
         without_proof = b"c=biws,r=" + nonce
         auth_message = self._bare + b"," + server_first + b"," + without_proof
         proof = _xor(client_key, _hmac(_h(client_key), auth_message))
-        self._server_signature = _hmac(_hmac(salted, b"Server Key"), auth_message)
+        self._server_signature = _hmac(server_key, auth_message)
         return without_proof + b",p=" + base64.b64encode(proof)
 
     def verify(self, server_final: bytes) -> None:

@@ -6,11 +6,12 @@ import asyncio
 import importlib
 import secrets
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._pool import Upstream
 from ._server import Proxy
 from ._tls import server_context
+from ._userlist import load_userlist
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
@@ -26,6 +27,10 @@ class ProxySettings:
     login_timeout: float = 60.0
     tls_cert: str | None = None
     tls_key: str | None = None
+    userlist: str | None = None  # PgBouncer auth_file format: "user" "password-or-SCRAM-secret"
+    auth_passthrough: bool = False  # other users: their cleartext password, tried upstream
+    admin_users: tuple[str, ...] = ()  # besides the upstream DSN's user
+    pool_sizes: dict[str, int] = field(default_factory=dict)  # "user/database" -> size
 
 
 def build_proxy(
@@ -55,6 +60,15 @@ def build_proxy(
             tls = server_context(tls_cert, tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"tls_cert/tls_key could not be loaded: {exc}") from None
+    sizes = {}
+    for pair, size in settings.pool_sizes.items():
+        user, sep, dbname = pair.partition("/")
+        if not (sep and user and dbname) or not isinstance(size, int) or size < 1:
+            raise ValueError(
+                f"pool_sizes entry {pair!r}: {size!r} must be 'user/database': size >= 1"
+            )
+        sizes[(user, dbname)] = size
+    users = load_userlist(settings.userlist) if settings.userlist is not None else {}
     upstream = Upstream.from_dsn(upstream_dsn)
     password = password or upstream.password or secrets.token_urlsafe(24)
     proxy = Proxy(
@@ -66,6 +80,10 @@ def build_proxy(
         cleanup_timeout=settings.cleanup_timeout,
         login_timeout=login_timeout,
         tls=tls,
+        users=users,
+        passthrough=settings.auth_passthrough,
+        admins=frozenset(settings.admin_users),
+        pool_sizes=sizes,
     )
     return proxy, password, host, port
 

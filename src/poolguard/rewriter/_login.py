@@ -1,15 +1,33 @@
-"""A client's login: startup packet (or a CancelRequest / SSLRequest), then SCRAM-SHA-256.
+"""A client's login: startup packet (or a CancelRequest / SSLRequest), then SCRAM-SHA-256
+(or, for auth passthrough, the cleartext password the proxy then tries upstream).
 
 No I/O: ``feed()`` consumes bytes from the client's buffer and appends replies to ``out``.
+AuthenticationOk is not among them: the session sends it once the proxy has a pool for the
+client (which may take an upstream login that can still refuse it).
 """
 
 from __future__ import annotations
 
+import secrets
 import struct
+from collections.abc import Callable
 
 from . import _auth
 from . import _protocol as p
 from ._params import startup_settings
+from ._userlist import Credential
+
+_mock: _auth.ScramVerifier | None = None
+
+
+def _mock_verifier() -> _auth.ScramVerifier:
+    """A verifier no password matches: a user the proxy does not know goes through the same
+    SCRAM exchange and fails the same way as a wrong password (as PostgreSQL does), so clients
+    cannot probe which users exist."""
+    global _mock
+    if _mock is None:
+        _mock = _auth.ScramVerifier.from_password(secrets.token_urlsafe(32))
+    return _mock
 
 
 class Login:
@@ -17,7 +35,11 @@ class Login:
 
     __slots__ = (
         "cancel",
+        "client_key",
         "dbname",
+        "lookup",
+        "passthrough",
+        "password",
         "scram",
         "server_params",
         "state",
@@ -25,23 +47,24 @@ class Login:
         "tls_requested",
         "trusted",
         "user",
-        "verifier",
         "wanted",
     )
 
     def __init__(
         self,
         *,
-        user: str,
-        dbname: str,
-        verifier: _auth.ScramVerifier,
+        lookup: Callable[[str], Credential | None],
         server_params: dict[str, str],
         trusted: bool,
         tls: bool = False,
+        passthrough: bool = False,
     ) -> None:
-        self.user = user  # the proxy's user until the client names its own
-        self.dbname = dbname
-        self.verifier = verifier
+        self.user = ""  # what the client's startup packet names
+        self.dbname = ""
+        self.lookup = lookup  # the credential of a user name, None if the proxy has none
+        self.passthrough = passthrough  # users without one are asked for a cleartext password
+        self.password: str | None = None  # the cleartext password of a passthrough client
+        self.client_key: bytes | None = None  # from the client's SCRAM proof
         self.server_params = server_params
         self.trusted = trusted  # on a unix socket in a private folder: no password asked
         self.state = "startup"  # startup -> auth -> auth2 -> done
@@ -85,35 +108,41 @@ class Login:
             if msg is None:
                 return
             kind, body = msg
-            if kind != b"p" or self.scram is None:
+            if kind != b"p":
                 raise p.ProtocolError(f"expected a password message, got {kind!r}")
             self._password(body, out)
 
     def _begin(self, params: dict[str, str], out: list[bytes | bytearray]) -> None:
         user = params.get("user", "")
-        database = params.get("database") or user
-        if user != self.user:
-            wanted_user, self.user = self.user, user
-            raise _auth.AuthError(f"user {user!r} is not the proxy's user {wanted_user!r}")
-        if database != self.dbname:
-            raise p.Refused(
-                "3D000",
-                f'database "{database}" is not served here: this proxy serves only '
-                f'"{self.dbname}" (connect to it, or start another proxy)',
-            )
+        if not user:
+            raise p.Refused("28000", "no PostgreSQL user name specified in startup packet")
+        self.user = user
+        self.dbname = params.get("database") or user
         if "replication" in params:
             raise p.Refused("0A000", "replication connections are not supported by the proxy")
         self.wanted = startup_settings(params, self.server_params)
-        if self.trusted:
-            out.append(p.AUTH_OK)
+        cred = self.lookup(user)
+        if self.trusted and cred is not None and cred.password is not None:
             self.state = "done"
             return
-        self.scram = _auth.ScramServer(self.verifier)
+        if cred is None and self.passthrough:
+            # The proxy must learn the password to log in upstream with it: ask for cleartext
+            # (over TLS or a local socket only, see docs/rewriter.md).
+            out.append(p.frame(b"R", struct.pack("!i", 3)))
+            self.state = "auth"
+            return
+        self.scram = _auth.ScramServer(cred.verifier if cred is not None else _mock_verifier())
         out.append(p.frame(b"R", struct.pack("!i", 10) + _auth.MECHANISM + b"\0\0"))
         self.state = "auth"
 
     def _password(self, body: bytes, out: list[bytes | bytearray]) -> None:
-        assert self.scram is not None
+        if self.scram is None:  # cleartext, for passthrough
+            password = body[:-1] if body.endswith(b"\0") else body
+            if not password or b"\0" in password:
+                raise p.ProtocolError("malformed password message")
+            self.password = password.decode("utf-8", "replace")
+            self.state = "done"
+            return
         if self.state == "auth":
             r = p.Reader(body)
             if r.cstring() != _auth.MECHANISM:
@@ -128,6 +157,6 @@ class Login:
             return
         reply = self.scram.final(body)
         out.append(p.frame(b"R", struct.pack("!i", 12) + reply))
-        out.append(p.AUTH_OK)
+        self.client_key = self.scram.client_key
         self.scram = None
         self.state = "done"

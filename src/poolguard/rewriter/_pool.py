@@ -38,6 +38,9 @@ class UpstreamError(psycopg.OperationalError):
 
     __module__ = "poolguard.rewriter"
 
+    #: The upstream's SQLSTATE when it refused with an ErrorResponse (28P01, 3D000, ...).
+    refused_with: str | None = None
+
 
 @dataclass(frozen=True)
 class Upstream:
@@ -53,6 +56,8 @@ class Upstream:
     sslrootcert: str | None = None
     sslcert: str | None = None
     sslkey: str | None = None
+    # For a userlist SCRAM secret: the keys learned from a client's login, instead of a password.
+    scram_keys: _auth.ScramKeys | None = field(default=None, repr=False)
 
     @classmethod
     def from_dsn(cls, dsn: str) -> Upstream:
@@ -292,10 +297,12 @@ class Backend(asyncio.Protocol):
                 break
             elif kind == b"E":
                 fields = p.parse_error_fields(body)
-                raise UpstreamError(
+                refused = UpstreamError(
                     f"upstream {upstream.describe()} refused the connection: "
                     f"{fields.get('M', 'unknown error')} (SQLSTATE {fields.get('C', '?')})"
                 )
+                refused.refused_with = fields.get("C")
+                raise refused
         self._wakeup = None
         if self._inbox:
             raise UpstreamError("unexpected data after ReadyForQuery during startup")
@@ -306,7 +313,7 @@ class Backend(asyncio.Protocol):
         code = struct.unpack_from("!i", body)[0]
         if code == 0:
             return scram
-        if code in (3, 5, 10) and up.password is None:
+        if code in (3, 5, 10) and up.password is None and not (code == 10 and up.scram_keys):
             raise UpstreamError(
                 f"upstream {up.describe()} asks for a password: put one in upstream_dsn "
                 "or set PGPASSWORD"
@@ -319,7 +326,7 @@ class Backend(asyncio.Protocol):
         elif code == 10:
             if _auth.MECHANISM not in body[4:].split(b"\0"):
                 raise UpstreamError("upstream offers no SASL mechanism the proxy supports")
-            scram = _auth.ScramClient(up.password or "")
+            scram = _auth.ScramClient(up.password or "", up.scram_keys)
             first = scram.first()
             payload = _auth.MECHANISM + b"\0" + struct.pack("!i", len(first)) + first
             self.write(p.frame(b"p", payload))

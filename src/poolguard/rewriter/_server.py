@@ -1,4 +1,5 @@
-"""The proxy: listening socket, shared state of all sessions, cancel routing, lifecycle."""
+"""The proxy: listening socket, shared state of all sessions, admission to a pool (or the
+admin console), cancel routing, lifecycle."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import ssl
 import stat
 from typing import cast
 
+from . import _admin
 from . import _protocol as p
-from ._auth import ScramVerifier
+from ._auth import AuthError, ScramKeys, ScramVerifier
+from ._login import Login
 from ._pool import Backend, BackendPool, Upstream
+from ._pools import Pools
 from ._session import Session
-from ._statements import Registry
+from ._userlist import Credential
 
 logger = logging.getLogger("poolguard.rewriter")
 
@@ -33,10 +37,28 @@ class Proxy:
         cleanup_timeout: float,
         login_timeout: float = 60.0,
         tls: ssl.SSLContext | None = None,
+        users: dict[str, Credential] | None = None,
+        passthrough: bool = False,
+        admins: frozenset[str] = frozenset(),
+        pool_sizes: dict[tuple[str, str], int] | None = None,
     ) -> None:
-        self.pool = BackendPool(upstream, size=pool_size, max_prepared=max_prepared)
-        self.registry = Registry()
-        self.verifier = ScramVerifier.from_password(password)
+        users = dict(users or {})
+        # The upstream DSN's user logs in with the proxy's password (handle.dsn) whatever the
+        # userlist says, and is always an admin of the console.
+        users[upstream.user] = Credential(ScramVerifier.from_password(password), upstream.password)
+        self.pools = Pools(
+            upstream,
+            users=users,
+            passthrough=passthrough,
+            admins=admins | {upstream.user},
+            pool_size=pool_size,
+            sizes=pool_sizes or {},
+            max_prepared=max_prepared,
+        )
+        self.passthrough = passthrough
+        # The upstream DSN's own pair: what start() checks, and the default before a login.
+        self.pool: BackendPool = self.pools.default.pool
+        self.registry = self.pools.default.registry
         self.max_message_size = max_message_size
         self.cleanup_timeout = cleanup_timeout
         self.login_timeout = login_timeout
@@ -44,6 +66,7 @@ class Proxy:
         self.server_params: dict[str, str] = {}
         self.sessions: dict[int, Session] = {}
         self._next_pid = 1
+        self._admitting: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.host = ""
         self.port = 0
@@ -53,7 +76,7 @@ class Proxy:
         """Check the upstream with one real connection, then listen."""
         first = await self.pool.connect()
         self.server_params = dict(first.params)
-        self.pool.release(first)
+        self.pools.default.adopt(first)
         loop = asyncio.get_running_loop()
         if host.startswith("/"):
             # Clients on this socket are trusted without a password, so the folder must be one
@@ -93,7 +116,7 @@ class Proxy:
         for session in list(self.sessions.values()):
             if session.transport is not None:
                 session.transport.close()
-        lost = self.pool.close()
+        lost = self.pools.close()
         if lost:
             await asyncio.wait(lost, timeout=2)
         if self._server is not None:
@@ -103,6 +126,49 @@ class Proxy:
                 os.unlink(self.socket_path)
         # Let transports run their connection_lost callbacks before the loop goes away.
         await asyncio.sleep(0)
+
+    def credential(self, user: str) -> Credential | None:
+        return self.pools.credential(user)
+
+    def admit(self, session: Session, login: Login) -> None:
+        keys = None
+        cred = self.pools.credential(login.user)
+        if cred is not None and login.client_key is not None:
+            v = cred.verifier
+            keys = ScramKeys(v.salt, v.iterations, login.client_key, v.server_key)
+        user, dbname, password = login.user, login.dbname, login.password
+        task = asyncio.get_running_loop().create_task(
+            self._admit(session, user, dbname, password, keys)
+        )
+        self._admitting.add(task)
+        task.add_done_callback(self._admitting.discard)
+
+    async def _admit(
+        self,
+        session: Session,
+        user: str,
+        dbname: str,
+        password: str | None,
+        keys: ScramKeys | None,
+    ) -> None:
+        try:
+            pair = await self.pools.admit(user, dbname, password=password, keys=keys)
+        except AuthError as exc:
+            logger.warning("client authentication failed for user %r: %s", user, exc)
+            session.refused("28P01", f'password authentication failed for user "{user}"')
+            return
+        except p.Refused as exc:
+            session.refused(exc.sqlstate, str(exc))
+            return
+        if pair is not None:
+            session.admitted(pair)
+        elif session.transport is not None and session.state == "admitting":
+            transport, buf = session.hand_over()
+            _admin.Console.take_over(transport, buf, self.stats, self.server_params)
+
+    def stats(self) -> dict[str, list[dict[str, object]]]:
+        """What the admin console's SHOW commands answer, as lists of rows."""
+        return _admin.snapshot(self.pools, self.sessions.values())
 
     def register_session(self, session: Session) -> tuple[int, int]:
         """A (pid, key) pair for the client's BackendKeyData, used to route its cancels."""

@@ -20,10 +20,12 @@ from ._login import Login
 from ._params import TRACKED, apply_settings
 from ._pins import Pins
 from ._pool import Backend, BackendPool
+from ._pools import Pair
 from ._prepare import ClientStatements
 from ._replies import SYNC_ENDS, Exchange, Pending
 from ._sqltext import may_change_session_state, may_drop_statements
 from ._statements import Registry
+from ._userlist import Credential
 
 logger = logging.getLogger("poolguard.rewriter")
 
@@ -39,7 +41,7 @@ class Host(Protocol):
 
     pool: BackendPool
     registry: Registry
-    verifier: _auth.ScramVerifier
+    passthrough: bool
     server_params: dict[str, str]
     max_message_size: int
     cleanup_timeout: float
@@ -48,6 +50,11 @@ class Host(Protocol):
 
     def register_session(self, session: Session) -> tuple[int, int]:
         """A (pid, key) pair for the client's BackendKeyData."""
+
+    def credential(self, user: str) -> Credential | None: ...
+
+    def admit(self, session: Session, login: Login) -> None:
+        """Find the client's pool, then call ``session.admitted()`` or ``session.refused()``."""
 
     def forget_session(self, session: Session) -> None: ...
 
@@ -60,15 +67,17 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.state = "startup"
-        up = proxy.pool.upstream
         self.login: Login | None = Login(
-            user=up.user,
-            dbname=up.dbname,
-            verifier=proxy.verifier,
+            lookup=proxy.credential,
             server_params=proxy.server_params,
             trusted=trusted,
             tls=proxy.tls is not None and not trusted,
+            passthrough=proxy.passthrough,
         )
+        # The client's (user, database) pool and its server settings, set once it is admitted.
+        self.pair: Pair | None = None
+        self.pool = proxy.pool
+        self.server_params = proxy.server_params
         self.params: dict[str, str] = {}  # what the client believes the session settings are
         self.wanted: dict[str, str] = {}  # settings to re-apply on each backend
         self.ex = Exchange()
@@ -116,7 +125,7 @@ class Session(asyncio.Protocol):
         try:
             if self.state == "ready":
                 self._client_messages()
-            else:
+            elif self.login is not None:
                 self._login_messages()
         except p.ProtocolError as exc:
             self._fatal(exc.sqlstate, f"protocol violation: {exc}")
@@ -136,13 +145,13 @@ class Session(asyncio.Protocol):
             self._login_timer = None
         self.proxy.forget_session(self)
         if self.waiting:
-            self.proxy.pool.cancel_wait(self)
+            self.pool.cancel_wait(self)
             self.waiting = False
         if self.backend is not None:
             self._clean_backend()
         if self.pinned:
             self.pinned = False
-            self.proxy.pool.pinned -= 1
+            self.pool.pinned -= 1
 
     def pause_writing(self) -> None:
         if self.backend is not None and self.backend.transport is not None:
@@ -177,13 +186,42 @@ class Session(asyncio.Protocol):
         if not login.done:
             return
         self.login = None
+        self.wanted = login.wanted
+        self.state = "admitting"  # the login timer runs on: admitting may log in upstream
+        self.proxy.admit(self, login)
+
+    def admitted(self, pair: Pair) -> None:
+        """The proxy found (and if needed checked upstream) the client's pool."""
+        if self.state != "admitting" or self.transport is None:
+            return
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
-        self.wanted = login.wanted
+        self.pair, self.pool, self.server_params = pair, pair.pool, pair.server_params
+        self.prep = ClientStatements(pair.registry, self.ex)
+        self._send(p.AUTH_OK)
         self._logged_in()
         if self.buf:  # queries sent right behind the password
             self._client_messages()
+        self._flush()
+
+    def hand_over(self) -> tuple[asyncio.Transport, bytearray]:
+        """The client goes to another protocol (the admin console): what it was sent so far is
+        flushed, and its transport and unread bytes are returned; this session is done."""
+        assert self.transport is not None
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        self._flush()
+        transport, self.transport = self.transport, None
+        buf, self.buf = self.buf, bytearray()
+        self.state = "closed"
+        return transport, buf
+
+    def refused(self, sqlstate: str, message: str) -> None:
+        if self.state == "admitting":
+            self._fatal(sqlstate, message)
+            self._flush()
 
     def _start_tls(self) -> None:
         transport, ctx = self.transport, self.proxy.tls
@@ -212,8 +250,8 @@ class Session(asyncio.Protocol):
 
     def _logged_in(self) -> None:
         """Tell the client the session settings, its cancel key, and that it may send queries."""
-        server_params = self.proxy.server_params
-        self.params = {"user": self.proxy.pool.upstream.user}
+        server_params = self.server_params
+        self.params = {"user": self.pool.upstream.user}
         self.params.update(server_params)
         self.params.update(self.wanted)
         for name, value in self.params.items():
@@ -245,7 +283,7 @@ class Session(asyncio.Protocol):
         """Called by the pool when a backend frees up for this waiting session."""
         self.waiting = False
         if self.gone:
-            self.proxy.pool.release(backend)
+            self.pool.release(backend)
             return
         self.backend = backend
         self._sync_settings(backend)
@@ -278,7 +316,7 @@ class Session(asyncio.Protocol):
 
     def _need_backend(self) -> Backend | None:
         if self.backend is None:
-            backend = self.proxy.pool.acquire(self)
+            backend = self.pool.acquire(self)
             if backend is None:
                 self.waiting = True
                 return None
@@ -287,7 +325,7 @@ class Session(asyncio.Protocol):
         return self.backend
 
     def _sync_settings(self, backend: Backend) -> None:
-        apply_settings(backend, self.wanted, self.proxy.server_params, self.ex)
+        apply_settings(backend, self.wanted, self.server_params, self.ex)
 
     def _handle(self, kind: bytes, body: bytes) -> bool:
         """Route one client message; False if it has to wait for a backend."""
@@ -381,7 +419,7 @@ class Session(asyncio.Protocol):
         """Pin or unpin the client (see ``_pins``); the error to answer with if refused."""
         if not may_change_session_state(sql):
             return None
-        refused = self.pins.update(sql, self.proxy.pool)
+        refused = self.pins.update(sql, self.pool)
         self.pinned = self.pins.pinned
         return refused
 
@@ -511,7 +549,7 @@ class Session(asyncio.Protocol):
         if self._cleanup_timer is not None:
             self._cleanup_timer.cancel()
             self._cleanup_timer = None
-        self.proxy.pool.release(backend)
+        self.pool.release(backend)
 
     def server_lost(self, backend: Backend, exc: Exception | None) -> None:
         self.backend = None

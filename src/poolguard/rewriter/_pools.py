@@ -1,0 +1,180 @@
+"""One server-connection pool per (user, database) pair, and who may use which.
+
+A client logs in to the proxy (``_login``); ``Pools.admit`` then finds its pair's pool, and the
+first time a pair is used (or a passthrough client brings a new password) it logs in upstream
+as that user to that database, so the upstream decides whether the database exists and, for
+passthrough users, whether the password is right. Each pair has its own statement map: a
+prepared statement is only valid for the user and database it was prepared by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import time
+
+from . import _protocol as p
+from ._auth import AuthError, ScramKeys
+from ._pool import Backend, BackendPool, Upstream, UpstreamError
+from ._statements import Registry
+from ._userlist import Credential
+
+logger = logging.getLogger("poolguard.rewriter")
+
+#: The virtual database of the admin console (``SHOW POOLS`` and friends).
+ADMIN_DATABASE = "poolguard"
+
+#: A passthrough password the upstream accepted is taken as is for this many seconds; after
+#: that the next login with it is tried upstream again, so a password changed or a role
+#: dropped upstream stops working at the proxy too.
+PASSTHROUGH_RECHECK = 60.0
+
+
+class CountingPool(BackendPool):
+    """A BackendPool that counts server connections lent to a client and given back (one per
+    transaction under transaction pooling; a pinned client's whole pinned span counts once)."""
+
+    served = 0
+
+    def release(self, backend: Backend) -> None:
+        if backend.owner is not None:
+            self.served += 1
+        super().release(backend)
+
+
+class Pair:
+    """The pool, statement map and server settings of one (user, database)."""
+
+    def __init__(self, upstream: Upstream, *, size: int, max_prepared: int) -> None:
+        self.user = upstream.user
+        self.dbname = upstream.dbname
+        self.pool = CountingPool(upstream, size=size, max_prepared=max_prepared)
+        self.registry = Registry()
+        self.server_params: dict[str, str] = {}
+        self.checked = False  # an upstream login with the pool's credentials succeeded
+        self.checked_at = 0.0  # when (time.monotonic())
+        self.lock = asyncio.Lock()  # one upstream check at a time per pair
+
+    def __repr__(self) -> str:
+        return f"<Pair {self.user}@{self.dbname} size={self.pool.size}>"
+
+    def adopt(self, backend: Backend) -> None:
+        """Take the connection an upstream check opened into this pool (if there is room)."""
+        self.server_params = dict(backend.params)
+        self.checked = True
+        self.checked_at = time.monotonic()
+        pool = self.pool
+        if len(pool.members) + pool.connecting >= pool.size or pool.closing:
+            backend.close()
+            return
+        backend.pool = pool
+        pool.members.add(backend)
+        pool.release(backend)
+
+
+class Pools:
+    """Every pair's pool, created on first use, and the credentials clients log in with."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        users: dict[str, Credential],
+        passthrough: bool,
+        admins: frozenset[str],
+        pool_size: int,
+        sizes: dict[tuple[str, str], int],
+        max_prepared: int,
+    ) -> None:
+        self.base = upstream
+        self.users = users
+        self.passthrough = passthrough
+        self.admins = admins
+        self.pool_size = pool_size
+        self.sizes = sizes
+        self.max_prepared = max_prepared
+        self.pairs: dict[tuple[str, str], Pair] = {}
+        self.default = self._pair(upstream.user, upstream.dbname, upstream.password)
+
+    def credential(self, user: str) -> Credential | None:
+        return self.users.get(user)
+
+    def _pair(self, user: str, dbname: str, password: str | None) -> Pair:
+        pair = self.pairs.get((user, dbname))
+        if pair is None:
+            upstream = dataclasses.replace(self.base, user=user, dbname=dbname, password=password)
+            size = self.sizes.get((user, dbname), self.pool_size)
+            pair = Pair(upstream, size=size, max_prepared=self.max_prepared)
+            self.pairs[(user, dbname)] = pair
+        return pair
+
+    async def admit(
+        self, user: str, dbname: str, *, password: str | None, keys: ScramKeys | None
+    ) -> Pair | None:
+        """The pair a logged-in client uses, or None for the admin console.
+
+        ``password`` is the cleartext password of a passthrough client, ``keys`` the SCRAM keys
+        recovered from a client whose userlist entry is a SCRAM secret. Raises ``p.Refused``
+        (with the upstream's SQLSTATE when it refused the login) or ``AuthError``.
+        """
+        cred = self.credential(user)
+        if dbname == ADMIN_DATABASE:
+            if cred is None or user not in self.admins:
+                raise p.Refused(
+                    "42501",
+                    f'user "{user}" may not use the {ADMIN_DATABASE} console: list it in '
+                    "admin_users (it also needs a password the proxy knows: the upstream DSN's "
+                    "user or a userlist entry)",
+                )
+            return None
+        if cred is None:
+            if not self.passthrough or password is None:
+                raise AuthError(f"user {user!r} is not in the userlist")
+            pair = self._pair(user, dbname, None)
+            async with pair.lock:
+                known = pair.pool.upstream.password
+                fresh = time.monotonic() - pair.checked_at < PASSTHROUGH_RECHECK
+                if fresh and known is not None and hmac.compare_digest(known, password):
+                    return pair
+                # A new or changed password: the upstream is the judge.
+                candidate = dataclasses.replace(pair.pool.upstream, password=password)
+                await self._check(pair, candidate, passthrough=True)
+            return pair
+        pair = self._pair(user, dbname, cred.password)
+        async with pair.lock:
+            if pair.checked:
+                return pair
+            candidate = pair.pool.upstream
+            if cred.password is None:
+                if keys is None:  # a trusted (unix socket) client of a SCRAM-secret user
+                    raise AuthError(f"user {user!r} has no password the proxy can use upstream")
+                candidate = dataclasses.replace(candidate, scram_keys=keys)
+            await self._check(pair, candidate, passthrough=False)
+        return pair
+
+    async def _check(self, pair: Pair, candidate: Upstream, *, passthrough: bool) -> None:
+        probe = BackendPool(candidate, size=1, max_prepared=self.max_prepared)
+        try:
+            backend = await probe.connect()
+        except UpstreamError as exc:
+            if not pair.checked and not pair.pool.members:
+                # Never worked (no such database, say): forget it, so names clients make up do
+                # not pile up pools.
+                self.pairs.pop((pair.user, pair.dbname), None)
+            code = exc.refused_with
+            if passthrough and code in ("28P01", "28000"):
+                raise AuthError(f"upstream refused the password: {exc}") from None
+            logger.warning("%s", exc)
+            # PostgreSQL's own answer (3D000 no such database, 28000 no such role, ...) tells the
+            # client what to fix; a proxy-side fault is a connection failure.
+            raise p.Refused(code or "08006", str(exc)) from None
+        pair.pool.upstream = candidate
+        pair.adopt(backend)
+
+    def close(self) -> list[asyncio.Future[None]]:
+        lost: list[asyncio.Future[None]] = []
+        for pair in self.pairs.values():
+            lost.extend(pair.pool.close())
+        return lost
