@@ -36,7 +36,11 @@ class RawClient:
         self.after_password = after_password
         startup = {"user": self.user, "database": str(info["dbname"]), **params}
         self.sock.sendall(p.build_startup(startup))
-        self.startup = self._authenticate()
+        try:
+            self.startup = self._authenticate()
+        except BaseException:
+            self.sock.close()
+            raise
 
     def _authenticate(self) -> list[Msg]:
         scram: _auth.ScramClient | None = None

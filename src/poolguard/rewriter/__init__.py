@@ -32,7 +32,6 @@ from ._admin import Stats, query_stats
 from ._build import DEFAULT_MAX_MESSAGE_SIZE, ProxySettings, build_proxy, new_loop
 from ._child import Child, ChildError
 from ._pool import Upstream, UpstreamError
-from ._pools import ADMIN_DATABASE
 from ._server import Proxy
 
 __all__ = ["RewriterHandle", "UpstreamError", "main", "serve", "start"]
@@ -74,6 +73,7 @@ class RewriterHandle:
         port: int,
         upstream: Upstream,
         password: str,
+        admin_database: str,
     ) -> None:
         self._runner = runner
         self._password = password
@@ -81,6 +81,7 @@ class RewriterHandle:
         self.port = port
         self.user = upstream.user
         self.dbname = upstream.dbname
+        self.admin_database = admin_database  # the console's database name
 
     @property
     def _proxy(self) -> Proxy:
@@ -145,7 +146,7 @@ class RewriterHandle:
                 port=self.port,
                 user=self.user,
                 password=self._password,
-                dbname=ADMIN_DATABASE,
+                dbname=self.admin_database,
             )
         )
 
@@ -175,6 +176,7 @@ def start(
     userlist: str | None = None,
     auth_passthrough: bool = False,
     admin_users: Sequence[str] = (),
+    admin_database: str | None = None,
     pool_sizes: dict[str, int] | None = None,
     use_uvloop: bool | None = None,
     isolate: bool = True,
@@ -188,22 +190,23 @@ def start(
 
     ``listen`` is HOST:PORT (port 0 picks a free one), or the path of a folder (created with
     mode 0700, or already private) for a unix socket whose clients are trusted without a
-    password. ``pool_size`` is the number of server
-    connections of each (user, database) pool; ``max_prepared`` bounds the prepared statements
-    kept on each of them (least recently used are closed first). Clients log in with the
-    upstream user and password (a random password if the upstream needs none; it is in
-    ``handle.dsn``) to any database that user may open upstream, or as a user of the
-    ``userlist`` file (PgBouncer's auth_file format: ``"user" "password"`` lines, the password
-    plain or PostgreSQL's SCRAM secret), or with ``auth_passthrough`` as any other user: the
-    client's cleartext password is tried upstream (use it over TLS or a local socket). Each
-    (user, database) pair gets its own pool; ``pool_sizes`` maps ``"user/database"`` to a size
-    other than ``pool_size``. The virtual database ``poolguard`` is an admin console (``SHOW
-    POOLS``/``CLIENTS``/``SERVERS``/``STATS``) for the upstream user and ``admin_users``;
-    ``handle.stats()`` returns the same rows. ``login_timeout``: a client that has not logged
-    in after this many seconds is closed (PostgreSQL's authentication_timeout, 60 s by
-    default). ``tls_cert`` and ``tls_key`` (PEM files): clients that ask for TLS get it.
-    Towards the upstream, TLS follows the DSN's ``sslmode``/``sslrootcert``/``sslcert``/
-    ``sslkey`` as libpq reads them.
+    password. ``pool_size`` is the number of server connections of each (user, database) pool;
+    ``max_prepared`` bounds the prepared statements kept on each of them (least recently used
+    are closed first). Clients log in with the upstream user and password (a random password if
+    the upstream needs none; it is in ``handle.dsn``) to any database that user may open
+    upstream, or as a user of the ``userlist`` file (PgBouncer's auth_file format: ``"user"
+    "password"`` lines, the password plain or PostgreSQL's SCRAM secret), or with
+    ``auth_passthrough`` as any other user: the client's cleartext password is tried upstream
+    (use it over TLS or a local socket). Each (user, database) pair gets its own pool;
+    ``pool_sizes`` maps ``"user/database"`` to a size other than ``pool_size``. The virtual
+    database ``poolguard`` is an admin console
+    (``SHOW POOLS``, ``CLIENTS``, ``SERVERS``, ``STATS``) for the upstream user and ``admin_users``
+    (``admin_database`` renames it; it is ``poolguard_admin`` when the upstream's own database
+    is called ``poolguard``); ``handle.stats()`` returns the same rows. ``login_timeout``: a
+    client that has not logged in after this many seconds is closed (PostgreSQL's
+    authentication_timeout, 60 s by default). ``tls_cert`` and ``tls_key`` (PEM files): clients
+    that ask for TLS get it. Towards the upstream, TLS follows the DSN's
+    ``sslmode``/``sslrootcert``/``sslcert``/``sslkey`` as libpq reads them.
     ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
     if the upstream cannot be reached.
     """
@@ -219,6 +222,7 @@ def start(
         userlist,
         auth_passthrough,
         tuple(admin_users),
+        admin_database,
         dict(pool_sizes or {}),
     )
     proxy, password, host, port = build_proxy(upstream_dsn, listen, settings)
@@ -237,7 +241,12 @@ def start(
         except (ChildError, TimeoutError) as failed:
             raise UpstreamError(str(failed)) from None
         return RewriterHandle(
-            child, host=child.host, port=child.port, upstream=proxy.pool.upstream, password=password
+            child,
+            host=child.host,
+            port=child.port,
+            upstream=proxy.pool.upstream,
+            password=password,
+            admin_database=proxy.pools.console,
         )
     loop = new_loop(use_uvloop)
     started: asyncio.Future[None] = loop.create_future()
@@ -279,6 +288,7 @@ def start(
         port=proxy.port,
         upstream=proxy.pool.upstream,
         password=password,
+        admin_database=proxy.pools.console,
     )
 
 
@@ -296,6 +306,7 @@ async def serve(
     userlist: str | None = None,
     auth_passthrough: bool = False,
     admin_users: Sequence[str] = (),
+    admin_database: str | None = None,
     pool_sizes: dict[str, int] | None = None,
 ) -> None:
     """Run the rewriter in the current event loop until SIGINT/SIGTERM (the sidecar)."""
@@ -310,6 +321,7 @@ async def serve(
         userlist,
         auth_passthrough,
         tuple(admin_users),
+        admin_database,
         dict(pool_sizes or {}),
     )
     proxy, _, host, port = build_proxy(upstream_dsn, listen, settings)
@@ -372,6 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a user (besides the upstream's) allowed to use the 'poolguard' console; repeatable",
     )
     parser.add_argument(
+        "--admin-database",
+        help="name of the admin console's database (default poolguard, or poolguard_admin if "
+        "the upstream's database is called poolguard)",
+    )
+    parser.add_argument(
         "--pool",
         action="append",
         default=[],
@@ -411,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 userlist=args.userlist,
                 auth_passthrough=args.auth_passthrough,
                 admin_users=args.admin_user,
+                admin_database=args.admin_database,
                 pool_sizes=pool_sizes,
             )
         )

@@ -9,6 +9,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from ._pool import Upstream
+from ._pools import console_name
 from ._server import Proxy
 from ._tls import server_context
 from ._userlist import load_userlist
@@ -30,6 +31,7 @@ class ProxySettings:
     userlist: str | None = None  # PgBouncer auth_file format: "user" "password-or-SCRAM-secret"
     auth_passthrough: bool = False  # other users: their cleartext password, tried upstream
     admin_users: tuple[str, ...] = ()  # besides the upstream DSN's user
+    admin_database: str | None = None  # the console's name; None: see _pools.console_name
     pool_sizes: dict[str, int] = field(default_factory=dict)  # "user/database" -> size
 
 
@@ -84,6 +86,7 @@ def build_proxy(
         passthrough=settings.auth_passthrough,
         admins=frozenset(settings.admin_users),
         pool_sizes=sizes,
+        console=console_name(settings.admin_database, upstream.dbname),
     )
     return proxy, password, host, port
 

@@ -318,7 +318,7 @@ class Backend(asyncio.Protocol):
                 f"upstream {up.describe()} asks for a password: put one in upstream_dsn "
                 "or set PGPASSWORD"
             )
-        assert up.password is not None or code in (11, 12)
+        assert up.password is not None or up.scram_keys is not None or code in (11, 12)
         if code == 3:  # cleartext
             self.write(p.frame(b"p", (up.password or "").encode() + b"\0"))
         elif code == 5:  # md5

@@ -23,8 +23,23 @@ from ._userlist import Credential
 
 logger = logging.getLogger("poolguard.rewriter")
 
-#: The virtual database of the admin console (``SHOW POOLS`` and friends).
+#: The virtual database of the admin console (``SHOW POOLS`` and friends), and the name it
+#: takes instead when the upstream DSN's own database is called that (so it stays reachable).
 ADMIN_DATABASE = "poolguard"
+ADMIN_DATABASE_ALT = "poolguard_admin"
+
+
+def console_name(admin_database: str | None, upstream_dbname: str) -> str:
+    """The admin console's database name; raises ValueError if it hides the upstream's."""
+    if admin_database is None:
+        return ADMIN_DATABASE if upstream_dbname != ADMIN_DATABASE else ADMIN_DATABASE_ALT
+    if admin_database == upstream_dbname:
+        raise ValueError(
+            f"admin_database {admin_database!r} is the upstream DSN's own database: pick "
+            "another name for the console"
+        )
+    return admin_database
+
 
 #: A passthrough password the upstream accepted is taken as is for this many seconds; after
 #: that the next login with it is tried upstream again, so a password changed or a role
@@ -33,8 +48,9 @@ PASSTHROUGH_RECHECK = 60.0
 
 
 class CountingPool(BackendPool):
-    """A BackendPool that counts server connections lent to a client and given back (one per
-    transaction under transaction pooling; a pinned client's whole pinned span counts once)."""
+    """A BackendPool that counts server connections lent to a client and given back: one per
+    client round trip that ends outside a transaction (an autocommit statement, a transaction
+    block, a Parse/Sync), as PgBouncer's xact_count; a pinned client's pinned span counts once."""
 
     served = 0
 
@@ -84,6 +100,7 @@ class Pools:
         users: dict[str, Credential],
         passthrough: bool,
         admins: frozenset[str],
+        console: str,
         pool_size: int,
         sizes: dict[tuple[str, str], int],
         max_prepared: int,
@@ -92,6 +109,7 @@ class Pools:
         self.users = users
         self.passthrough = passthrough
         self.admins = admins
+        self.console = console
         self.pool_size = pool_size
         self.sizes = sizes
         self.max_prepared = max_prepared
@@ -120,11 +138,11 @@ class Pools:
         (with the upstream's SQLSTATE when it refused the login) or ``AuthError``.
         """
         cred = self.credential(user)
-        if dbname == ADMIN_DATABASE:
+        if dbname == self.console:
             if cred is None or user not in self.admins:
                 raise p.Refused(
                     "42501",
-                    f'user "{user}" may not use the {ADMIN_DATABASE} console: list it in '
+                    f'user "{user}" may not use the {self.console} console: list it in '
                     "admin_users (it also needs a password the proxy knows: the upstream DSN's "
                     "user or a userlist entry)",
                 )

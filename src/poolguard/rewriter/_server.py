@@ -41,6 +41,7 @@ class Proxy:
         passthrough: bool = False,
         admins: frozenset[str] = frozenset(),
         pool_sizes: dict[tuple[str, str], int] | None = None,
+        console: str = "poolguard",
     ) -> None:
         users = dict(users or {})
         # The upstream DSN's user logs in with the proxy's password (handle.dsn) whatever the
@@ -51,6 +52,7 @@ class Proxy:
             users=users,
             passthrough=passthrough,
             admins=admins | {upstream.user},
+            console=console,
             pool_size=pool_size,
             sizes=pool_sizes or {},
             max_prepared=max_prepared,
@@ -159,6 +161,10 @@ class Proxy:
             return
         except p.Refused as exc:
             session.refused(exc.sqlstate, str(exc))
+            return
+        except Exception as exc:  # a bug must not leave the client hanging at login
+            logger.exception("admitting a client of %s@%s failed", user, dbname)
+            session.refused("08006", f"proxy could not admit the client: {exc}")
             return
         if pair is not None:
             session.admitted(pair)
