@@ -253,6 +253,8 @@ def test_bad_userlist_and_pool_sizes_name_the_problem(
         start_rewriter(pool_sizes={"alice": 2})
     with pytest.raises(ValueError, match="admin_database 'poolguard' is the upstream"):
         start_rewriter(admin_database="poolguard")
+    with pytest.raises(SystemExit):
+        rewriter.main(["--upstream", cluster.server.dsn, "--pool", "alice/shop_a"])
     shop = rewriter.start(cluster.server.dsn_for("shop_a"), pool_size=1, isolate=False)
     try:
         assert shop.admin_database == "poolguard"

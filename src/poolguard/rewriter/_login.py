@@ -122,7 +122,7 @@ class Login:
             raise p.Refused("0A000", "replication connections are not supported by the proxy")
         self.wanted = startup_settings(params, self.server_params)
         cred = self.lookup(user)
-        if self.trusted and cred is not None and cred.password is not None:
+        if self.trusted and cred is not None and not cred.secret_only:
             self.state = "done"
             return
         if cred is None and self.passthrough:

@@ -165,7 +165,7 @@ class Pools:
             if pair.checked:
                 return pair
             candidate = pair.pool.upstream
-            if cred.password is None:
+            if cred.secret_only:
                 if keys is None:  # a trusted (unix socket) client of a SCRAM-secret user
                     raise AuthError(f"user {user!r} has no password the proxy can use upstream")
                 candidate = dataclasses.replace(candidate, scram_keys=keys)

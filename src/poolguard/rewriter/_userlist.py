@@ -21,9 +21,11 @@ class Credential:
     """How one user's password is checked, and how the proxy logs in upstream as that user."""
 
     verifier: ScramVerifier
-    # The plain password when the proxy knows it; None for a SCRAM secret (the proxy then logs
-    # in upstream with the keys it recovers from the client's own SCRAM proof).
+    # The password the proxy logs in upstream with (None: the upstream asks for none).
     password: str | None = field(default=None, repr=False)
+    # A SCRAM secret, no password: the proxy logs in upstream with the keys it recovers from
+    # the client's own SCRAM proof, so the client must do SCRAM even on a trusted socket.
+    secret_only: bool = False
 
 
 def parse_userlist(text: str, source: str) -> dict[str, Credential]:
@@ -43,7 +45,7 @@ def parse_userlist(text: str, source: str) -> dict[str, Credential]:
             raise ValueError(f"{source}:{number}: empty user name")
         if secret.startswith("SCRAM-SHA-256$"):
             try:
-                users[user] = Credential(ScramVerifier.from_secret(secret))
+                users[user] = Credential(ScramVerifier.from_secret(secret), secret_only=True)
             except ValueError as exc:
                 raise ValueError(f"{source}:{number}: {exc} for user {user!r}") from None
         elif secret.startswith("md5") and len(secret) == 35:
