@@ -11,10 +11,11 @@ from poolguard import rewriter
 
 @pytest.fixture
 def make_rewriter(pg_dsn: str) -> Iterator[Callable[..., rewriter.RewriterHandle]]:
-    """Start rewriters in front of this test's fresh database; all stopped at teardown."""
+    """Start rewriters in front of this test's fresh database (or ``upstream``); all stopped at
+    teardown."""
     handles: list[rewriter.RewriterHandle] = []
 
-    def factory(**kwargs: Any) -> rewriter.RewriterHandle:
+    def factory(upstream: str | None = None, **kwargs: Any) -> rewriter.RewriterHandle:
         kwargs.setdefault("pool_size", 2)
         kwargs.setdefault("isolate", False)  # in process, so tests can look at its state
         # Default: uvloop if installed. POOLGUARD_REWRITER_UVLOOP=0/1 forces one event loop.
@@ -22,7 +23,7 @@ def make_rewriter(pg_dsn: str) -> Iterator[Callable[..., rewriter.RewriterHandle
             "use_uvloop",
             {"0": False, "1": True}.get(os.environ.get("POOLGUARD_REWRITER_UVLOOP", "")),
         )
-        handle = rewriter.start(pg_dsn, **kwargs)
+        handle = rewriter.start(upstream or pg_dsn, **kwargs)
         handles.append(handle)
         return handle
 

@@ -4,11 +4,11 @@ two roles and two databases."""
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -53,21 +53,11 @@ def cluster(
 
 
 @pytest.fixture
-def start_rewriter(cluster: Cluster) -> Iterator[Callable[..., RewriterHandle]]:
-    handles: list[RewriterHandle] = []
-
-    def factory(**kwargs: Any) -> RewriterHandle:
-        kwargs.setdefault("pool_size", 2)
-        kwargs.setdefault("isolate", False)
-        handle = rewriter.start(cluster.server.dsn, **kwargs)
-        handles.append(handle)
-        return handle
-
-    try:
-        yield factory
-    finally:
-        for handle in handles:
-            handle.stop()
+def start_rewriter(
+    cluster: Cluster, make_rewriter: Callable[..., RewriterHandle]
+) -> Callable[..., RewriterHandle]:
+    """Rewriters in front of the two-role cluster, stopped at teardown."""
+    return functools.partial(make_rewriter, cluster.server.dsn)
 
 
 def dsn(handle: RewriterHandle, user: str, dbname: str, password: str | None = None) -> str:

@@ -24,6 +24,7 @@ import os
 import signal
 import threading
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import quote
 
 from psycopg.conninfo import make_conninfo
@@ -162,6 +163,14 @@ class RewriterHandle:
         self.stop()
 
 
+def _settings(arguments: dict[str, Any]) -> ProxySettings:
+    """ProxySettings from the keyword arguments of the same names of start() or serve()."""
+    values = {f.name: arguments[f.name] for f in dataclasses.fields(ProxySettings)}
+    values["admin_users"] = tuple(values["admin_users"])
+    values["pool_sizes"] = dict(values["pool_sizes"] or {})
+    return ProxySettings(**values)
+
+
 def start(
     upstream_dsn: str,
     *,
@@ -211,20 +220,7 @@ def start(
     if the upstream cannot be reached.
     """
     # Built here in every case: bad settings raise ValueError in the caller's process.
-    settings = ProxySettings(
-        pool_size,
-        max_prepared,
-        max_message_size,
-        cleanup_timeout,
-        login_timeout,
-        tls_cert,
-        tls_key,
-        userlist,
-        auth_passthrough,
-        tuple(admin_users),
-        admin_database,
-        dict(pool_sizes or {}),
-    )
+    settings = _settings(locals())
     proxy, password, host, port = build_proxy(upstream_dsn, listen, settings)
     if isolate:
         if use_uvloop:
@@ -310,20 +306,7 @@ async def serve(
     pool_sizes: dict[str, int] | None = None,
 ) -> None:
     """Run the rewriter in the current event loop until SIGINT/SIGTERM (the sidecar)."""
-    settings = ProxySettings(
-        pool_size,
-        max_prepared,
-        max_message_size,
-        cleanup_timeout,
-        login_timeout,
-        tls_cert,
-        tls_key,
-        userlist,
-        auth_passthrough,
-        tuple(admin_users),
-        admin_database,
-        dict(pool_sizes or {}),
-    )
+    settings = _settings(locals())
     proxy, _, host, port = build_proxy(upstream_dsn, listen, settings)
     await proxy.start(host, port)
     stop = asyncio.Event()
