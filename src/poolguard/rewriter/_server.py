@@ -115,6 +115,8 @@ class Proxy:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        for task in list(self._admitting):
+            task.cancel()
         for session in list(self.sessions.values()):
             if session.transport is not None:
                 session.transport.close()

@@ -202,7 +202,10 @@ class Session(asyncio.Protocol):
         self._send(p.AUTH_OK)
         self._logged_in()
         if self.buf:  # queries sent right behind the password
-            self._client_messages()
+            try:
+                self._client_messages()
+            except p.ProtocolError as exc:
+                self._fatal(exc.sqlstate, f"protocol violation: {exc}")
         self._flush()
 
     def hand_over(self) -> tuple[asyncio.Transport, bytearray]:
