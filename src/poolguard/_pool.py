@@ -805,7 +805,7 @@ class GuardedPool(PoolCore):
             try:
                 conn: GuardedConnection = inner.getconn(timeout)
             except psycopg_pool.PoolTimeout:
-                pending = inner.get_stats().get("requests_waiting", 0)
+                pending = self._pending(inner.get_stats())
                 raise self._timed_out(self._timeout(timeout), pending) from None
             return conn
         finally:
@@ -1067,7 +1067,7 @@ class AsyncGuardedPool(PoolCore):
         try:
             conn: AsyncGuardedConnection = await inner.getconn(timeout)
         except psycopg_pool.PoolTimeout:
-            pending = inner.get_stats().get("requests_waiting", 0)
+            pending = self._pending(inner.get_stats())
             raise self._timed_out(self._timeout(timeout), pending) from None
         if self.routes.switched:
             self._demote(conn)
