@@ -46,7 +46,10 @@ class Sampler(threading.Thread):
             self.ready.set()
             while not self.stop.is_set():
                 row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                    # This test's own database: on the shared server, earlier tests' pools of
+                    # the same name may still be closing their sessions.
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                    "AND datname = current_database()",
                     [self.application_name],
                 ).fetchone()
                 assert row is not None
