@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -79,13 +80,18 @@ def test_gunicorn_three_workers_one_scrape_sums_them(pg_dsn: str, tmp_path: Path
     with serve(argv, port, env, tmp_path / "gunicorn.log"):
         pids: set[int] = set()
         work = starve = 0
-        # Bounded: sync workers take connections in turn, so every worker serves within a few
-        # dozen requests; each request counts once whichever worker serves it.
-        for _ in range(300):
-            pids.add(json.loads(get(port, "/work"))["pid"])
-            work += 1
-            if len(pids) == WORKERS and work >= 30:
-                break
+        # A sync worker serves one request at a time, so WORKERS requests that each hold their
+        # connection for a moment, sent at once, reach WORKERS workers; sequential requests can
+        # all land on one worker (the kernel wakes whichever is waiting in accept). Bounded.
+        with ThreadPoolExecutor(WORKERS) as threads:
+            for _ in range(20):
+                held = threads.map(
+                    lambda _: json.loads(get(port, "/work?hold=0.3")), range(WORKERS)
+                )
+                pids.update(answer["pid"] for answer in held)
+                work += WORKERS
+                if len(pids) == WORKERS:
+                    break
         assert len(pids) == WORKERS, f"only {len(pids)} workers served"
         for _ in range(6):
             assert json.loads(get(port, "/starve")).get("timed_out") is True

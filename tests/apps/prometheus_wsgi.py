@@ -1,6 +1,6 @@
 """A WSGI app for the Prometheus multiprocess test: one pool per gunicorn worker.
 
-/work   takes a connection and runs SELECT 1
+/work   takes a connection and runs a query (?hold=S: pg_sleep(S), holding it S seconds)
 /starve holds the pool's only connection and asks for a second: that wait times out
 /pid    the worker's pid
 /metrics poolguard.prometheus.wsgi_app
@@ -28,8 +28,9 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         return poolguard.prometheus.wsgi_app(environ, start_response)
     body: dict[str, Any] = {"pid": os.getpid()}
     if path == "/work":
+        hold = float(environ.get("QUERY_STRING", "").partition("hold=")[2] or 0)
         with poolguard.connection("web") as conn:
-            conn.execute("SELECT 1")
+            conn.execute("SELECT pg_sleep(%s)", (hold,))
     elif path == "/starve":
         with poolguard.connection("web"):
             try:
