@@ -35,7 +35,7 @@ from ._child import Child, ChildError
 from ._pool import Upstream, UpstreamError
 from ._server import Proxy
 
-__all__ = ["RewriterHandle", "UpstreamError", "main", "serve", "start"]
+__all__ = ["RewriterHandle", "UpstreamError", "admin_stats", "main", "serve", "start"]
 
 logger = logging.getLogger("poolguard.rewriter")
 
@@ -161,6 +161,15 @@ class RewriterHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def admin_stats(dsn: str, *, timeout: int = 10) -> Stats:
+    """The admin console's views read from a running rewriter, here or in another process:
+    ``dsn`` (URL or conninfo) names the console's database (``poolguard`` unless renamed) and
+    a user allowed there; ``timeout`` is the connect timeout in seconds. The same rows as
+    ``handle.stats()``; raises psycopg's errors when the console cannot be reached or refuses
+    the login."""
+    return query_stats(dsn, timeout)
 
 
 def _settings(arguments: dict[str, Any]) -> ProxySettings:

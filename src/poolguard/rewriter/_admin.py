@@ -40,6 +40,8 @@ def snapshot(pools: Pools, sessions: Iterable[Session]) -> Stats:
     """Every view's rows, computed now (no I/O)."""
     clients: Rows = []
     per_pair: dict[tuple[str, str], list[int]] = {}  # active, waiting, idle clients
+    # Each pool serves its waiters first in, first out: position 1 has waited longest.
+    queued = {id(s): i for pair in pools.pairs.values() for i, s in enumerate(pair.pool.waiters, 1)}
     for s in sessions:
         pair = s.pair
         if pair is None:
@@ -55,6 +57,7 @@ def snapshot(pools: Pools, sessions: Iterable[Session]) -> Stats:
                 "state": state,
                 "pid": s.pid,
                 "server_pid": backend.pid if backend is not None else None,
+                "queue": queued.get(id(s)),
             }
         )
     pools_rows: Rows = []
@@ -118,13 +121,13 @@ _EMPTY: dict[str, tuple[str, ...]] = {
         "user", "database", "cl_active", "cl_waiting", "cl_idle", "sv_active", "sv_idle",
         "sv_connecting", "pool_size", "pinned",
     ),
-    "clients": ("user", "database", "state", "pid", "server_pid"),
+    "clients": ("user", "database", "state", "pid", "server_pid", "queue"),
     "servers": ("user", "database", "state", "pid", "client_pid", "prepared"),
     "stats": ("user", "database", "xact_count", "statements", "server_prepared"),
 }  # fmt: skip
 _INT_COLUMNS = {
     "cl_active", "cl_waiting", "cl_idle", "sv_active", "sv_idle", "sv_connecting", "pool_size",
-    "pinned", "pid", "server_pid", "client_pid", "prepared", "xact_count", "statements",
+    "pinned", "pid", "server_pid", "queue", "client_pid", "prepared", "xact_count", "statements",
     "server_prepared",
 }  # fmt: skip
 
@@ -251,11 +254,12 @@ class Console(asyncio.Protocol):
         self.transport = None
 
 
-def query_stats(conninfo: str) -> Stats:
-    """The console's views read over a connection (for a rewriter in another process)."""
+def query_stats(conninfo: str, timeout: int = 10) -> Stats:
+    """The console's views read over a connection (for a rewriter in another process);
+    ``timeout``: seconds to connect (libpq counts at least 2)."""
     import psycopg
 
-    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=timeout) as conn:
         stats: Stats = {}
         for view in VIEWS:
             cur = conn.execute(f"SHOW {view.upper()}")
