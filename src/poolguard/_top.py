@@ -4,8 +4,10 @@ Connections by application, poolguard pool (from ``application_name``, so every 
 show), client host and state; the longest idle-in-transaction sessions with their last
 statement (literals masked); sessions waiting for a lock and who blocks them; slots used out of
 ``max_connections``.  Given the metrics endpoints of app processes (``--metrics URL``, the
-Prometheus text of poolguard.prometheus), their pool figures too.  Nothing it prints carries a
-password: the DSN is shown redacted and statements have their literals masked.
+Prometheus text of poolguard.prometheus), their pool figures too; given statement-name
+rewriters' admin consoles (``--rewriter DSN``), a section per proxy (built by _top_rewriter).
+Nothing it prints carries a password: DSNs are shown redacted and statements have their
+literals masked.
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from . import _top_rewriter
+from ._errors import ConfigurationError
 from ._metrics import BUCKETS, quantile
 from ._settings import parse_dsn, redact_text
 from ._sqltokens import mask_literals
+from ._top_rewriter import RewriterWatch
 
 #: application_name of top's own session: not "poolguard:…", so never counted as a pool.
 APPLICATION_NAME = "poolguard-top"
@@ -157,25 +163,56 @@ def _p99(cumulative: dict[float, float]) -> float:
     return round(quantile(buckets, 0.99), 4)
 
 
-def snapshot(dsn: str, metrics_urls: Sequence[str] = ()) -> dict[str, Any]:
-    conninfo, _ = parse_dsn(dsn, "dsn")
-    with psycopg.connect(
-        conninfo, autocommit=True, application_name=APPLICATION_NAME, connect_timeout=5
-    ) as conn:
-        found = server_snapshot(conn)
-    params = conninfo_to_dict(conninfo)
-    found["target"] = (
-        f"{params.get('user', '')}@{params.get('host', 'localhost')}:{params.get('port', 5432)}"
-        f"/{found['database']}"
-    )
-    found["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    if metrics_urls:
-        found["apps"] = endpoint_figures(metrics_urls)
+def snapshot(
+    dsn: str | None,
+    metrics_urls: Sequence[str] = (),
+    rewriters: Sequence[RewriterWatch] = (),
+) -> dict[str, Any]:
+    """One refresh: the server (unless ``dsn`` is None), the metrics endpoints, and each
+    rewriter's section (read at the same time as the rest, so a slow console costs one
+    connect timeout, not one per section)."""
+    with ThreadPoolExecutor(max_workers=max(len(rewriters), 1)) as pool:
+        sections = [pool.submit(watch.sample) for watch in rewriters]
+        found: dict[str, Any] = {}
+        if dsn is not None:
+            conninfo, _ = parse_dsn(dsn, "dsn")
+            with psycopg.connect(
+                conninfo, autocommit=True, application_name=APPLICATION_NAME, connect_timeout=5
+            ) as conn:
+                found = server_snapshot(conn)
+            params = conninfo_to_dict(conninfo)
+            found["target"] = (
+                f"{params.get('user', '')}@{params.get('host', 'localhost')}:"
+                f"{params.get('port', 5432)}/{found['database']}"
+            )
+        found["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        if metrics_urls:
+            found["apps"] = endpoint_figures(metrics_urls)
+        if rewriters:
+            found["rewriters"] = [section.result() for section in sections]
     return found
 
 
 def render(found: dict[str, Any]) -> list[str]:
     """The snapshot as lines of plain text (what --once prints and the live view draws)."""
+    # Without "slots" there was no database to show: rewriters only.
+    lines = _server_lines(found) if "slots" in found else [f"poolguard top  {found['time']}"]
+    apps = found.get("apps")
+    if apps is not None:
+        lines += ["", "app pools (metrics):  in use  waiting  p99 wait  leaks  timeouts"]
+        for name, f in sorted(apps["pools"].items()):
+            lines.append(
+                f"  {name:19.19s} {f['in_use']:7d} {f['waiting']:8d} "
+                f"{f['p99_wait_seconds'] * 1000:7.1f}ms {f['leaks']:6d} {f['timeouts']:9d}"
+            )
+        for url, error in apps["unreachable"].items():
+            lines.append(f"  unreachable: {url} ({error})")
+    for section in found.get("rewriters", ()):
+        lines += ["", *_top_rewriter.render(section)]
+    return lines
+
+
+def _server_lines(found: dict[str, Any]) -> list[str]:
     slots = found["slots"]
     usable = slots["max_connections"] - slots["reserved"]
     free = usable - slots["used"]
@@ -213,20 +250,12 @@ def render(found: dict[str, Any]) -> list[str]:
         lines.append(f"    {row['query']}")
     if not found["lock_waits"]:
         lines.append("  none")
-    apps = found.get("apps")
-    if apps is not None:
-        lines += ["", "app pools (metrics):  in use  waiting  p99 wait  leaks  timeouts"]
-        for name, f in sorted(apps["pools"].items()):
-            lines.append(
-                f"  {name:19.19s} {f['in_use']:7d} {f['waiting']:8d} "
-                f"{f['p99_wait_seconds'] * 1000:7.1f}ms {f['leaks']:6d} {f['timeouts']:9d}"
-            )
-        for url, error in apps["unreachable"].items():
-            lines.append(f"  unreachable: {url} ({error})")
     return lines
 
 
-def _live(dsn: str, urls: Sequence[str], interval: float) -> int:
+def _live(
+    dsn: str | None, urls: Sequence[str], rewriters: Sequence[RewriterWatch], interval: float
+) -> int:
     import curses
     import locale
 
@@ -237,9 +266,9 @@ def _live(dsn: str, urls: Sequence[str], interval: float) -> int:
         screen.timeout(int(interval * 1000))
         while True:
             try:
-                lines = render(snapshot(dsn, urls))
+                lines = render(snapshot(dsn, urls, rewriters))
             except psycopg.Error as exc:
-                lines = [f"poolguard top: {redact_text(str(exc), dsn)}"]
+                lines = [f"poolguard top: {redact_text(str(exc), dsn or '')}"]
             screen.erase()
             height, width = screen.getmaxyx()
             for y, line in enumerate(lines[: height - 1]):
@@ -255,7 +284,8 @@ def _live(dsn: str, urls: Sequence[str], interval: float) -> int:
 
 
 def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
-    """``poolguard top [DSN] [--metrics URL ...] [--once] [--json] [--interval S]``."""
+    """``poolguard top [DSN] [--metrics URL ...] [--rewriter DSN ...] [--once] [--json]
+    [--interval S]``."""
     out = out or sys.stdout
     parser = argparse.ArgumentParser(
         prog="poolguard top",
@@ -271,6 +301,14 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
         metavar="URL",
         help="app processes' metrics endpoints (poolguard.prometheus) to add their pool figures",
     )
+    parser.add_argument(
+        "--rewriter",
+        action="append",
+        default=[],
+        metavar="DSN",
+        help="a statement-name rewriter's admin console (URL or conninfo of its 'poolguard' "
+        "database, the default when the DSN names none) to add its pools; repeatable",
+    )
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
     parser.add_argument(
@@ -278,14 +316,21 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     dsn = args.dsn or os.environ.get("POOLGUARD_DSN") or os.environ.get("DATABASE_URL")
-    if not dsn:
-        parser.error("no database: pass a DSN, or set POOLGUARD_DSN or DATABASE_URL")
-    if not (args.once or args.json):
-        return _live(dsn, args.metrics, args.interval)
+    if not dsn and not args.rewriter:
+        parser.error(
+            "no database: pass a DSN, or set POOLGUARD_DSN or DATABASE_URL (or watch only "
+            "rewriters with --rewriter)"
+        )
     try:
-        found = snapshot(dsn, args.metrics)
+        rewriters = [RewriterWatch(given) for given in args.rewriter]
+    except ConfigurationError as exc:
+        parser.error(str(exc))
+    if not (args.once or args.json):
+        return _live(dsn, args.metrics, rewriters, args.interval)
+    try:
+        found = snapshot(dsn, args.metrics, rewriters)
     except psycopg.Error as exc:
-        print(f"poolguard top: {redact_text(str(exc), dsn)}", file=sys.stderr)
+        print(f"poolguard top: {redact_text(str(exc), dsn or '')}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(found, indent=2), file=out)

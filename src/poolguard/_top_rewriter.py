@@ -1,0 +1,177 @@
+"""The rewriter sections of ``poolguard top``: each proxy's admin console read and summed per
+(user, database) pool, with what only two refreshes tell (transaction rate, how long a client
+has been seen waiting).
+
+A console that cannot be reached or refuses the login gives its section a one-line error; the
+DSN is shown without its password, and every error text is redacted against it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ._settings import parse_dsn, redact_text
+from .rewriter import admin_stats
+
+#: The console's database when the DSN names none (the rewriter's default console name).
+CONSOLE_DATABASE = "poolguard"
+#: Seconds to wait for a console to answer a connection: a refresh waits for the slowest.
+CONNECT_TIMEOUT = 2
+#: How many of the longest-waiting clients a section lists.
+LONGEST_WAITING = 5
+
+
+def console_conninfo(dsn: str) -> str:
+    """``dsn`` as conninfo for the console: its database defaults to ``poolguard``.
+
+    Raises ConfigurationError, naming ``--rewriter`` and without the password, if it is not a
+    valid URL or conninfo string."""
+    conninfo, _ = parse_dsn(dsn, "--rewriter")
+    if not conninfo_to_dict(conninfo).get("dbname"):
+        conninfo = make_conninfo(conninfo, dbname=CONSOLE_DATABASE)
+    return conninfo
+
+
+def _target(conninfo: str) -> str:
+    params = conninfo_to_dict(conninfo)
+    return (
+        f"{params.get('user', '')}@{params.get('host', 'localhost')}:{params.get('port', 5432)}"
+        f"/{params.get('dbname', '')}"
+    )
+
+
+class RewriterWatch:
+    """One proxy's console, sampled at each refresh; remembers the previous sample."""
+
+    def __init__(self, dsn: str) -> None:
+        self.given = dsn  # as typed: errors are redacted against both forms
+        self.conninfo = console_conninfo(dsn)
+        self.target = _target(self.conninfo)
+        self._served: dict[tuple[str, str], int] = {}
+        self._served_at: float | None = None
+        self._waiting_since: dict[int, float] = {}  # client pid -> first refresh seen waiting
+
+    def sample(self) -> dict[str, Any]:
+        """The section's figures now, or its target and a one-line ``error``."""
+        try:
+            stats = admin_stats(self.conninfo, timeout=CONNECT_TIMEOUT)
+        except psycopg.Error as exc:
+            # The rates and waits start over: the proxy may have restarted meanwhile.
+            self._served, self._served_at = {}, None
+            self._waiting_since = {}
+            return {"target": self.target, "error": self._one_line(exc), "pools": [], "waiting": []}
+        return self._figures(stats, time.monotonic())
+
+    def _one_line(self, exc: Exception) -> str:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = " ".join(lines) or type(exc).__name__
+        return redact_text(text, self.given, self.conninfo)
+
+    def _figures(self, stats: dict[str, list[dict[str, Any]]], now: float) -> dict[str, Any]:
+        prepared: dict[tuple[str, str], list[int]] = {}
+        for row in stats["servers"]:
+            prepared.setdefault((row["user"], row["database"]), []).append(row["prepared"])
+        served = {(r["user"], r["database"]): r["xact_count"] for r in stats["stats"]}
+        statements = {(r["user"], r["database"]): r["statements"] for r in stats["stats"]}
+        elapsed = now - self._served_at if self._served_at is not None else None
+
+        waiting_rows = [r for r in stats["clients"] if r["state"] == "waiting"]
+        since = {r["pid"]: self._waiting_since.get(r["pid"], now) for r in waiting_rows}
+        self._waiting_since = since
+        waiting = sorted(
+            (
+                {
+                    "pid": r["pid"],
+                    "user": r["user"],
+                    "database": r["database"],
+                    "queue": r.get("queue"),
+                    "seen_waiting_seconds": round(now - since[r["pid"]], 1),
+                }
+                for r in waiting_rows
+            ),
+            key=lambda w: (-w["seen_waiting_seconds"], w["queue"] or 1 << 30, w["pid"]),
+        )
+        longest: dict[tuple[str, str], float] = {}
+        for w in waiting:
+            pair = (w["user"], w["database"])
+            longest[pair] = max(longest.get(pair, 0.0), w["seen_waiting_seconds"])
+
+        pools = []
+        for row in stats["pools"]:
+            pair = (row["user"], row["database"])
+            count = served.get(pair, 0)
+            before = self._served.get(pair)
+            # A count that went down belongs to a restarted proxy: no rate from it.
+            delta = count - before if before is not None and count >= before else None
+            pools.append(
+                {
+                    "user": row["user"],
+                    "database": row["database"],
+                    "clients_active": row["cl_active"],
+                    "clients_waiting": row["cl_waiting"],
+                    "clients_idle": row["cl_idle"],
+                    "servers_busy": row["sv_active"],
+                    "servers_idle": row["sv_idle"],
+                    "servers_connecting": row["sv_connecting"],
+                    "pool_size": row["pool_size"],
+                    "pinned": row["pinned"],
+                    "max_seen_wait_seconds": longest.get(pair, 0.0),
+                    "transactions": count,
+                    "transactions_since_last": delta,
+                    "transactions_per_second": (
+                        round(delta / elapsed, 1) if delta is not None and elapsed else None
+                    ),
+                    "statements": statements.get(pair, 0),
+                    "prepared_per_server": prepared.get(pair, []),
+                }
+            )
+        self._served, self._served_at = served, now
+        return {
+            "target": self.target,
+            "error": None,
+            "pools": pools,
+            "waiting": waiting[:LONGEST_WAITING],
+        }
+
+
+# The table's columns: heading, figure; each figure right-aligned under its heading.
+_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("cl_active", lambda p: str(p["clients_active"])),
+    ("cl_waiting", lambda p: str(p["clients_waiting"])),
+    ("cl_idle", lambda p: str(p["clients_idle"])),
+    ("sv_busy", lambda p: str(p["servers_busy"])),
+    ("sv_idle", lambda p: str(p["servers_idle"])),
+    ("wait>=", lambda p: f"{p['max_seen_wait_seconds']:.1f}s"),
+    ("xacts", lambda p: str(p["transactions"])),
+    ("xact/s", lambda p: _or_dash(p["transactions_per_second"])),
+)
+
+
+def _or_dash(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.1f}"
+
+
+def render(section: dict[str, Any]) -> list[str]:
+    """One proxy's section as lines of plain text."""
+    lines = [f"rewriter {section['target']}:"]
+    if section["error"] is not None:
+        return [*lines, f"  unreachable: {section['error']}"]
+    heads = " ".join(f"{head:>7s}" for head, _ in _COLUMNS)
+    lines.append(f"  {'pool (user/database)':28s} {heads}  prepared per server")
+    for p in section["pools"]:
+        figures = " ".join(f"{figure(p):>{max(len(head), 7)}s}" for head, figure in _COLUMNS)
+        prepared = ",".join(map(str, p["prepared_per_server"])) or "-"
+        lines.append(f"  {p['user'] + '/' + p['database']:28.28s} {figures}  {prepared}")
+    if not section["pools"]:
+        lines.append("  no pools yet")
+    for w in section["waiting"]:
+        lines.append(
+            f"  waiting #{w['queue'] or '?'}: client {w['pid']} {w['user']}/{w['database']}, "
+            f"seen waiting {w['seen_waiting_seconds']:.1f} s"
+        )
+    return lines

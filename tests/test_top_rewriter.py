@@ -1,0 +1,214 @@
+"""``poolguard top --rewriter``: a real rewriter in front of a real PostgreSQL, clients held in a
+transaction and waiting for its one server connection, and top reading the admin console."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from poolguard import rewriter
+from poolguard._top import main
+from poolguard._top_rewriter import RewriterWatch, console_conninfo
+from test_redaction import assert_clean, captured_logs, passwords
+
+
+@pytest.fixture
+def proxy(pg_dsn: str) -> Iterator[rewriter.RewriterHandle]:
+    """A rewriter with one server connection per pool, so a second client has to wait."""
+    handle = rewriter.start(pg_dsn, pool_size=1, isolate=False)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def console(handle: rewriter.RewriterHandle, **changes: Any) -> str:
+    return make_conninfo(handle.dsn, dbname=handle.admin_database, **changes)
+
+
+def client(handle: rewriter.RewriterHandle, prepares: bool = False) -> psycopg.Connection[Any]:
+    # Without ``prepares``, no statement is prepared (prepare=True included).
+    threshold = 5 if prepares else None
+    return psycopg.connect(handle.dsn, autocommit=True, prepare_threshold=threshold)
+
+
+def wait_until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
+
+
+def waiting_clients(handle: rewriter.RewriterHandle) -> int:
+    return sum(r["state"] == "waiting" for r in handle.stats()["clients"])
+
+
+def top(*args: str) -> str:
+    out = io.StringIO()
+    assert main([*args], out=out) == 0
+    return out.getvalue()
+
+
+def test_figures_of_a_pool_with_a_transaction_and_waiting_clients(
+    proxy: rewriter.RewriterHandle, pg_dsn: str
+) -> None:
+    url = console(proxy)
+    idle = client(proxy)
+    # Two refreshes around three transactions: the count, the difference and a rate.
+    watch = RewriterWatch(url)
+    first = watch.sample()
+    [pool] = first["pools"]
+    assert pool["transactions_since_last"] is None and pool["transactions_per_second"] is None
+    for i in range(3):
+        idle.execute("select %s::int", (i,))
+    second = watch.sample()
+    [pool] = second["pools"]
+    assert pool["transactions"] == first["pools"][0]["transactions"] + 3
+    assert pool["transactions_since_last"] == 3 and pool["transactions_per_second"] > 0
+
+    holder = client(proxy, prepares=True)
+    holder.execute("BEGIN")
+    holder.execute("select %s::int", (1,), prepare=True)  # one statement prepared server-side
+    waiters = [client(proxy), client(proxy)]
+    threads = []
+    try:
+        for n, conn in enumerate(waiters, 1):
+            thread = threading.Thread(target=conn.execute, args=("select 1",))
+            thread.start()
+            threads.append(thread)
+            wait_until(lambda n=n: waiting_clients(proxy) == n, f"{n} clients waiting")
+        time.sleep(0.3)
+
+        found = json.loads(top(pg_dsn, "--json", "--rewriter", url))
+        assert found["database"] == conninfo_to_dict(pg_dsn)["dbname"]  # the server part too
+        [section] = found["rewriters"]
+        assert section["error"] is None
+        assert section["target"] == (
+            f"{proxy.user}@{proxy.host}:{proxy.port}/{proxy.admin_database}"
+        )
+        [pool] = section["pools"]
+        assert (pool["user"], pool["database"]) == (proxy.user, proxy.dbname)
+        assert (pool["clients_active"], pool["clients_waiting"], pool["clients_idle"]) == (
+            1,
+            2,
+            1,
+        )
+        assert (pool["servers_busy"], pool["servers_idle"], pool["pool_size"]) == (1, 0, 1)
+        assert pool["prepared_per_server"] == [1] and pool["statements"] == 1
+        assert pool["transactions"] == second["pools"][0]["transactions"]  # one still open
+        # The first waiter is first in the queue.
+        pids = [conn.info.backend_pid for conn in waiters]
+        assert [(w["pid"], w["queue"]) for w in section["waiting"]] == [(pids[0], 1), (pids[1], 2)]
+
+        # The same as text, next to the database section.
+        text = top(pg_dsn, "--once", "--rewriter", url)
+        assert "slots:" in text and f"rewriter {section['target']}:" in text
+        lines = text.splitlines()
+        row = lines[lines.index(f"rewriter {section['target']}:") + 2]
+        assert row.split()[0] == f"{proxy.user}/{proxy.dbname}"[:28], row
+        assert row.split()[1:6] == ["1", "2", "1", "1", "0"], row
+        assert row.split()[-1] == "1", row  # prepared per server
+        assert f"waiting #1: client {pids[0]} " in text and f"waiting #2: client {pids[1]} " in text
+
+        # Refreshed again, the waiters have been seen waiting for a while.
+        time.sleep(0.5)
+        again = watch.sample()
+        assert again["pools"][0]["max_seen_wait_seconds"] == 0.0  # first seen just now
+        time.sleep(0.5)
+        later = watch.sample()
+        assert later["pools"][0]["max_seen_wait_seconds"] >= 0.5
+        assert [w["seen_waiting_seconds"] >= 0.5 for w in later["waiting"]] == [True, True]
+    finally:
+        holder.execute("COMMIT")
+        for thread in threads:
+            thread.join(10)
+        for conn in [holder, idle, *waiters]:
+            conn.close()
+    done = watch.sample()
+    assert done["waiting"] == [] and done["pools"][0]["clients_waiting"] == 0
+    # BEGIN..COMMIT and the two waiters' statements: three more, all since the last sample.
+    assert done["pools"][0]["transactions"] == second["pools"][0]["transactions"] + 3
+
+
+def test_an_unreachable_console_is_one_line_and_the_rest_still_shows(
+    proxy: rewriter.RewriterHandle, pg_dsn: str
+) -> None:
+    closed = make_conninfo(console(proxy), port=proxy.port + 1, password="closed-port-pw")
+    found = json.loads(top(pg_dsn, "--json", "--rewriter", closed, "--rewriter", console(proxy)))
+    bad, good = found["rewriters"]
+    assert bad["error"] and "\n" not in bad["error"] and bad["pools"] == []
+    assert bad["target"] == f"{proxy.user}@{proxy.host}:{proxy.port + 1}/{proxy.admin_database}"
+    assert good["error"] is None and len(good["pools"]) == 1
+    assert found["slots"]["used"] >= 1
+    text = top(pg_dsn, "--once", "--rewriter", closed)
+    assert f"rewriter {bad['target']}:\n  unreachable: " in text and "slots:" in text
+    assert "closed-port-pw" not in json.dumps(found) + text
+
+
+def test_rewriters_only_and_the_console_database_by_default(
+    proxy: rewriter.RewriterHandle,
+) -> None:
+    # No database DSN (none in the environment either): only the rewriter's section.
+    url = (
+        f"postgresql://{quote(proxy.user)}:{quote(proxy.password, safe='')}"
+        f"@{proxy.host}:{proxy.port}"
+    )
+    assert conninfo_to_dict(console_conninfo(url))["dbname"] == "poolguard"
+    text = top("--once", "--rewriter", url)
+    assert text.splitlines()[0].startswith("poolguard top  ") and "slots:" not in text
+    assert f"rewriter {proxy.user}@{proxy.host}:{proxy.port}/poolguard:" in text
+    assert proxy.password not in text
+
+
+def test_a_bad_rewriter_dsn_is_refused_naming_the_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--once", "--rewriter", "postgresql://app:s3cret-pw@h:notaport/poolguard"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--rewriter has port" in err and "s3cret-pw" not in err
+
+
+SHAPES: list[tuple[str, Callable[[rewriter.RewriterHandle, str], str]]] = [
+    (
+        "url",
+        lambda h, pw: (
+            f"postgresql://{h.user}:{quote(pw, safe='')}@{h.host}:{h.port}/{h.admin_database}"
+        ),
+    ),
+    ("conninfo", lambda h, pw: console(h, password=pw)),
+]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(pw=passwords, shape=st.sampled_from(SHAPES))
+def test_a_wrong_password_is_reported_redacted(
+    proxy: rewriter.RewriterHandle,
+    pw: str,
+    shape: tuple[str, Callable[[rewriter.RewriterHandle, str], str]],
+) -> None:
+    dsn = shape[1](proxy, pw)
+    with captured_logs() as logs:
+        as_json = top("--json", "--rewriter", dsn)
+        text = top("--once", "--rewriter", dsn)
+    [section] = json.loads(as_json)["rewriters"]
+    assert "password authentication failed" in section["error"], section
+    assert section["target"] == f"{proxy.user}@{proxy.host}:{proxy.port}/{proxy.admin_database}"
+    assert f"  unreachable: {section['error']}" in text
+    assert_clean(pw, as_json, text, logs.getvalue())
