@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -115,8 +121,8 @@ def test_figures_of_a_pool_with_a_transaction_and_waiting_clients(
         text = top(pg_dsn, "--once", "--rewriter", url)
         assert "slots:" in text and f"rewriter {section['target']}:" in text
         lines = text.splitlines()
-        row = lines[lines.index(f"rewriter {section['target']}:") + 2]
-        assert row.split()[0] == f"{proxy.user}/{proxy.dbname}"[:28], row
+        row = lines[lines.index(f"rewriter {section['target']}:") + 3]
+        assert row.split()[0] == f"{proxy.user}/{proxy.dbname}"[:22], row
         assert row.split()[1:6] == ["1", "2", "1", "1", "0"], row
         assert row.split()[-1] == "1", row  # prepared per server
         assert f"waiting #1: client {pids[0]} " in text and f"waiting #2: client {pids[1]} " in text
@@ -152,7 +158,7 @@ def test_an_unreachable_console_is_one_line_and_the_rest_still_shows(
     assert good["error"] is None and len(good["pools"]) == 1
     assert found["slots"]["used"] >= 1
     text = top(pg_dsn, "--once", "--rewriter", closed)
-    assert f"rewriter {bad['target']}:\n  unreachable: " in text and "slots:" in text
+    assert f"rewriter {bad['target']}:\n  error: " in text and "slots:" in text
     assert "closed-port-pw" not in json.dumps(found) + text
 
 
@@ -210,5 +216,60 @@ def test_a_wrong_password_is_reported_redacted(
     [section] = json.loads(as_json)["rewriters"]
     assert "password authentication failed" in section["error"], section
     assert section["target"] == f"{proxy.user}@{proxy.host}:{proxy.port}/{proxy.admin_database}"
-    assert f"  unreachable: {section['error']}" in text
+    assert f"  error: {section['error']}" in text
     assert_clean(pw, as_json, text, logs.getvalue())
+
+
+def test_live_view_refreshes_the_rate_next_to_a_refusing_console(
+    proxy: rewriter.RewriterHandle, tmp_path: Path
+) -> None:
+    if shutil.which("tmux") is None:
+        if os.environ.get("CI"):
+            pytest.fail("tmux is not installed (.ci/run installs it)")
+        pytest.skip("needs tmux")
+    refused = console(proxy, password="live-wrong-pw")
+    socket = str(tmp_path / "tmux.sock")
+    top_args = ["top", "--interval", "0.5", "--rewriter", console(proxy), "--rewriter", refused]
+    command = shlex.join([sys.executable, "-m", "poolguard.cli", *top_args])
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with client(proxy) as conn:
+            while not stop.wait(0.02):
+                conn.execute("select 1")
+
+    def tmux(*args: str) -> str:
+        return subprocess.run(
+            ["tmux", "-S", socket, *args], capture_output=True, text=True, timeout=10
+        ).stdout
+
+    def row(screen: str) -> list[str]:
+        found = [line.split() for line in screen.splitlines() if line.startswith("  poolguard/")]
+        return found[0] if found else []
+
+    busy = threading.Thread(target=traffic)
+    busy.start()
+    tmux("new-session", "-d", "-x", "160", "-y", "50", "-s", "top", command)
+    try:
+        deadline = time.monotonic() + 15
+        screen = ""
+        # A rate needs two refreshes: "-" first, then a figure.
+        while len(row(screen)) < 9 or row(screen)[8] in ("-", "0.0"):
+            assert time.monotonic() < deadline, f"top never showed a rate:\n{screen}"
+            time.sleep(0.2)
+            screen = tmux("capture-pane", "-p", "-t", "top")
+        assert float(row(screen)[8]) > 0
+        assert "error: FATAL: password authentication failed" in screen
+        assert "live-wrong-pw" not in screen and proxy.password not in screen
+        xacts = int(row(screen)[7])
+        time.sleep(1.2)
+        assert int(row(tmux("capture-pane", "-p", "-t", "top"))[7]) > xacts
+        tmux("send-keys", "-t", "top", "q")
+        deadline = time.monotonic() + 10
+        while "top" in tmux("list-sessions"):
+            assert time.monotonic() < deadline, "q did not quit"
+            time.sleep(0.2)
+    finally:
+        tmux("kill-server")
+        stop.set()
+        busy.join(10)

@@ -8,8 +8,8 @@ DSN is shown without its password, and every error text is redacted against it.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -24,6 +24,10 @@ CONSOLE_DATABASE = "poolguard"
 CONNECT_TIMEOUT = 2
 #: How many of the longest-waiting clients a section lists.
 LONGEST_WAITING = 5
+
+
+# libpq's "connection failed: connection to server at "h", port 1 failed: " in front of why.
+_WHERE = re.compile(r"^(?:connection failed: )?connection to server (?:at|on socket) .*? failed: ")
 
 
 def console_conninfo(dsn: str) -> str:
@@ -68,8 +72,9 @@ class RewriterWatch:
         return self._figures(stats, time.monotonic())
 
     def _one_line(self, exc: Exception) -> str:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        text = " ".join(lines) or type(exc).__name__
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        # The section's heading names the console already: keep what went wrong.
+        text = _WHERE.sub("", text, count=1)
         return redact_text(text, self.given, self.conninfo)
 
     def _figures(self, stats: dict[str, list[dict[str, Any]]], now: float) -> dict[str, Any]:
@@ -139,34 +144,25 @@ class RewriterWatch:
         }
 
 
-# The table's columns: heading, figure; each figure right-aligned under its heading.
-_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
-    ("cl_active", lambda p: str(p["clients_active"])),
-    ("cl_waiting", lambda p: str(p["clients_waiting"])),
-    ("cl_idle", lambda p: str(p["clients_idle"])),
-    ("sv_busy", lambda p: str(p["servers_busy"])),
-    ("sv_idle", lambda p: str(p["servers_idle"])),
-    ("wait>=", lambda p: f"{p['max_seen_wait_seconds']:.1f}s"),
-    ("xacts", lambda p: str(p["transactions"])),
-    ("xact/s", lambda p: _or_dash(p["transactions_per_second"])),
-)
-
-
-def _or_dash(rate: float | None) -> str:
-    return "-" if rate is None else f"{rate:.1f}"
-
-
 def render(section: dict[str, Any]) -> list[str]:
-    """One proxy's section as lines of plain text."""
+    """One proxy's section as lines of plain text, the table within 80 columns."""
     lines = [f"rewriter {section['target']}:"]
     if section["error"] is not None:
-        return [*lines, f"  unreachable: {section['error']}"]
-    heads = " ".join(f"{head:>7s}" for head, _ in _COLUMNS)
-    lines.append(f"  {'pool (user/database)':28s} {heads}  prepared per server")
+        return [*lines, f"  error: {section['error']}"]
+    lines += [
+        f"  {'':22s} {'clients':^14s}  {'servers':^9s}  {'max':>6s}",
+        f"  {'user/database':22s}  act wait idle   busy idle  wait>=    xacts  xact/s  "
+        "prepared/server",
+    ]
     for p in section["pools"]:
-        figures = " ".join(f"{figure(p):>{max(len(head), 7)}s}" for head, figure in _COLUMNS)
-        prepared = ",".join(map(str, p["prepared_per_server"])) or "-"
-        lines.append(f"  {p['user'] + '/' + p['database']:28.28s} {figures}  {prepared}")
+        rate = p["transactions_per_second"]
+        lines.append(
+            f"  {p['user'] + '/' + p['database']:22.22s} {p['clients_active']:4d} "
+            f"{p['clients_waiting']:4d} {p['clients_idle']:4d}   {p['servers_busy']:4d} "
+            f"{p['servers_idle']:4d} {p['max_seen_wait_seconds']:6.1f}s "
+            f"{p['transactions']:8d} {'-' if rate is None else f'{rate:.1f}':>7s}  "
+            f"{','.join(map(str, p['prepared_per_server'])) or '-'}"
+        )
     if not section["pools"]:
         lines.append("  no pools yet")
     for w in section["waiting"]:
