@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,16 +116,15 @@ def test_once_json_shows_pools_idle_transaction_and_slots(
     assert SECRET not in text and str(password) not in text
 
 
-def test_live_view_in_a_terminal(scene: tuple[str, list[str], int], tmp_path: Path) -> None:
+@contextlib.contextmanager
+def terminal(command: str, tmp_path: Path) -> Iterator[Callable[[], str]]:
+    """``command`` (top's live view) in a detached 160x50 tmux terminal; yields a function
+    that returns the screen. Leaving the block without an error checks that ``q`` quits."""
     if shutil.which("tmux") is None:
         if os.environ.get("CI"):
             pytest.fail("tmux is not installed (.ci/run installs it)")
         pytest.skip("needs tmux")
-    dsn, urls, idle_pid = scene
     socket = str(tmp_path / "tmux.sock")
-    command = " ".join(
-        [sys.executable, "-m", "poolguard.cli", "top", f'"{dsn}"', "--metrics", *urls]
-    )
 
     def tmux(*args: str) -> str:
         return subprocess.run(
@@ -134,12 +133,28 @@ def test_live_view_in_a_terminal(scene: tuple[str, list[str], int], tmp_path: Pa
 
     tmux("new-session", "-d", "-x", "160", "-y", "50", "-s", "top", command)
     try:
+        yield lambda: tmux("capture-pane", "-p", "-t", "top")
+        tmux("send-keys", "-t", "top", "q")
+        deadline = time.monotonic() + 10
+        while "top" in tmux("list-sessions"):
+            assert time.monotonic() < deadline, "q did not quit"
+            time.sleep(0.2)
+    finally:
+        tmux("kill-server")
+
+
+def test_live_view_in_a_terminal(scene: tuple[str, list[str], int], tmp_path: Path) -> None:
+    dsn, urls, idle_pid = scene
+    command = " ".join(
+        [sys.executable, "-m", "poolguard.cli", "top", f'"{dsn}"', "--metrics", *urls]
+    )
+    with terminal(command, tmp_path) as screen_now:
         deadline = time.monotonic() + 15
         screen = ""
         while "billing" not in screen or "app pools" not in screen:
             assert time.monotonic() < deadline, f"top never drew its screen:\n{screen}"
             time.sleep(0.3)
-            screen = tmux("capture-pane", "-p", "-t", "top")
+            screen = screen_now()
         assert "orders=" in screen and "billing=" in screen
         assert f"pid {idle_pid}" in screen and "AS card" in screen, screen
         assert "idle in transaction=1" in screen
@@ -148,14 +163,7 @@ def test_live_view_in_a_terminal(scene: tuple[str, list[str], int], tmp_path: Pa
         assert SECRET not in screen and str(conninfo_to_dict(dsn)["password"]) not in screen
         first = screen
         time.sleep(2.2)  # refreshed every second: the idle age moves on
-        assert tmux("capture-pane", "-p", "-t", "top") != first
-        tmux("send-keys", "-t", "top", "q")
-        deadline = time.monotonic() + 10
-        while "top" in tmux("list-sessions"):
-            assert time.monotonic() < deadline, "q did not quit"
-            time.sleep(0.2)
-    finally:
-        tmux("kill-server")
+        assert screen_now() != first
 
 
 def test_a_refused_login_is_reported_without_the_password(

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shlex
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -27,6 +24,7 @@ from poolguard import rewriter
 from poolguard._top import main
 from poolguard._top_rewriter import RewriterWatch, console_conninfo
 from test_redaction import assert_clean, captured_logs, passwords
+from test_top import terminal
 
 
 @pytest.fixture
@@ -223,12 +221,7 @@ def test_a_wrong_password_is_reported_redacted(
 def test_live_view_refreshes_the_rate_next_to_a_refusing_console(
     proxy: rewriter.RewriterHandle, tmp_path: Path
 ) -> None:
-    if shutil.which("tmux") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tmux is not installed (.ci/run installs it)")
-        pytest.skip("needs tmux")
     refused = console(proxy, password="live-wrong-pw")
-    socket = str(tmp_path / "tmux.sock")
     top_args = ["top", "--interval", "0.5", "--rewriter", console(proxy), "--rewriter", refused]
     command = shlex.join([sys.executable, "-m", "poolguard.cli", *top_args])
     stop = threading.Event()
@@ -238,38 +231,28 @@ def test_live_view_refreshes_the_rate_next_to_a_refusing_console(
             while not stop.wait(0.02):
                 conn.execute("select 1")
 
-    def tmux(*args: str) -> str:
-        return subprocess.run(
-            ["tmux", "-S", socket, *args], capture_output=True, text=True, timeout=10
-        ).stdout
-
     def row(screen: str) -> list[str]:
-        found = [line.split() for line in screen.splitlines() if line.startswith("  poolguard/")]
+        mine = f"  {proxy.user}/"
+        found = [line.split() for line in screen.splitlines() if line.startswith(mine)]
         return found[0] if found else []
 
     busy = threading.Thread(target=traffic)
     busy.start()
-    tmux("new-session", "-d", "-x", "160", "-y", "50", "-s", "top", command)
     try:
-        deadline = time.monotonic() + 15
-        screen = ""
-        # A rate needs two refreshes: "-" first, then a figure.
-        while len(row(screen)) < 9 or row(screen)[8] in ("-", "0.0"):
-            assert time.monotonic() < deadline, f"top never showed a rate:\n{screen}"
-            time.sleep(0.2)
-            screen = tmux("capture-pane", "-p", "-t", "top")
-        assert float(row(screen)[8]) > 0
-        assert "error: FATAL: password authentication failed" in screen
-        assert "live-wrong-pw" not in screen and proxy.password not in screen
-        xacts = int(row(screen)[7])
-        time.sleep(1.2)
-        assert int(row(tmux("capture-pane", "-p", "-t", "top"))[7]) > xacts
-        tmux("send-keys", "-t", "top", "q")
-        deadline = time.monotonic() + 10
-        while "top" in tmux("list-sessions"):
-            assert time.monotonic() < deadline, "q did not quit"
-            time.sleep(0.2)
+        with terminal(command, tmp_path) as screen_now:
+            deadline = time.monotonic() + 15
+            screen = ""
+            # A rate needs two refreshes: "-" first, then a figure.
+            while len(row(screen)) < 9 or row(screen)[8] in ("-", "0.0"):
+                assert time.monotonic() < deadline, f"top never showed a rate:\n{screen}"
+                time.sleep(0.2)
+                screen = screen_now()
+            assert float(row(screen)[8]) > 0
+            assert "error: FATAL: password authentication failed" in screen
+            assert "live-wrong-pw" not in screen and proxy.password not in screen
+            xacts = int(row(screen)[7])
+            time.sleep(1.2)
+            assert int(row(screen_now())[7]) > xacts
     finally:
-        tmux("kill-server")
         stop.set()
         busy.join(10)
