@@ -26,12 +26,11 @@ from typing import IO, Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import _top_rewriter
 from ._errors import ConfigurationError
 from ._metrics import BUCKETS, quantile
 from ._settings import parse_dsn, redact_text
 from ._sqltokens import mask_literals
-from ._top_rewriter import RewriterWatch
+from ._top_rewriter import RewriterWatch, render_section
 
 #: application_name of top's own session: not "poolguard:…", so never counted as a pool.
 APPLICATION_NAME = "poolguard-top"
@@ -208,7 +207,7 @@ def render(found: dict[str, Any]) -> list[str]:
         for url, error in apps["unreachable"].items():
             lines.append(f"  unreachable: {url} ({error})")
     for section in found.get("rewriters", ()):
-        lines += ["", *_top_rewriter.render(section)]
+        lines += ["", *render_section(section)]
     return lines
 
 

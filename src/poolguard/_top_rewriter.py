@@ -144,7 +144,7 @@ class RewriterWatch:
         }
 
 
-def render(section: dict[str, Any]) -> list[str]:
+def render_section(section: dict[str, Any]) -> list[str]:
     """One proxy's section as lines of plain text, the table within 80 columns."""
     lines = [f"rewriter {section['target']}:"]
     if section["error"] is not None:
