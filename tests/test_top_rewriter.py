@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from poolguard import rewriter
 from poolguard._top import main
 from poolguard._top_rewriter import RewriterWatch, console_conninfo
+from test_redaction import SHAPES as DSN_SHAPES
 from test_redaction import assert_clean, captured_logs, passwords
 from test_top import terminal
 
@@ -256,3 +257,31 @@ def test_live_view_refreshes_the_rate_next_to_a_refusing_console(
     finally:
         stop.set()
         busy.join(10)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(pw=passwords, shape=st.sampled_from(DSN_SHAPES))
+def test_no_password_from_any_rewriter_dsn_shape(
+    pw: str,
+    shape: tuple[str, Callable[[str], str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Malformed DSNs are refused naming --rewriter; well-formed ones point at a closed port."""
+    dsn = shape[1](pw)
+    out = io.StringIO()
+    with captured_logs() as logs:
+        try:
+            code = main(["--json", "--rewriter", dsn], out=out)
+        except SystemExit as exited:
+            code = exited.code
+    err = capsys.readouterr().err
+    if code == 0:
+        [section] = json.loads(out.getvalue())["rewriters"]
+        assert section["error"], section
+    else:
+        assert code == 2 and "--rewriter" in err, err
+    assert_clean(pw, out.getvalue(), err, logs.getvalue())

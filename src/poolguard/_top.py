@@ -288,7 +288,8 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     parser = argparse.ArgumentParser(
         prog="poolguard top",
-        description="Live view of one database's connections, poolguard pools and slots.",
+        description="Live view of one database's connections, poolguard pools and slots, "
+        "and of statement-name rewriters' pools.",
     )
     parser.add_argument(
         "dsn", nargs="?", help="URL or conninfo (default: $POOLGUARD_DSN, $DATABASE_URL)"

@@ -22,7 +22,7 @@ def _demo(args: argparse.Namespace) -> int:
 DELEGATED = {
     "doctor": ("._doctor", "main", "check a database's connection budget and pooler"),
     "proxy": (".rewriter", "main", "run the statement-name rewriter as a sidecar"),
-    "top": ("._top", "main", "live view of a database's connections, pools and slots"),
+    "top": ("._top", "main", "live view of a database's connections, pools, slots and rewriters"),
 }
 
 
