@@ -186,6 +186,15 @@ def test_a_bad_rewriter_dsn_is_refused_naming_the_option(
     assert "--rewriter has port" in err and "s3cret-pw" not in err
 
 
+def examples(count: int) -> settings:
+    # The rewriter fixture is shared by all examples of a test: it holds no per-example state.
+    return settings(
+        max_examples=count,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
 SHAPES: list[tuple[str, Callable[[rewriter.RewriterHandle, str], str]]] = [
     (
         "url",
@@ -197,11 +206,7 @@ SHAPES: list[tuple[str, Callable[[rewriter.RewriterHandle, str], str]]] = [
 ]
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@examples(60)
 @given(pw=passwords, shape=st.sampled_from(SHAPES))
 def test_a_wrong_password_is_reported_redacted(
     proxy: rewriter.RewriterHandle,
@@ -259,11 +264,7 @@ def test_live_view_refreshes_the_rate_next_to_a_refusing_console(
         busy.join(10)
 
 
-@settings(
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@examples(100)
 @given(pw=passwords, shape=st.sampled_from(DSN_SHAPES))
 def test_no_password_from_any_rewriter_dsn_shape(
     pw: str,
