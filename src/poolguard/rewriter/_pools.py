@@ -92,11 +92,14 @@ class Pair:
         self.checked = True
         self.checked_at = time.monotonic()
         pool = self.pool
-        if len(pool.members) + pool.connecting >= pool.size or pool.closing:
-            backend.close()
-            return
-        backend.pool = pool
-        pool.members.add(backend)
+        if backend.pool is not pool:  # opened by an upstream check's probe pool
+            if len(pool.members) + pool.connecting >= pool.size or pool.closing:
+                backend.close()
+                return
+            backend.pool = pool
+            pool.members.add(backend)
+        # Proxy.start opens its check connection in this pool itself: already a member, and
+        # with pool_size=1 it is the one the pool may have.
         pool.release(backend)
 
 
