@@ -46,6 +46,13 @@ def direct(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+def backend_pid(conn: psycopg.Connection[Any]) -> int:
+    """The server connection the client's statement ran on, as PostgreSQL numbers it."""
+    row = conn.execute("select pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def proxy_pids(handle: RewriterHandle) -> set[int]:
     return {int(r["pid"]) for r in handle.stats()["servers"]}  # type: ignore[call-overload]
 
@@ -62,10 +69,8 @@ def test_idle_server_connections_are_closed_and_reopened_on_demand(
     first, second = psycopg.connect(handle.dsn), psycopg.connect(handle.dsn)
     try:
         # Two transactions at once: the pool opens its second connection.
-        a = first.execute("select pg_backend_pid()").fetchone()
-        b = second.execute("select pg_backend_pid()").fetchone()
-        assert a is not None and b is not None and a != b
-        opened = {a[0], b[0]}
+        opened = {backend_pid(first), backend_pid(second)}
+        assert len(opened) == 2
         assert opened <= server_pids(direct)
         first.commit()
         second.commit()
@@ -76,8 +81,7 @@ def test_idle_server_connections_are_closed_and_reopened_on_demand(
         row = stats_row(handle)
         assert row["server_idle_closed"] == 2 and row["server_lifetime_closed"] == 0
         # The clients stayed connected; the next transaction gets a new server connection.
-        c = first.execute("select pg_backend_pid()").fetchone()
-        assert c is not None and c[0] not in opened
+        assert backend_pid(first) not in opened
         first.commit()
     finally:
         first.close()
@@ -92,9 +96,7 @@ def test_a_connection_in_steady_use_is_not_closed_as_idle(
         seen = set()
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:  # a query every 0.1 s, four times the timeout
-            row = conn.execute("select pg_backend_pid()").fetchone()
-            assert row is not None
-            seen.add(row[0])
+            seen.add(backend_pid(conn))
             time.sleep(0.1)
         # The most recently used connection is lent first, so one served it all.
         assert len(seen) == 1 and seen <= server_pids(direct)
@@ -107,9 +109,7 @@ def test_a_connection_past_its_lifetime_is_closed_only_once_released_then_replac
     handle = make_rewriter(pool_size=1, server_lifetime=0.5, server_idle_timeout=0)
     with psycopg.connect(handle.dsn) as conn:
         with conn.transaction():
-            row = conn.execute("select pg_backend_pid()").fetchone()
-            assert row is not None
-            old = row[0]
+            old = backend_pid(conn)
             conn.execute("create temp table t (x int) on commit drop")
             time.sleep(1.5)  # three lifetimes, inside one transaction
             # Marked for retirement, still serving its client: nothing was cut.
@@ -118,8 +118,7 @@ def test_a_connection_past_its_lifetime_is_closed_only_once_released_then_replac
             conn.execute("insert into t values (1)")
             assert conn.execute("select pg_backend_pid(), count(*) from t").fetchone() == (old, 1)
         wait_for("the retired connection closed", lambda: old not in server_pids(direct))
-        row = conn.execute("select pg_backend_pid()").fetchone()
-        assert row is not None and row[0] != old
+        assert backend_pid(conn) != old
         conn.commit()
     assert stats_row(handle)["server_lifetime_closed"] >= 1
 
@@ -131,18 +130,14 @@ def test_a_client_idle_in_transaction_or_pinned_is_never_cut(
     in_tx = psycopg.connect(handle.dsn)
     listener = psycopg.connect(handle.dsn, autocommit=True)
     try:
-        row = in_tx.execute("select pg_backend_pid()").fetchone()
-        assert row is not None
-        tx_pid = row[0]
+        tx_pid = backend_pid(in_tx)
         listener.execute("listen lifecycle")  # pins its server connection between statements
-        row = listener.execute("select pg_backend_pid()").fetchone()
-        assert row is not None
-        pinned_pid = row[0]
+        pinned_pid = backend_pid(listener)
         time.sleep(1.5)
         assert {tx_pid, pinned_pid} <= server_pids(direct)
-        assert in_tx.execute("select pg_backend_pid()").fetchone() == (tx_pid,)
+        assert backend_pid(in_tx) == tx_pid
         in_tx.commit()
-        assert listener.execute("select pg_backend_pid()").fetchone() == (pinned_pid,)
+        assert backend_pid(listener) == pinned_pid
         heard: list[str] = []
         listener.add_notify_handler(lambda n: heard.append(n.payload))
         with psycopg.connect(handle.dsn, autocommit=True) as other:
@@ -277,11 +272,10 @@ def test_all_off_keeps_everything(make_rewriter: Factory, direct: psycopg.Connec
     handle = make_rewriter(pool_size=1, **OFF)
     assert handle._proxy.reaper.limits.interval() is None
     with psycopg.connect(handle.dsn, autocommit=True) as conn:
-        row = conn.execute("select pg_backend_pid()").fetchone()
-        assert row is not None
+        pid = backend_pid(conn)
     time.sleep(0.5)
-    assert row[0] in server_pids(direct)
-    assert proxy_pids(handle) == {row[0]}
+    assert pid in server_pids(direct)
+    assert proxy_pids(handle) == {pid}
 
 
 def test_admin_console_shows_server_age_and_retired_counts(make_rewriter: Factory) -> None:
@@ -331,7 +325,6 @@ def test_settings_reach_a_rewriter_in_a_child_process(
 ) -> None:
     handle = make_rewriter(isolate=True, pool_size=1, server_idle_timeout=0.3)
     with psycopg.connect(handle.dsn, autocommit=True) as conn:
-        row = conn.execute("select pg_backend_pid()").fetchone()
-        assert row is not None
-    wait_for("the child's idle connection closed", lambda: row[0] not in server_pids(direct))
+        pid = backend_pid(conn)
+    wait_for("the child's idle connection closed", lambda: pid not in server_pids(direct))
     assert stats_row(handle)["server_idle_closed"] == 1

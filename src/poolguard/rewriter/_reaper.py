@@ -5,8 +5,8 @@ connections for ``pool_idle_timeout``.
 
 The sweep, not the hot path, keeps the clocks: giving a connection back only stores
 ``idle_since = None`` (``BackendPool.release``), and the first sweep that finds it idle stamps
-the time. So a connection is closed after at least ``server_idle_timeout`` of idleness, at most
-one sweep interval later.
+the time. So a connection is closed after at least ``server_idle_timeout`` of idleness, and
+at most two sweep intervals later.
 """
 
 from __future__ import annotations
