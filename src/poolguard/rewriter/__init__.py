@@ -189,6 +189,9 @@ def start(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     cleanup_timeout: float = 10.0,
     login_timeout: float = 60.0,
+    server_idle_timeout: float = 600.0,
+    server_lifetime: float = 3600.0,
+    pool_idle_timeout: float = 600.0,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     userlist: str | None = None,
@@ -222,8 +225,13 @@ def start(
     (``admin_database`` renames it; it is ``poolguard_admin`` when the upstream's own database
     is called ``poolguard``); ``handle.stats()`` returns the same rows. ``login_timeout``: a
     client that has not logged in after this many seconds is closed (PostgreSQL's
-    authentication_timeout, 60 s by default). ``tls_cert`` and ``tls_key`` (PEM files): clients
-    that ask for TLS get it. Towards the upstream, TLS follows the DSN's
+    authentication_timeout, 60 s by default). Server connections idle for
+    ``server_idle_timeout`` seconds are closed (Terminate), and those older than
+    ``server_lifetime`` (less up to 10 % at random) when they are next idle, never while a client
+    uses one; a (user, database) pool other than the upstream DSN's that has had no clients and
+    no server connections for ``pool_idle_timeout`` is dropped, statement map included, and
+    made anew by its next client. 0 turns each off. ``tls_cert`` and ``tls_key`` (PEM files):
+    clients that ask for TLS get it. Towards the upstream, TLS follows the DSN's
     ``sslmode``/``sslrootcert``/``sslcert``/``sslkey`` as libpq reads them.
     ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
     if the upstream cannot be reached.
@@ -306,6 +314,9 @@ async def serve(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     cleanup_timeout: float = 10.0,
     login_timeout: float = 60.0,
+    server_idle_timeout: float = 600.0,
+    server_lifetime: float = 3600.0,
+    pool_idle_timeout: float = 600.0,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     userlist: str | None = None,
@@ -357,6 +368,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=60.0,
         help="seconds a client may take to log in before it is closed (60)",
+    )
+    parser.add_argument(
+        "--server-idle-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a server connection may stay idle before it is closed; 0: never (600)",
+    )
+    parser.add_argument(
+        "--server-lifetime",
+        type=float,
+        default=3600.0,
+        help="seconds after which a server connection is closed when it is next idle, less up "
+        "to 10%% at random so they do not all reconnect at once; 0: never (3600)",
+    )
+    parser.add_argument(
+        "--pool-idle-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a user/database pool with no clients and no server connections is kept "
+        "before it is dropped (the upstream URL's own pool never is); 0: never (600)",
     )
     parser.add_argument(
         "--userlist",
@@ -415,6 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pool_size=args.pool_size,
                 max_prepared=args.max_prepared,
                 login_timeout=args.login_timeout,
+                server_idle_timeout=args.server_idle_timeout,
+                server_lifetime=args.server_lifetime,
+                pool_idle_timeout=args.pool_idle_timeout,
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
                 userlist=args.userlist,

@@ -36,8 +36,8 @@ _CONSOLE_PARAMS = (
 )
 
 
-def snapshot(pools: Pools, sessions: Iterable[Session]) -> Stats:
-    """Every view's rows, computed now (no I/O)."""
+def snapshot(pools: Pools, sessions: Iterable[Session], now: float) -> Stats:
+    """Every view's rows at loop time ``now`` (no I/O)."""
     clients: Rows = []
     per_pair: dict[tuple[str, str], list[int]] = {}  # active, waiting, idle clients
     # Each pool serves its waiters first in, first out: position 1 has waited longest.
@@ -80,6 +80,7 @@ def snapshot(pools: Pools, sessions: Iterable[Session]) -> Stats:
                     "pid": b.pid,
                     "client_pid": owner_pid,
                     "prepared": len(b.statements),
+                    "age": int(now - b.created),
                 }
             )
         cl_active, cl_waiting, cl_idle = per_pair.get((user, dbname), [0, 0, 0])
@@ -104,6 +105,8 @@ def snapshot(pools: Pools, sessions: Iterable[Session]) -> Stats:
                 "xact_count": pool.served,
                 "statements": len(pair.registry),
                 "server_prepared": prepared,
+                "server_idle_closed": pair.closed_idle,
+                "server_lifetime_closed": pair.closed_lifetime,
             }
         )
     return {"pools": pools_rows, "clients": clients, "servers": servers, "stats": stats}
@@ -122,13 +125,16 @@ _EMPTY: dict[str, tuple[str, ...]] = {
         "sv_connecting", "pool_size", "pinned",
     ),
     "clients": ("user", "database", "state", "pid", "server_pid", "queue"),
-    "servers": ("user", "database", "state", "pid", "client_pid", "prepared"),
-    "stats": ("user", "database", "xact_count", "statements", "server_prepared"),
+    "servers": ("user", "database", "state", "pid", "client_pid", "prepared", "age"),
+    "stats": (
+        "user", "database", "xact_count", "statements", "server_prepared", "server_idle_closed",
+        "server_lifetime_closed",
+    ),
 }  # fmt: skip
 _INT_COLUMNS = {
     "cl_active", "cl_waiting", "cl_idle", "sv_active", "sv_idle", "sv_connecting", "pool_size",
-    "pinned", "pid", "server_pid", "queue", "client_pid", "prepared", "xact_count", "statements",
-    "server_prepared",
+    "pinned", "pid", "server_pid", "queue", "client_pid", "prepared", "age", "xact_count",
+    "statements", "server_prepared", "server_idle_closed", "server_lifetime_closed",
 }  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ._pool import Upstream
 from ._pools import console_name
+from ._reaper import Lifecycle
 from ._server import Proxy
 from ._tls import server_context
 from ._userlist import load_userlist
@@ -26,6 +27,12 @@ class ProxySettings:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     cleanup_timeout: float = 10.0
     login_timeout: float = 60.0
+    # Seconds, 0 = off: an idle server connection is closed after server_idle_timeout, one
+    # older than server_lifetime when it is next idle, and a (user, database) pool other than
+    # the upstream DSN's with no clients and no server connections after pool_idle_timeout.
+    server_idle_timeout: float = 600.0
+    server_lifetime: float = 3600.0
+    pool_idle_timeout: float = 600.0
     tls_cert: str | None = None
     tls_key: str | None = None
     userlist: str | None = None  # PgBouncer auth_file format: "user" "password-or-SCRAM-secret"
@@ -54,6 +61,11 @@ def build_proxy(
         raise ValueError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
     if not login_timeout > 0:
         raise ValueError(f"login_timeout must be > 0 seconds, got {login_timeout}")
+    lifecycle = Lifecycle(
+        server_idle_timeout=settings.server_idle_timeout,
+        server_lifetime=settings.server_lifetime,
+        pool_idle_timeout=settings.pool_idle_timeout,
+    )  # raises ValueError naming a bad one
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("tls_cert and tls_key go together: give both files, or neither")
     tls = None
@@ -87,6 +99,7 @@ def build_proxy(
         admins=frozenset(settings.admin_users),
         pool_sizes=sizes,
         console=console_name(settings.admin_database, upstream.dbname),
+        lifecycle=lifecycle,
     )
     return proxy, password, host, port
 

@@ -179,6 +179,15 @@ class Backend(asyncio.Protocol):
         self.unnamed: object | None = None
         self.owner: Borrower | None = None
         self.closed = False
+        # Close it when it is next given back: it is closed already, or past its lifetime.
+        # One flag, so release() tests one attribute for both.
+        self.retiring = False
+        # Lifecycle, read and written by the periodic sweep (_reaper), never per transaction:
+        # when the connection was opened (loop clock), when the sweep first saw it idle (None
+        # again each time it is given back), and when its lifetime ends (jitter included).
+        self.created = 0.0
+        self.idle_since: float | None = None
+        self.expires: float | None = None
         # Done once the transport is gone (a TLS close takes a round trip): stop() waits for it.
         self.lost: asyncio.Future[None] | None = None
         self._inbox: deque[tuple[bytes, bytes]] = deque()
@@ -192,7 +201,9 @@ class Backend(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass it
         self.transport = transport
-        self.lost = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.lost = loop.create_future()
+        self.created = loop.time()
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -231,7 +242,7 @@ class Backend(asyncio.Protocol):
                 self.close(f"server sent an error on an idle connection: {msg}")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closed = self.retiring = True
         if self.lost is not None and not self.lost.done():
             self.lost.set_result(None)
         if self._wakeup is not None and not self._wakeup.done():
@@ -264,6 +275,7 @@ class Backend(asyncio.Protocol):
     def close(self, reason: str | None = None) -> None:
         if reason:
             logger.warning("closing server connection pid=%d: %s", self.pid, reason)
+        self.retiring = True
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.write(p.TERMINATE_MSG)
@@ -381,7 +393,9 @@ class BackendPool:
     def acquire(self, session: Borrower) -> Backend | None:
         """An idle backend now, or None and ``session.attach()`` is called later."""
         while self.idle:
-            backend = self.idle.popleft()
+            # Most recently used first (as PgBouncer's default): under light load the same few
+            # connections serve, and the rest stay idle long enough for server_idle_timeout.
+            backend = self.idle.pop()
             if not backend.closed:
                 backend.owner = session
                 return backend
@@ -397,7 +411,7 @@ class BackendPool:
 
     def release(self, backend: Backend) -> None:
         backend.owner = None
-        if backend.closed or self.closing:
+        if backend.retiring or self.closing:
             backend.close()
             return
         if self.waiters:
@@ -405,6 +419,7 @@ class BackendPool:
             backend.owner = session
             session.attach(backend)
         else:
+            backend.idle_since = None  # the sweep stamps it when it first sees it idle
             self.idle.append(backend)
 
     def forget(self, backend: Backend) -> None:

@@ -4,7 +4,9 @@ A client logs in to the proxy (``_login``); ``Pools.admit`` then finds its pair'
 first time a pair is used (or a passthrough client brings a new password) it logs in upstream
 as that user to that database, so the upstream decides whether the database exists and, for
 passthrough users, whether the password is right. Each pair has its own statement map: a
-prepared statement is only valid for the user and database it was prepared by.
+prepared statement is only valid for the user and database it was prepared by. A pair other
+than the upstream DSN's own that has been left with nothing for a while is dropped (``_reaper``)
+and made anew, with a new upstream check, by its next client.
 """
 
 from __future__ import annotations
@@ -72,6 +74,14 @@ class Pair:
         self.checked = False  # an upstream login with the pool's credentials succeeded
         self.checked_at = 0.0  # when (time.monotonic())
         self.lock = asyncio.Lock()  # one upstream check at a time per pair
+        # Who still needs the pair: logged-in clients (counted by the proxy) and logins being
+        # admitted to it. A pair with neither and no server connections may be dropped.
+        self.clients = 0
+        self.admitting = 0
+        self.empty_since: float | None = None  # when the sweep first found it unused
+        # Server connections the sweep retired (SHOW STATS).
+        self.closed_idle = 0
+        self.closed_lifetime = 0
 
     def __repr__(self) -> str:
         return f"<Pair {self.user}@{self.dbname} size={self.pool.size}>"
@@ -82,11 +92,14 @@ class Pair:
         self.checked = True
         self.checked_at = time.monotonic()
         pool = self.pool
-        if len(pool.members) + pool.connecting >= pool.size or pool.closing:
-            backend.close()
-            return
-        backend.pool = pool
-        pool.members.add(backend)
+        if backend.pool is not pool:  # opened by an upstream check's probe pool
+            if len(pool.members) + pool.connecting >= pool.size or pool.closing:
+                backend.close()
+                return
+            backend.pool = pool
+            pool.members.add(backend)
+        # Proxy.start opens its check connection in this pool itself: already a member, and
+        # with pool_size=1 it is the one the pool may have.
         pool.release(backend)
 
 
@@ -147,30 +160,46 @@ class Pools:
                     "user or a userlist entry)",
                 )
             return None
+        if cred is None and (not self.passthrough or password is None):
+            raise AuthError(f"user {user!r} is not in the userlist")
+        pair = self._pair(user, dbname, None if cred is None else cred.password)
+        # Counted until the caller has the pair (no await in between), so the sweep does not
+        # drop it under a login waiting for its upstream check.
+        pair.admitting += 1
+        try:
+            await self._admit(pair, cred, password, keys)
+        finally:
+            pair.admitting -= 1
+        return pair
+
+    async def _admit(
+        self,
+        pair: Pair,
+        cred: Credential | None,
+        password: str | None,
+        keys: ScramKeys | None,
+    ) -> None:
+        user = pair.user
         if cred is None:
-            if not self.passthrough or password is None:
-                raise AuthError(f"user {user!r} is not in the userlist")
-            pair = self._pair(user, dbname, None)
+            assert password is not None
             async with pair.lock:
                 known = pair.pool.upstream.password
                 fresh = time.monotonic() - pair.checked_at < PASSTHROUGH_RECHECK
                 if fresh and known is not None and hmac.compare_digest(known, password):
-                    return pair
+                    return
                 # A new or changed password: the upstream is the judge.
                 candidate = dataclasses.replace(pair.pool.upstream, password=password)
                 await self._check(pair, candidate, passthrough=True)
-            return pair
-        pair = self._pair(user, dbname, cred.password)
+            return
         async with pair.lock:
             if pair.checked:
-                return pair
+                return
             candidate = pair.pool.upstream
             if cred.secret_only:
                 if keys is None:  # a trusted (unix socket) client of a SCRAM-secret user
                     raise AuthError(f"user {user!r} has no password the proxy can use upstream")
                 candidate = dataclasses.replace(candidate, scram_keys=keys)
             await self._check(pair, candidate, passthrough=False)
-        return pair
 
     async def _check(self, pair: Pair, candidate: Upstream, *, passthrough: bool) -> None:
         probe = BackendPool(candidate, size=1, max_prepared=self.max_prepared)
@@ -190,6 +219,12 @@ class Pools:
             raise p.Refused(code or "08006", str(exc)) from None
         pair.pool.upstream = candidate
         pair.adopt(backend)
+
+    def drop(self, pair: Pair) -> None:
+        """Forget an unused pair (and its statement map); its next client makes a new one."""
+        if self.pairs.get((pair.user, pair.dbname)) is pair and pair is not self.default:
+            del self.pairs[(pair.user, pair.dbname)]
+            pair.pool.close()
 
     def close(self) -> list[asyncio.Future[None]]:
         lost: list[asyncio.Future[None]] = []

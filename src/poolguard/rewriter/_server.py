@@ -1,5 +1,6 @@
 """The proxy: listening socket, shared state of all sessions, admission to a pool (or the
-admin console), cancel routing, lifecycle."""
+admin console), cancel routing, start and stop (and of the sweep that retires idle and old
+server connections)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ._auth import AuthError, ScramKeys, ScramVerifier
 from ._login import Login
 from ._pool import Backend, BackendPool, Upstream
 from ._pools import Pools
+from ._reaper import Lifecycle, Reaper
 from ._session import Session
 from ._userlist import Credential
 
@@ -42,6 +44,7 @@ class Proxy:
         admins: frozenset[str] = frozenset(),
         pool_sizes: dict[tuple[str, str], int] | None = None,
         console: str = "poolguard",
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         users = dict(users or {})
         # The upstream DSN's user logs in with the proxy's password (handle.dsn) whatever the
@@ -61,6 +64,7 @@ class Proxy:
         # The upstream DSN's own pair: what start() checks, and the default before a login.
         self.pool: BackendPool = self.pools.default.pool
         self.registry = self.pools.default.registry
+        self.reaper = Reaper(self.pools, lifecycle or Lifecycle())
         self.max_message_size = max_message_size
         self.cleanup_timeout = cleanup_timeout
         self.login_timeout = login_timeout
@@ -111,8 +115,10 @@ class Proxy:
             self.pool.upstream.describe(),
             self.pool.size,
         )
+        self.reaper.start()
 
     async def stop(self) -> None:
+        self.reaper.stop()
         if self._server is not None:
             self._server.close()
         for task in list(self._admitting):
@@ -170,13 +176,16 @@ class Proxy:
             return
         if pair is not None:
             session.admitted(pair)
+            if session.pair is pair:
+                pair.clients += 1  # until forget_session
         elif session.transport is not None and session.state == "admitting":
             transport, buf = session.hand_over()
             _admin.Console.take_over(transport, buf, self.stats, self.server_params)
 
     def stats(self) -> dict[str, list[dict[str, object]]]:
         """What the admin console's SHOW commands answer, as lists of rows."""
-        return _admin.snapshot(self.pools, self.sessions.values())
+        now = asyncio.get_running_loop().time()
+        return _admin.snapshot(self.pools, self.sessions.values(), now)
 
     def register_session(self, session: Session) -> tuple[int, int]:
         """A (pid, key) pair for the client's BackendKeyData, used to route its cancels."""
@@ -188,6 +197,8 @@ class Proxy:
     def forget_session(self, session: Session) -> None:
         if self.sessions.get(session.pid) is session:
             del self.sessions[session.pid]
+            if session.pair is not None:
+                session.pair.clients -= 1
 
     def cancel(self, pid: int, key: int) -> None:
         session = self.sessions.get(pid)
