@@ -220,6 +220,27 @@ class ClientStatements:
                 return None
         return stmt.name, stmt
 
+    def bind_prepared(self, backend: Backend, buf: bytearray, start: int, end: int) -> bool:
+        """The usual Bind, handled where it lies in the client's buffer (``buf[start:end]``):
+        a named statement already prepared on ``backend`` is bound under its server name.
+        False, with nothing done, for any other case (``bind`` handles those)."""
+        portal_end = buf.find(0, start + 5, end)
+        name_end = buf.find(0, portal_end + 1, end) if portal_end >= 0 else -1
+        if name_end <= portal_end + 1:  # malformed, or the unnamed statement
+            return False
+        stmt = self.named.get(bytes(buf[portal_end + 1 : name_end]))
+        if stmt is None or stmt.stale or not backend.statements.touch(stmt):
+            return False
+        size = end - start + len(stmt.name) - (name_end - portal_end - 1)
+        ex = self.ex
+        ex.server_out.append(
+            b"".join(
+                (p.bind_header(size), buf[start + 5 : portal_end + 1], stmt.name, buf[name_end:end])
+            )
+        )
+        ex.pending.append(Pending(b"2E", stmt=stmt))
+        return True
+
     def bind(self, backend: Backend, body: bytes) -> bool:
         """Forward a Bind; False if the client must wait (and send it again)."""
         portal, name, rest_at = p.split_bind(body)

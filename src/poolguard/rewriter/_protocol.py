@@ -48,7 +48,7 @@ def frame(kind: bytes, body: bytes = b"") -> bytes:
     return _HDR.pack(kind, len(body) + 4) + body
 
 
-def _checked_length(length: int, max_size: int) -> int:
+def check_length(length: int, max_size: int) -> int:
     if length < 4 or length > max_size:
         raise ProtocolError(
             f"message of {length} bytes is outside the allowed range 4..{max_size} "
@@ -67,7 +67,7 @@ def split_messages(buf: bytearray, max_size: int) -> tuple[list[tuple[bytes, byt
     out: list[tuple[bytes, bytes]] = []
     pos, n = 0, len(buf)
     while n - pos >= 5:
-        end = pos + 1 + _checked_length(_I32.unpack_from(buf, pos + 1)[0], max_size)
+        end = pos + 1 + check_length(_I32.unpack_from(buf, pos + 1)[0], max_size)
         if end > n:
             break
         out.append((bytes(buf[pos : pos + 1]), bytes(buf[pos + 5 : end])))
@@ -79,7 +79,7 @@ def next_message(buf: bytearray, max_size: int) -> tuple[bytes, bytes] | None:
     """Remove and return the first complete message of ``buf``, if there is one."""
     if len(buf) < 5:
         return None
-    end = 1 + _checked_length(_I32.unpack_from(buf, 1)[0], max_size)
+    end = 1 + check_length(_I32.unpack_from(buf, 1)[0], max_size)
     if len(buf) < end:
         return None
     kind, body = bytes(buf[:1]), bytes(buf[5:end])
@@ -227,6 +227,11 @@ def split_bind(body: bytes) -> tuple[bytes, bytes, int]:
     if s < 0:
         raise ProtocolError("malformed Bind message")
     return body[:p], body[p + 1 : s], s + 1
+
+
+def bind_header(size: int) -> bytes:
+    """The type and length of a Bind message of ``size`` bytes in all (header included)."""
+    return _HDR.pack(BIND, size - 1)
 
 
 def build_bind(portal: bytes, statement: bytes, rest: bytes) -> bytes:
