@@ -229,6 +229,9 @@ class Session(asyncio.Protocol):
             self._login_timer = None
         self._flush()
         transport, self.transport = self.transport, None
+        if self.paused:  # it sent a lot while being admitted: the console reads on
+            self.paused = False
+            transport.resume_reading()
         buf, self.buf = self.buf, bytearray()
         self.state = "closed"
         return transport, buf
