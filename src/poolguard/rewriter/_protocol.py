@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 PROTOCOL_V3 = 196608  # 3.0
 SSL_REQUEST = 80877103
@@ -196,22 +197,30 @@ def _text(b: bytes) -> str:
 # --- Parse / Bind / Describe / Close -------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Parse:
+class Parse(NamedTuple):
     name: bytes
     query: bytes
     param_types: tuple[int, ...]
 
 
 def parse_parse(body: bytes) -> Parse:
-    r = Reader(body)
-    name, query = r.cstring(), r.cstring()
-    n = r.int16()
+    # Read with find() and one unpack rather than a Reader: drivers send a Parse per query.
+    name_end = body.find(0)
+    query_end = body.find(0, name_end + 1) if name_end >= 0 else -1
+    if query_end < 0:
+        raise ProtocolError("unterminated string in message")
+    at = query_end + 3
+    if at > len(body):
+        raise ProtocolError("message too short")
+    n = _I16.unpack_from(body, at - 2)[0]
     if n < 0:
         raise ProtocolError("negative parameter count in Parse")
-    types = tuple(r.int32() for _ in range(n))
-    r.end()
-    return Parse(name, query, types)
+    if at + 4 * n != len(body):
+        raise ProtocolError(
+            "message too short" if at + 4 * n > len(body) else "trailing bytes in message"
+        )
+    types = struct.unpack_from(f"!{n}i", body, at) if n else ()
+    return Parse(body[:name_end], body[name_end + 1 : query_end], types)
 
 
 def build_parse(name: bytes, query: bytes, param_types: tuple[int, ...]) -> bytes:

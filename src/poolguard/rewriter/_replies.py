@@ -80,12 +80,14 @@ class Pending:
         return started
 
 
-# Records of the requests a prepared-statement round trip passes through as they are. They carry
-# no state of their own (``copy_started`` replaces one that starts a COPY), so every session
-# queues these same objects instead of one new object per message.
+# Records of requests the proxy passes on as they are (a prepared statement's round trip, a
+# simple Query). They carry no state of their own (``copy_started`` replaces one that starts a
+# COPY), so every session queues these same objects instead of one new object per message.
 EXECUTE_REPLY = Pending(b"CIsE")
 SYNC_REPLY = Pending(SYNC_ENDS, extended=False, sync=True)
 DESCRIBE_PORTAL_REPLY = Pending(b"TnE")
+BIND_UNNAMED_REPLY = Pending(b"2E")
+QUERY_REPLY = Pending(SYNC_ENDS, extended=False)
 
 
 class Exchange:

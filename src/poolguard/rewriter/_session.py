@@ -39,8 +39,10 @@ logger = logging.getLogger("poolguard.rewriter")
 _UNPACK_I32 = struct.Struct("!i").unpack_from
 _E, _Z, _S, _N, _A, _G = b"EZSNAG"  # server message types as ints
 _OUT_OF_BAND = frozenset(b"SNAE")  # ParameterStatus, notices, notifications, errors
-_BIND, _EXECUTE, _SYNC, _DESCRIBE, _PORTAL = b"BESDP"  # client message types as ints
-# Client messages that cannot be answered without a server connection.
+_BIND, _EXECUTE, _SYNC, _DESCRIBE, _PARSE = b"BESDP"  # client message types as ints
+_PORTAL = ord("P")  # Describe's target: a portal
+# Client messages that cannot be answered without a server connection (nor can a Parse of the
+# unnamed statement).
 _NEEDS_BACKEND = frozenset(b"BEDF")
 _COPY_MSGS = (p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL)
 _CACHED_PLAN = "cached plan must not change result type"
@@ -298,8 +300,8 @@ class Session(asyncio.Protocol):
         # request that waits for it costs no parsing.
         if (
             self.backend is None
-            and buf
-            and buf[0] in _NEEDS_BACKEND
+            and len(buf) > 5
+            and (buf[0] in _NEEDS_BACKEND or (buf[0] == _PARSE and not buf[5]))
             and not ex.skipping
             and self._need_backend() is None
         ):
@@ -437,7 +439,7 @@ class Session(asyncio.Protocol):
             if refused is not None:
                 ex.probe(refused, None)
             else:
-                self.prep.parse(backend, msg)
+                self.prep.parse(backend, msg, body)
             return True
         if kind == p.DESCRIBE:
             backend = self._need_backend()
@@ -476,13 +478,15 @@ class Session(asyncio.Protocol):
 
     def _query(self, body: bytes) -> bool:
         sql = p.query_text(body)
-        dropping = may_drop_statements(sql)
+        # One search for the usual query: what drops statements changes session state too.
+        stateful = may_change_session_state(sql)
+        dropping = stateful and may_drop_statements(sql)
         if dropping and self.prep.deallocate_without_server(sql):
             return True
         backend = self._need_backend()
         if backend is None:
             return False
-        refused = self._session_state(sql)
+        refused = self._session_state(sql) if stateful else None
         if refused is not None:
             # Let the server raise it: it then aborts the transaction as any error would.
             self.ex.to_server(_raise(refused), Pending(SYNC_ENDS, extended=False))
