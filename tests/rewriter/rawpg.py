@@ -25,8 +25,12 @@ class LoginRefused(ConnectionError):
 
 
 class RawClient:
-    def __init__(self, dsn: str, *, after_password: bytes = b"", **params: str) -> None:
-        """``after_password`` is sent in the same packet as the last SCRAM message."""
+    def __init__(
+        self, dsn: str, *, after_password: bytes = b"", login: bool = True, **params: str
+    ) -> None:
+        """``after_password`` is sent in the same packet as the last SCRAM message. With
+        ``login=False`` the constructor returns once the password is accepted, without waiting
+        for AuthenticationOk (``startup`` is then empty)."""
         info: dict[str, Any] = conninfo_to_dict(dsn)
         self.user = str(info["user"])
         self.password = str(info.get("password") or "")
@@ -34,6 +38,7 @@ class RawClient:
         self.buf = bytearray()
         self.status = b""
         self.after_password = after_password
+        self.login = login
         startup = {"user": self.user, "database": str(info["dbname"]), **params}
         self.sock.sendall(p.build_startup(startup))
         try:
@@ -62,6 +67,8 @@ class RawClient:
                 elif code == 12:
                     assert scram is not None
                     scram.verify(body[4:])
+                    if not self.login:
+                        return got
                 elif code == 5:
                     self.send(
                         p.frame(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from . import _protocol as p
 from ._pool import Backend
-from ._replies import SYNC_ENDS, Exchange, Pending
+from ._replies import BIND_UNNAMED_REPLY, QUERY_REPLY, Exchange, Pending
 from ._sqltext import (
     deallocate_target,
     drops_all,
@@ -71,9 +71,10 @@ class ClientStatements:
             return True
         return False
 
-    def parse(self, backend: Backend, msg: p.Parse) -> None:
+    def parse(self, backend: Backend, msg: p.Parse, body: bytes) -> None:
+        """``body`` is the message as the client sent it (passed on when nothing changes)."""
         if msg.name == b"":
-            self._parse_unnamed(backend, msg)
+            self._parse_unnamed(backend, msg, body)
             return
         if self.ex.status == b"E" and not ends_transaction(msg.query):
             # In a failed transaction PostgreSQL parses only what ends it (pgJDBC sends a
@@ -99,7 +100,7 @@ class ClientStatements:
 
         return undo
 
-    def _parse_unnamed(self, backend: Backend, msg: p.Parse) -> None:
+    def _parse_unnamed(self, backend: Backend, msg: p.Parse, body: bytes) -> None:
         query = msg.query
         if may_drop_statements(query):
             target = deallocate_target(query)
@@ -125,7 +126,11 @@ class ClientStatements:
             if backend.unnamed is u:
                 backend.unnamed = None
 
-        self.ex.to_server(p.build_parse(b"", query, msg.param_types), Pending(b"1E", undo=undo))
+        if query is msg.query:
+            data = p.frame(p.PARSE, body)
+        else:
+            data = p.build_parse(b"", query, msg.param_types)
+        self.ex.to_server(data, Pending(b"1E", undo=undo))
 
     def prepare(
         self,
@@ -220,6 +225,34 @@ class ClientStatements:
                 return None
         return stmt.name, stmt
 
+    def bind_prepared(self, backend: Backend, buf: bytearray, start: int, end: int) -> bool:
+        """The usual Bind, handled where it lies in the client's buffer (``buf[start:end]``):
+        a named statement already prepared on ``backend`` is bound under its server name, the
+        unnamed one passed on if it was parsed on ``backend``.
+        False, with nothing done, for any other case (``bind`` handles those)."""
+        portal_end = buf.find(0, start + 5, end)
+        name_end = buf.find(0, portal_end + 1, end) if portal_end >= 0 else -1
+        if name_end < 0:
+            return False
+        ex = self.ex
+        if name_end == portal_end + 1:  # the unnamed statement, parsed here last: as it came
+            if self.unnamed is None or backend.unnamed is not self.unnamed:
+                return False
+            ex.server_out.append(buf[start:end])
+            ex.pending.append(BIND_UNNAMED_REPLY)
+            return True
+        stmt = self.named.get(bytes(buf[portal_end + 1 : name_end]))
+        if stmt is None or stmt.stale or not backend.statements.touch(stmt):
+            return False
+        size = end - start + len(stmt.name) - (name_end - portal_end - 1)
+        ex.server_out.append(
+            b"".join(
+                (p.bind_header(size), buf[start + 5 : portal_end + 1], stmt.name, buf[name_end:end])
+            )
+        )
+        ex.pending.append(Pending(b"2E", stmt=stmt))
+        return True
+
     def bind(self, backend: Backend, body: bytes) -> bool:
         """Forward a Bind; False if the client must wait (and send it again)."""
         portal, name, rest_at = p.split_bind(body)
@@ -298,7 +331,7 @@ class ClientStatements:
         # A simple Query drops the unnamed statement, on the server and so for the client.
         self.unnamed = None
         backend.unnamed = None
-        self.ex.to_server(p.frame(p.QUERY, body), Pending(SYNC_ENDS, extended=False))
+        self.ex.to_server(p.frame(p.QUERY, body), QUERY_REPLY)
 
     def dropping(self, backend: Backend, sql: bytes) -> None:
         """SQL that may drop prepared statements: forget what the backend holds (later uses

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 PROTOCOL_V3 = 196608  # 3.0
 SSL_REQUEST = 80877103
@@ -48,7 +49,7 @@ def frame(kind: bytes, body: bytes = b"") -> bytes:
     return _HDR.pack(kind, len(body) + 4) + body
 
 
-def _checked_length(length: int, max_size: int) -> int:
+def check_length(length: int, max_size: int) -> int:
     if length < 4 or length > max_size:
         raise ProtocolError(
             f"message of {length} bytes is outside the allowed range 4..{max_size} "
@@ -67,7 +68,7 @@ def split_messages(buf: bytearray, max_size: int) -> tuple[list[tuple[bytes, byt
     out: list[tuple[bytes, bytes]] = []
     pos, n = 0, len(buf)
     while n - pos >= 5:
-        end = pos + 1 + _checked_length(_I32.unpack_from(buf, pos + 1)[0], max_size)
+        end = pos + 1 + check_length(_I32.unpack_from(buf, pos + 1)[0], max_size)
         if end > n:
             break
         out.append((bytes(buf[pos : pos + 1]), bytes(buf[pos + 5 : end])))
@@ -79,7 +80,7 @@ def next_message(buf: bytearray, max_size: int) -> tuple[bytes, bytes] | None:
     """Remove and return the first complete message of ``buf``, if there is one."""
     if len(buf) < 5:
         return None
-    end = 1 + _checked_length(_I32.unpack_from(buf, 1)[0], max_size)
+    end = 1 + check_length(_I32.unpack_from(buf, 1)[0], max_size)
     if len(buf) < end:
         return None
     kind, body = bytes(buf[:1]), bytes(buf[5:end])
@@ -196,22 +197,30 @@ def _text(b: bytes) -> str:
 # --- Parse / Bind / Describe / Close -------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Parse:
+class Parse(NamedTuple):
     name: bytes
     query: bytes
     param_types: tuple[int, ...]
 
 
 def parse_parse(body: bytes) -> Parse:
-    r = Reader(body)
-    name, query = r.cstring(), r.cstring()
-    n = r.int16()
+    # Read with find() and one unpack rather than a Reader: drivers send a Parse per query.
+    name_end = body.find(0)
+    query_end = body.find(0, name_end + 1) if name_end >= 0 else -1
+    if query_end < 0:
+        raise ProtocolError("unterminated string in message")
+    at = query_end + 3
+    if at > len(body):
+        raise ProtocolError("message too short")
+    n = _I16.unpack_from(body, at - 2)[0]
     if n < 0:
         raise ProtocolError("negative parameter count in Parse")
-    types = tuple(r.int32() for _ in range(n))
-    r.end()
-    return Parse(name, query, types)
+    if at + 4 * n != len(body):
+        raise ProtocolError(
+            "message too short" if at + 4 * n > len(body) else "trailing bytes in message"
+        )
+    types = struct.unpack_from(f"!{n}i", body, at) if n else ()
+    return Parse(body[:name_end], body[name_end + 1 : query_end], types)
 
 
 def build_parse(name: bytes, query: bytes, param_types: tuple[int, ...]) -> bytes:
@@ -227,6 +236,11 @@ def split_bind(body: bytes) -> tuple[bytes, bytes, int]:
     if s < 0:
         raise ProtocolError("malformed Bind message")
     return body[:p], body[p + 1 : s], s + 1
+
+
+def bind_header(size: int) -> bytes:
+    """The type and length of a Bind message of ``size`` bytes in all (header included)."""
+    return _HDR.pack(BIND, size - 1)
 
 
 def build_bind(portal: bytes, statement: bytes, rest: bytes) -> bytes:

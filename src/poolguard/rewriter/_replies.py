@@ -62,6 +62,33 @@ class Pending:
         self.sync = sync  # a Sync: where skipping after an error stops
         self.copying = False  # the server answered with CopyInResponse
 
+    def copy_started(self) -> Pending:
+        """This request, marked as answered with CopyInResponse: a new record, since the
+        common records below are shared by every session."""
+        started = Pending(
+            self.ends,
+            extended=self.extended,
+            hidden=self.hidden,
+            stmt=self.stmt,
+            error=self.error,
+            undo=self.undo,
+            on_ok=self.on_ok,
+            synth=self.synth,
+            sync=self.sync,
+        )
+        started.copying = True
+        return started
+
+
+# Records of requests the proxy passes on as they are (a prepared statement's round trip, a
+# simple Query). They carry no state of their own (``copy_started`` replaces one that starts a
+# COPY), so every session queues these same objects instead of one new object per message.
+EXECUTE_REPLY = Pending(b"CIsE")
+SYNC_REPLY = Pending(SYNC_ENDS, extended=False, sync=True)
+DESCRIBE_PORTAL_REPLY = Pending(b"TnE")
+BIND_UNNAMED_REPLY = Pending(b"2E")
+QUERY_REPLY = Pending(SYNC_ENDS, extended=False)
+
 
 class Exchange:
     """The messages a session has queued for the server and the client, and the reply queue
@@ -72,11 +99,11 @@ class Exchange:
     def __init__(self) -> None:
         self.pending: deque[Pending] = deque()
         self.client_out: list[bytes | bytearray] = []
-        self.server_out: list[bytes] = []
+        self.server_out: list[bytes | bytearray] = []
         self.skipping = False  # the server is discarding messages until the next Sync
         self.status = b"I"  # the transaction status of the last ReadyForQuery
 
-    def to_server(self, data: bytes, pending: Pending | None = None) -> None:
+    def to_server(self, data: bytes | bytearray, pending: Pending | None = None) -> None:
         self.server_out.append(data)
         if pending is not None:
             self.pending.append(pending)

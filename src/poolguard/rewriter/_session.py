@@ -22,7 +22,14 @@ from ._pins import Pins
 from ._pool import Backend, BackendPool
 from ._pools import Pair
 from ._prepare import ClientStatements
-from ._replies import SYNC_ENDS, Exchange, Pending
+from ._replies import (
+    DESCRIBE_PORTAL_REPLY,
+    EXECUTE_REPLY,
+    SYNC_ENDS,
+    SYNC_REPLY,
+    Exchange,
+    Pending,
+)
 from ._sqltext import may_change_session_state, may_drop_statements
 from ._statements import Registry
 from ._userlist import Credential
@@ -31,6 +38,12 @@ logger = logging.getLogger("poolguard.rewriter")
 
 _UNPACK_I32 = struct.Struct("!i").unpack_from
 _E, _Z, _S, _N, _A, _G = b"EZSNAG"  # server message types as ints
+_OUT_OF_BAND = frozenset(b"SNAE")  # ParameterStatus, notices, notifications, errors
+_BIND, _EXECUTE, _SYNC, _DESCRIBE, _PARSE = b"BESDP"  # client message types as ints
+_PORTAL = ord("P")  # Describe's target: a portal
+# Client messages that cannot be answered without a server connection (nor can a Parse of the
+# unnamed statement).
+_NEEDS_BACKEND = frozenset(b"BEDF")
 _COPY_MSGS = (p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL)
 _CACHED_PLAN = "cached plan must not change result type"
 _WAIT_BUFFER = 256 * 1024
@@ -89,7 +102,7 @@ class Session(asyncio.Protocol):
         self.pinned = False  # keeps its backend between transactions (LISTEN, SQL PREPARE)
         self.server_closing = False  # the server sent a FATAL error: the client has it
         self.paused = False  # stopped reading from the client while waiting
-        self.stalled: list[tuple[bytes, bytes]] = []
+        self.throttled = False  # stopped reading from the client: the backend is not draining
         self.gone = False  # client disconnected; only cleaning the backend remains
         self.pid = 0
         self.key = 0
@@ -127,6 +140,8 @@ class Session(asyncio.Protocol):
                 self._client_messages()
             elif self.login is not None:
                 self._login_messages()
+            elif len(self.buf) > _WAIT_BUFFER:  # admitting: queries sent behind the password
+                self._pause()
         except p.ProtocolError as exc:
             self._fatal(exc.sqlstate, f"protocol violation: {exc}")
         except p.Refused as exc:
@@ -162,12 +177,16 @@ class Session(asyncio.Protocol):
             self.backend.transport.resume_reading()
 
     def pause_client(self) -> None:
+        """The backend's transport is full: read nothing more from the client until it drains."""
+        self.throttled = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_client(self) -> None:
-        if self.transport is not None and not self.waiting:
-            self.transport.resume_reading()
+        if self.throttled:
+            self.throttled = False
+            if self.transport is not None and not self.paused:
+                self.transport.resume_reading()
 
     # --- login --------------------------------------------------------------------------
 
@@ -201,12 +220,7 @@ class Session(asyncio.Protocol):
         self.prep = ClientStatements(pair.registry, self.ex)
         self._send(p.AUTH_OK)
         self._logged_in()
-        if self.buf:  # queries sent right behind the password
-            try:
-                self._client_messages()
-            except p.ProtocolError as exc:
-                self._fatal(exc.sqlstate, f"protocol violation: {exc}")
-        self._flush()
+        self._resume()  # queries sent right behind the password
 
     def hand_over(self) -> tuple[asyncio.Transport, bytearray]:
         """The client goes to another protocol (the admin console): what it was sent so far is
@@ -217,6 +231,9 @@ class Session(asyncio.Protocol):
             self._login_timer = None
         self._flush()
         transport, self.transport = self.transport, None
+        if self.paused:  # it sent a lot while being admitted: the console reads on
+            self.paused = False
+            transport.resume_reading()
         buf, self.buf = self.buf, bytearray()
         self.state = "closed"
         return transport, buf
@@ -268,19 +285,84 @@ class Session(asyncio.Protocol):
     # --- client messages ----------------------------------------------------------------
 
     def _client_messages(self) -> None:
+        """Route the complete messages at the start of ``buf``. One that has to wait (for a
+        backend, or for the server's answer to a result-type check) stays in ``buf`` with all
+        that follows it, and ``_resume`` routes them when the wait is over."""
+        buf = self.buf
         if self.waiting or self.held:
-            # Buffer while waiting for a backend; stop reading only if the client keeps
-            # sending (pausing costs two epoll calls, and nearly every request waits briefly).
-            if len(self.buf) > _WAIT_BUFFER and self.transport is not None:
-                self.transport.pause_reading()
-                self.paused = True
+            # Stop reading only if the client keeps sending: pausing costs two epoll calls,
+            # and nearly every request waits briefly for a backend.
+            if len(buf) > _WAIT_BUFFER:
+                self._pause()
             return
-        msgs, used = p.split_messages(self.buf, self.proxy.max_message_size)
-        del self.buf[:used]
-        for i, (kind, body) in enumerate(msgs):
-            if not self._handle(kind, body):
-                self.stalled = msgs[i:]  # keep the rest in order until a backend is free
-                return
+        ex = self.ex
+        # Most requests open with a message that needs a backend: ask for one first, so a
+        # request that waits for it costs no parsing.
+        if (
+            self.backend is None
+            and len(buf) > 5
+            and (buf[0] in _NEEDS_BACKEND or (buf[0] == _PARSE and not buf[5]))
+            and not ex.skipping
+            and self._need_backend() is None
+        ):
+            return
+        out, q = ex.server_out, ex.pending
+        max_size = self.proxy.max_message_size
+        pos = run = 0  # run: where the bytes passed on as they are, not yet queued, start
+        n = len(buf)
+        try:
+            while n - pos >= 5:
+                size = _UNPACK_I32(buf, pos + 1)[0]
+                if size < 4 or size > max_size:
+                    p.check_length(size, max_size)  # raises, naming the limit
+                end = pos + 1 + size
+                if end > n:
+                    break
+                t = buf[pos]
+                backend = self.backend
+                if backend is not None and not ex.skipping:
+                    # A prepared statement's round trip: its Execute, Sync and Describe of the
+                    # unnamed portal go to the server as they came, one slice per run of them;
+                    # its Bind is rewritten where it lies.
+                    if t == _EXECUTE:
+                        q.append(EXECUTE_REPLY)
+                        pos = end
+                        continue
+                    if t == _SYNC:
+                        q.append(SYNC_REPLY)
+                        pos = end
+                        continue
+                    if (
+                        t == _DESCRIBE
+                        and size == 6
+                        and buf[pos + 5] == _PORTAL
+                        and not buf[pos + 6]
+                    ):
+                        q.append(DESCRIBE_PORTAL_REPLY)
+                        pos = end
+                        continue
+                    if t == _BIND:
+                        if run < pos:
+                            out.append(buf[run:pos])
+                        run = pos
+                        if self.prep.bind_prepared(backend, buf, pos, end):
+                            pos = run = end
+                            continue
+                if run < pos:
+                    out.append(buf[run:pos])
+                run = pos
+                if not self._handle(bytes(buf[pos : pos + 1]), bytes(buf[pos + 5 : end])):
+                    break  # this message waits, and what follows it
+                pos = run = end
+        finally:
+            if run < pos:
+                out.append(buf[run:pos])
+            del buf[:pos]
+
+    def _pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.paused = True
 
     def attach(self, backend: Backend) -> None:
         """Called by the pool when a backend frees up for this waiting session."""
@@ -289,27 +371,22 @@ class Session(asyncio.Protocol):
             self.pool.release(backend)
             return
         self.backend = backend
-        self._sync_settings(backend)
+        apply_settings(backend, self.wanted, self.server_params, self.ex)
         self._resume()
 
     def _resume(self) -> None:
-        """Handle the messages that waited (for a backend, or for a check), then read on."""
+        """Route the messages that waited (for a backend, or for a check), then read on."""
         self.held = False
         if self.gone or self.state == "closed":
             return
-        stalled, self.stalled = self.stalled, []
         try:
-            for i, (kind, body) in enumerate(stalled):
-                if not self._handle(kind, body):
-                    self.stalled = stalled[i:]
-                    break
-            else:
-                if self.paused and self.transport is not None:
-                    self.paused = False
-                    self.transport.resume_reading()
-                self._client_messages()
+            self._client_messages()
         except p.ProtocolError as exc:
             self._fatal(exc.sqlstate, f"protocol violation: {exc}")
+        if self.paused and not (self.waiting or self.held):
+            self.paused = False
+            if self.transport is not None and not self.throttled:
+                self.transport.resume_reading()
         self._flush()
 
     def attach_failed(self, reason: str) -> None:
@@ -324,11 +401,8 @@ class Session(asyncio.Protocol):
                 self.waiting = True
                 return None
             self.backend = backend
-            self._sync_settings(backend)
+            apply_settings(backend, self.wanted, self.server_params, self.ex)
         return self.backend
-
-    def _sync_settings(self, backend: Backend) -> None:
-        apply_settings(backend, self.wanted, self.server_params, self.ex)
 
     def _handle(self, kind: bytes, body: bytes) -> bool:
         """Route one client message; False if it has to wait for a backend."""
@@ -365,7 +439,7 @@ class Session(asyncio.Protocol):
             if refused is not None:
                 ex.probe(refused, None)
             else:
-                self.prep.parse(backend, msg)
+                self.prep.parse(backend, msg, body)
             return True
         if kind == p.DESCRIBE:
             backend = self._need_backend()
@@ -404,13 +478,15 @@ class Session(asyncio.Protocol):
 
     def _query(self, body: bytes) -> bool:
         sql = p.query_text(body)
-        dropping = may_drop_statements(sql)
+        # One search for the usual query: what drops statements changes session state too.
+        stateful = may_change_session_state(sql)
+        dropping = stateful and may_drop_statements(sql)
         if dropping and self.prep.deallocate_without_server(sql):
             return True
         backend = self._need_backend()
         if backend is None:
             return False
-        refused = self._session_state(sql)
+        refused = self._session_state(sql) if stateful else None
         if refused is not None:
             # Let the server raise it: it then aborts the transaction as any error would.
             self.ex.to_server(_raise(refused), Pending(SYNC_ENDS, extended=False))
@@ -445,7 +521,7 @@ class Session(asyncio.Protocol):
             if end > n:
                 break
             t = buf[pos]
-            if t in (_S, _N, _A) or t == _E or not q:
+            if t in _OUT_OF_BAND or not q:
                 if run < pos:
                     out.append(buf[run:pos])
                 run = end
@@ -468,7 +544,7 @@ class Session(asyncio.Protocol):
                     out.append(buf[run:pos])
                 run = end
             if t == _G:
-                head.copying = True
+                head = q[0] = head.copy_started()
             if t in head.ends:
                 q.popleft()
                 if head.on_ok is not None:
@@ -548,7 +624,8 @@ class Session(asyncio.Protocol):
 
     def _detach(self, backend: Backend) -> None:
         self.backend = None
-        self.resume_client()  # in case the backend's backpressure paused the client
+        if self.throttled:  # the backend's backpressure paused the client
+            self.resume_client()
         if self._cleanup_timer is not None:
             self._cleanup_timer.cancel()
             self._cleanup_timer = None
