@@ -1,6 +1,5 @@
 """The rewriter sections of ``poolguard top``: each proxy's admin console read and summed per
-(user, database) pool, with what only two refreshes tell (transaction rate, how long a client
-has been seen waiting).
+(user, database) pool, with what only two refreshes tell (the transaction rate).
 
 A console that cannot be reached or refuses the login gives its section a one-line error; the
 DSN is shown without its password, and every error text is redacted against it.
@@ -58,16 +57,14 @@ class RewriterWatch:
         self.target = _target(self.conninfo)
         self._served: dict[tuple[str, str], int] = {}
         self._served_at: float | None = None
-        self._waiting_since: dict[int, float] = {}  # client pid -> first refresh seen waiting
 
     def sample(self) -> dict[str, Any]:
         """The section's figures now, or its target and a one-line ``error``."""
         try:
             stats = admin_stats(self.conninfo, timeout=CONNECT_TIMEOUT)
         except psycopg.Error as exc:
-            # The rates and waits start over: the proxy may have restarted meanwhile.
+            # The rates start over: the proxy may have restarted meanwhile.
             self._served, self._served_at = {}, None
-            self._waiting_since = {}
             return {"target": self.target, "error": self._one_line(exc), "pools": [], "waiting": []}
         return self._figures(stats, time.monotonic())
 
@@ -85,26 +82,20 @@ class RewriterWatch:
         statements = {(r["user"], r["database"]): r["statements"] for r in stats["stats"]}
         elapsed = now - self._served_at if self._served_at is not None else None
 
-        waiting_rows = [r for r in stats["clients"] if r["state"] == "waiting"]
-        since = {r["pid"]: self._waiting_since.get(r["pid"], now) for r in waiting_rows}
-        self._waiting_since = since
         waiting = sorted(
             (
                 {
                     "pid": r["pid"],
                     "user": r["user"],
                     "database": r["database"],
-                    "queue": r.get("queue"),
-                    "seen_waiting_seconds": round(now - since[r["pid"]], 1),
+                    "queue": r["queue"],
+                    "waiting_seconds": r["wait_ms"] / 1000,
                 }
-                for r in waiting_rows
+                for r in stats["clients"]
+                if r["state"] == "waiting"
             ),
-            key=lambda w: (-w["seen_waiting_seconds"], w["queue"] or 1 << 30, w["pid"]),
+            key=lambda w: (-w["waiting_seconds"], w["queue"] or 1 << 30, w["pid"]),
         )
-        longest: dict[tuple[str, str], float] = {}
-        for w in waiting:
-            pair = (w["user"], w["database"])
-            longest[pair] = max(longest.get(pair, 0.0), w["seen_waiting_seconds"])
 
         pools = []
         for row in stats["pools"]:
@@ -125,7 +116,7 @@ class RewriterWatch:
                     "servers_connecting": row["sv_connecting"],
                     "pool_size": row["pool_size"],
                     "pinned": row["pinned"],
-                    "max_seen_wait_seconds": longest.get(pair, 0.0),
+                    "max_wait_seconds": row["maxwait_ms"] / 1000,
                     "transactions": count,
                     "transactions_since_last": delta,
                     "transactions_per_second": (
@@ -151,7 +142,7 @@ def render_section(section: dict[str, Any]) -> list[str]:
         return [*lines, f"  error: {section['error']}"]
     lines += [
         f"  {'':22s} {'clients':^14s}  {'servers':^9s}  {'max':>6s}",
-        f"  {'user/database':22s}  act wait idle   busy idle  wait>=    xacts  xact/s  "
+        f"  {'user/database':22s}  act wait idle   busy idle    wait    xacts  xact/s  "
         "prepared/server",
     ]
     for p in section["pools"]:
@@ -159,7 +150,7 @@ def render_section(section: dict[str, Any]) -> list[str]:
         lines.append(
             f"  {p['user'] + '/' + p['database']:22.22s} {p['clients_active']:4d} "
             f"{p['clients_waiting']:4d} {p['clients_idle']:4d}   {p['servers_busy']:4d} "
-            f"{p['servers_idle']:4d} {p['max_seen_wait_seconds']:6.1f}s "
+            f"{p['servers_idle']:4d} {p['max_wait_seconds']:6.1f}s "
             f"{p['transactions']:8d} {'-' if rate is None else f'{rate:.1f}':>7s}  "
             f"{','.join(map(str, p['prepared_per_server'])) or '-'}"
         )
@@ -168,6 +159,6 @@ def render_section(section: dict[str, Any]) -> list[str]:
     for w in section["waiting"]:
         lines.append(
             f"  waiting #{w['queue'] or '?'}: client {w['pid']} {w['user']}/{w['database']}, "
-            f"seen waiting {w['seen_waiting_seconds']:.1f} s"
+            f"waiting {w['waiting_seconds']:.1f} s"
         )
     return lines

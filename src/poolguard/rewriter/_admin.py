@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,8 @@ def snapshot(pools: Pools, sessions: Iterable[Session], now: float) -> Stats:
     per_pair: dict[tuple[str, str], list[int]] = {}  # active, waiting, idle clients
     # Each pool serves its waiters first in, first out: position 1 has waited longest.
     queued = {id(s): i for pair in pools.pairs.values() for i, s in enumerate(pair.pool.waiters, 1)}
+    maxwait: dict[tuple[str, str], int] = {}
+    waited_now = time.monotonic()
     for s in sessions:
         pair = s.pair
         if pair is None:
@@ -50,6 +53,8 @@ def snapshot(pools: Pools, sessions: Iterable[Session], now: float) -> Stats:
         backend = s.backend
         state = "active" if backend is not None else "waiting" if s.waiting else "idle"
         counts[("active", "waiting", "idle").index(state)] += 1
+        wait_ms = int((waited_now - s.wait_started) * 1000) if state == "waiting" else 0
+        maxwait[pair.user, pair.dbname] = max(maxwait.get((pair.user, pair.dbname), 0), wait_ms)
         clients.append(
             {
                 "user": pair.user,
@@ -58,6 +63,7 @@ def snapshot(pools: Pools, sessions: Iterable[Session], now: float) -> Stats:
                 "pid": s.pid,
                 "server_pid": backend.pid if backend is not None else None,
                 "queue": queued.get(id(s)),
+                "wait_ms": wait_ms,
             }
         )
     pools_rows: Rows = []
@@ -96,6 +102,7 @@ def snapshot(pools: Pools, sessions: Iterable[Session], now: float) -> Stats:
                 "sv_connecting": pool.connecting,
                 "pool_size": pool.size,
                 "pinned": pool.pinned,
+                "maxwait_ms": maxwait.get((user, dbname), 0),
             }
         )
         stats.append(
@@ -122,9 +129,9 @@ def _columns(rows: Rows, view: str) -> list[str]:
 _EMPTY: dict[str, tuple[str, ...]] = {
     "pools": (
         "user", "database", "cl_active", "cl_waiting", "cl_idle", "sv_active", "sv_idle",
-        "sv_connecting", "pool_size", "pinned",
+        "sv_connecting", "pool_size", "pinned", "maxwait_ms",
     ),
-    "clients": ("user", "database", "state", "pid", "server_pid", "queue"),
+    "clients": ("user", "database", "state", "pid", "server_pid", "queue", "wait_ms"),
     "servers": ("user", "database", "state", "pid", "client_pid", "prepared", "age"),
     "stats": (
         "user", "database", "xact_count", "statements", "server_prepared", "server_idle_closed",
@@ -133,8 +140,9 @@ _EMPTY: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 _INT_COLUMNS = {
     "cl_active", "cl_waiting", "cl_idle", "sv_active", "sv_idle", "sv_connecting", "pool_size",
-    "pinned", "pid", "server_pid", "queue", "client_pid", "prepared", "age", "xact_count",
-    "statements", "server_prepared", "server_idle_closed", "server_lifetime_closed",
+    "pinned", "maxwait_ms", "pid", "server_pid", "queue", "wait_ms", "client_pid", "prepared",
+    "age", "xact_count", "statements", "server_prepared", "server_idle_closed",
+    "server_lifetime_closed",
 }  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import ssl
 import struct
+import time
 from typing import Protocol, cast
 
 from . import _auth, _janitor
@@ -97,6 +98,7 @@ class Session(asyncio.Protocol):
         self.prep = ClientStatements(proxy.registry, self.ex)
         self.backend: Backend | None = None
         self.waiting = False  # asked the pool for a backend, not attached yet
+        self.wait_started = 0.0  # when it last started waiting (time.monotonic())
         self.held = False  # waiting for the server's answer to a result-type check
         self.pins = Pins()
         self.pinned = False  # keeps its backend between transactions (LISTEN, SQL PREPARE)
@@ -399,6 +401,7 @@ class Session(asyncio.Protocol):
             backend = self.pool.acquire(self)
             if backend is None:
                 self.waiting = True
+                self.wait_started = time.monotonic()
                 return None
             self.backend = backend
             apply_settings(backend, self.wanted, self.server_params, self.ex)
