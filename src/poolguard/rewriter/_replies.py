@@ -9,6 +9,7 @@ back to the pool: at ReadyForQuery 'I' with nothing outstanding.
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Callable
 
@@ -65,17 +66,7 @@ class Pending:
     def copy_started(self) -> Pending:
         """This request, marked as answered with CopyInResponse: a new record, since the
         common records below are shared by every session."""
-        started = Pending(
-            self.ends,
-            extended=self.extended,
-            hidden=self.hidden,
-            stmt=self.stmt,
-            error=self.error,
-            undo=self.undo,
-            on_ok=self.on_ok,
-            synth=self.synth,
-            sync=self.sync,
-        )
+        started = copy.copy(self)
         started.copying = True
         return started
 
