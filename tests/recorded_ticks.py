@@ -28,11 +28,11 @@ class WatchdogTicks:
     def finding(self, pool: Any, taken_at: float, age: float) -> tuple[float, float]:
         """(the tick before, the tick) for the tick that found a checkout taken at
         ``taken_at`` to be ``age`` s old (a PoolEvent's ``age``: the tick's reading minus
-        ``taken_at``, so the same subtraction finds that tick)."""
-        ticks = list(self.of[pool])
+        ``taken_at``, so the same subtraction finds that tick).  The tick before is -inf when
+        there was none (a watchdog thread that started late finds it on its first tick)."""
+        ticks = [float("-inf"), *self.of[pool]]
         found = [i for i, now in enumerate(ticks) if abs(now - taken_at - age) < 1e-9]
         assert found, f"no tick saw age {age}: ages at the ticks {[t - taken_at for t in ticks]}"
-        assert found[0] > 0, "found at the pool's first tick"
         return ticks[found[0] - 1], ticks[found[0]]
 
     def usual_interval(self, pool: Any) -> float:
