@@ -12,6 +12,9 @@ import pytest
 
 import poolguard
 
+# A fixture for tests of the watchdog's timing (tests/test_leaks*.py).
+from recorded_ticks import watchdog_ticks  # noqa: F401
+
 
 @pytest.fixture(autouse=True)
 def _fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:

@@ -16,11 +16,12 @@ import pytest
 from psycopg.pq import TransactionStatus
 
 import poolguard
-from poolguard import ConnectionLeakWarning, ConnectionReclaimed
+from poolguard import ConnectionLeakWarning, ConnectionReclaimed, PoolEvent
+from poolguard._events import flush
+from recorded_ticks import WatchdogTicks
 
 HERE = os.path.basename(__file__)
 TICK = 0.05
-SLACK = 0.4
 
 
 def line_of_next() -> int:
@@ -66,17 +67,25 @@ def _leaks_log(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_unreturned_connection_reported_with_the_task_and_line(
-    pg_dsn: str, caplog: pytest.LogCaptureFixture
+    pg_dsn: str, caplog: pytest.LogCaptureFixture, watchdog_ticks: WatchdogTicks
 ) -> None:
-    pool = async_pool(pg_dsn, leak_threshold=0.3)
+    events: list[PoolEvent] = []
+    pool = async_pool(pg_dsn, leak_threshold=0.3, on_event=events.append)
 
     async def main() -> None:
+        taken = time.monotonic()  # no later than the checkout's own clock reading
         line = line_of_next()
         conn = await pool.getconn()
-        taken = time.monotonic()
+        (checkout,) = pool.ledger.records()
         await conn.execute("SELECT 'async leak'")
         await wait_for(lambda: leak_records(caplog))
-        assert 0.3 <= time.monotonic() - taken <= 0.3 + TICK + SLACK
+        assert time.monotonic() - taken >= 0.3
+        assert flush(5)
+        (event,) = [e for e in events if e.kind == "leak"]
+        assert event.age is not None and event.age >= 0.3
+        # Found at the first tick past the threshold (see test_leaks.py's twin).
+        before, _ = watchdog_ticks.finding(pool, checkout.taken_at, event.age)
+        assert before - checkout.taken_at < 0.3
         (message,) = leak_records(caplog)
         assert f"{HERE}:{line} in main" in message
         assert "last statement: SELECT '…'" in message
@@ -87,6 +96,7 @@ def test_unreturned_connection_reported_with_the_task_and_line(
 
     run(main())
     assert pool.stats()["poolguard.connection.leaks"] == 1
+    assert watchdog_ticks.usual_interval(pool) < 2 * TICK
 
 
 def test_garbage_collected_connection_frees_its_slot(

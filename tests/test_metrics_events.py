@@ -65,8 +65,12 @@ def test_exhaustion_storm_is_one_event_per_interval_naming_the_holder(pg_dsn: st
     try:
         started = time.monotonic()
         assert storm(200, 0.3) == 200
-        assert time.monotonic() - started < 2.0, "the storm outlasted the interval"
-        [event] = hook.of("exhausted")
+        took = time.monotonic() - started
+        # One event per interval: the storm takes well under the 2 s interval, so one event;
+        # a loaded machine may stretch it into the next interval, and that one may send another.
+        storm_events = hook.of("exhausted")
+        assert 1 <= len(storm_events) <= 1 + int(took // 2.0), (len(storm_events), took)
+        event = storm_events[0]
         assert event.pool == "alerts" and event.suppressed == 0
         assert event.site is not None and holder_line in event.site
         assert event.age is not None and event.age > 0.3
@@ -74,8 +78,10 @@ def test_exhaustion_storm_is_one_event_per_interval_naming_the_holder(pg_dsn: st
         assert "exhausted after 0.3 s" in event.message
         time.sleep(2.1)  # the next interval: the next timeout is news again, with the count
         assert storm(1, 0.05) == 1
-        _, second = hook.of("exhausted")
-        assert second.suppressed == 199
+        events = hook.of("exhausted")
+        assert len(events) == len(storm_events) + 1
+        # Each timeout was sent or counted in the next event sent (199 with one storm event).
+        assert sum(1 + e.suppressed for e in events) == 201, [e.suppressed for e in events]
     finally:
         pool.putconn(held)
     assert pool.stats()["db.client.connection.timeouts"] == 201

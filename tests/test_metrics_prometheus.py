@@ -77,6 +77,7 @@ def test_gunicorn_three_workers_one_scrape_sums_them(pg_dsn: str, tmp_path: Path
         "--log-level", "warning", "prometheus_wsgi:app",
     ]  # fmt: skip
     env = {"POOLGUARD_DSN": pg_dsn, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
+    pool = (("pool", "web"),)
     with serve(argv, port, env, tmp_path / "gunicorn.log"):
         pids: set[int] = set()
         work = starve = 0
@@ -96,12 +97,21 @@ def test_gunicorn_three_workers_one_scrape_sums_them(pg_dsn: str, tmp_path: Path
         for _ in range(6):
             assert json.loads(get(port, "/starve")).get("timed_out") is True
             starve += 1
-        # Each worker pushes its figures every 0.2 s; the one answering the scrape pushes first.
-        time.sleep(1.0)
+        # Each worker pushes its figures every 0.2 s (the one answering a scrape pushes first);
+        # on a loaded machine a worker's push can come later: scrape until all are in, bounded.
+        checkouts = work + 2 * starve  # a starve request takes one and times out on a second
+        in_all = {
+            "db_client_connection_use_time_seconds_count": work + starve,
+            "db_client_connection_wait_time_seconds_count": checkouts,
+        }
+        deadline = time.monotonic() + 20
         metrics = scrape(port)
+        while time.monotonic() < deadline and any(
+            metrics.get(name, {}).get(pool) != value for name, value in in_all.items()
+        ):
+            time.sleep(0.2)
+            metrics = scrape(port)
 
-    pool = (("pool", "web"),)
-    checkouts = work + 2 * starve  # a starve request takes one and times out on a second
     assert metrics["db_client_connection_wait_time_seconds_count"][pool] == checkouts
     buckets = metrics["db_client_connection_wait_time_seconds_bucket"]
     assert buckets[(("le", "+Inf"), ("pool", "web"))] == checkouts

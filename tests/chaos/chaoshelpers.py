@@ -169,20 +169,39 @@ def run_load(
     seconds: float = 4.0,
     fault: Callable[[], None] | None = None,
     fault_at: float = 1.0,
+    after_fault: float = 3.0,
     dirty_every: int = 5,
     work_sql: str | None = None,
 ) -> Outcome:
     """``workers`` threads commit one uniquely-identified row per transaction for ``seconds``,
     checking at each checkout that the session looks like a fresh one; ``fault`` runs once in
-    its own thread ``fault_at`` s in."""
+    its own thread ``fault_at`` s in, and the load goes on until at least ``after_fault`` s
+    after the fault is over.
+
+    How long a fault takes depends on the machine (filling a server opens dozens of
+    connections; a restart waits for the server): the load must outlast it by more than the
+    recovery bound, or a slow machine ends the load before recovery can be seen.
+    """
     out = Outcome()
     lock = threading.Lock()
     run = f"{os.getpid()}-{time.monotonic_ns()}"
     deadline = time.monotonic() + seconds
+    fault_over = threading.Event()
+    stopped = threading.Event()  # the load is over whatever the fault does
+
+    def running() -> bool:
+        if stopped.is_set():
+            return False
+        now = time.monotonic()
+        if now < deadline:
+            return True
+        if fault is None:
+            return False
+        return not fault_over.is_set() or now < out.fault_window[1] + after_fault
 
     def worker(wid: int) -> None:
         i = 0
-        while time.monotonic() < deadline:
+        while running():
             i += 1
             uid = f"{run}-{wid}-{i}"
             try:
@@ -209,8 +228,11 @@ def run_load(
         time.sleep(fault_at)
         started = time.monotonic()
         assert fault is not None
-        fault()
-        out.fault_window = (started, time.monotonic())
+        try:
+            fault()
+        finally:
+            out.fault_window = (started, time.monotonic())
+            fault_over.set()
 
     # Daemon threads: a caller that never comes back is counted, not waited for forever.
     threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(workers)]
@@ -218,9 +240,13 @@ def run_load(
         threads.append(threading.Thread(target=inject, daemon=True))
     for thread in threads:
         thread.start()
+    if fault is not None:
+        threads[-1].join(seconds + 60)  # the fault itself: a server restart waits up to 30 s
+    end = max(deadline, out.fault_window[1] + after_fault)
     for thread in threads:
-        thread.join(max(0.0, deadline + 30 - time.monotonic()))
+        thread.join(max(0.0, end + 30 - time.monotonic()))
     out.hung = sum(thread.is_alive() for thread in threads)
+    stopped.set()
     return out
 
 
