@@ -4,14 +4,12 @@ admitted (the upstream check of a new database)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import psycopg
+from frozen import frozen
 from psycopg.conninfo import make_conninfo
 from rawpg import RawClient, query
 
@@ -86,13 +84,6 @@ def test_client_waiting_for_a_server_connection_is_not_read_without_bound(
         assert _answers(client, count) == _expected(count)
 
 
-def _postmaster_pid(server: PostgresServer) -> int:
-    with server.connect() as conn:
-        row = conn.execute("SHOW data_directory").fetchone()
-    assert row is not None
-    return int((Path(row[0]) / "postmaster.pid").read_text().split()[0])
-
-
 def test_client_sending_while_its_login_is_admitted_is_not_read_without_bound(
     make_rewriter: Callable[..., rewriter.RewriterHandle],
     postgres_factory: Callable[..., PostgresServer],
@@ -100,15 +91,10 @@ def test_client_sending_while_its_login_is_admitted_is_not_read_without_bound(
     server = postgres_factory()
     server.create_database("other")
     proxy = make_rewriter(server.dsn)
-    postmaster = _postmaster_pid(server)
-    # A stopped postmaster accepts TCP connections but answers none: the proxy's upstream login
-    # for the new database hangs, and the client stays in admission meanwhile.
-    os.kill(postmaster, signal.SIGSTOP)
-    try:
+    # The proxy's upstream login for the new database hangs, and the client stays in admission.
+    with frozen(server):
         client = RawClient(make_conninfo(proxy.dsn, dbname="other"), login=False)
         sent, rest, count = _send_until_blocked(client.sock, 3.0)
-    finally:
-        os.kill(postmaster, signal.SIGCONT)
     with client:
         assert 0 < sent < BOUND, f"the proxy read {sent} bytes from a client not yet admitted"
         client.sock.sendall(rest)

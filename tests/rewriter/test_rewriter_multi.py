@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from frozen import frozen
 from psycopg.conninfo import make_conninfo
 from rawpg import LoginRefused, RawClient
 
@@ -155,6 +158,50 @@ def test_auth_passthrough_lets_the_upstream_judge_the_password(
     assert refused(dsn(handle, "nobody", "shop_a", password="x"))["C"] == "28P01"
     # The admin console needs a password the proxy knows, not a passthrough one.
     assert refused(dsn(handle, "carol", handle.admin_database))["C"] == "42501"
+
+
+def test_a_login_waiting_on_a_failed_upstream_check_joins_the_listed_pool(
+    cluster: Cluster, start_rewriter: Callable[..., RewriterHandle]
+) -> None:
+    """Two passthrough logins to a new pair: the first (wrong password) fails its upstream
+    check while the second waits for it; the second's own check succeeds, and it must land in
+    the pool the proxy lists (and that later logins share), not in a forgotten one."""
+    handle = start_rewriter(auth_passthrough=True)
+    pairs = handle._proxy.pools.pairs
+    logins: dict[str, psycopg.Connection[Any] | Exception] = {}
+
+    def login(name: str, password: str) -> None:
+        try:
+            logins[name] = psycopg.connect(dsn(handle, "carol", "shop_b", password=password))
+        except psycopg.Error as exc:
+            logins[name] = exc
+
+    def wait_for(what: str, check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting: {what}"
+            time.sleep(0.02)
+
+    threads = [
+        threading.Thread(target=login, args=("wrong", "guess")),
+        threading.Thread(target=login, args=("right", PASSWORDS["carol"])),
+    ]
+    with frozen(cluster.server):  # the first check hangs upstream, holding the pair's lock
+        threads[0].start()
+        wait_for("the first login's check", lambda: ("carol", "shop_b") in pairs)
+        pair = pairs["carol", "shop_b"]
+        threads[1].start()
+        wait_for("the second login to queue", lambda: pair.admitting == 2)
+    for thread in threads:
+        thread.join(30)
+    assert isinstance(logins["wrong"], psycopg.OperationalError)
+    right = logins["right"]
+    assert isinstance(right, psycopg.Connection)
+    with right, psycopg.connect(dsn(handle, "carol", "shop_b")) as later:
+        assert pairs["carol", "shop_b"] is pair
+        later.execute("select 1")
+        row = [r for r in handle.stats()["pools"] if r["user"] == "carol"]
+        assert [(r["database"], r["cl_idle"] + r["cl_active"]) for r in row] == [("shop_b", 2)]
 
 
 def test_admin_console_show_output_matches_a_known_workload(

@@ -206,9 +206,10 @@ class Pools:
         try:
             backend = await probe.connect()
         except UpstreamError as exc:
-            if not pair.checked and not pair.pool.members:
+            if not pair.checked and not pair.pool.members and pair.admitting == 1:
                 # Never worked (no such database, say): forget it, so names clients make up do
-                # not pile up pools.
+                # not pile up pools. Not while other logins wait to check it themselves: one
+                # that succeeds must join the listed pool, not a second one for the same pair.
                 self.pairs.pop((pair.user, pair.dbname), None)
             code = exc.refused_with
             if passthrough and code in ("28P01", "28000"):
