@@ -395,7 +395,7 @@ def test_sidecar_cli_serves_until_sigterm(pg_dsn: str) -> None:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "poolguard.rewriter", "--upstream", pg_dsn]
     proc = subprocess.Popen(
-        [*cmd, "--listen", f"127.0.0.1:{port}", "--pool-size", "2"],
+        [*cmd, "--listen", f"127.0.0.1:{port}", "--pool-size", "2", "--max-message-size", "2048"],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -407,6 +407,10 @@ def test_sidecar_cli_serves_until_sigterm(pg_dsn: str) -> None:
             try:
                 with psycopg.connect(dsn, prepare_threshold=0, connect_timeout=2) as conn:
                     assert conn.execute("select %s::int", (5,)).fetchone() == (5,)
+                    # --max-message-size reached the proxy: a 3 kB query ends this client.
+                    with pytest.raises(psycopg.Error) as too_big:
+                        conn.execute("select %s::text", ("x" * 3000,))
+                    assert too_big.value.sqlstate == "54000"
                 break
             except psycopg.OperationalError:
                 if time.monotonic() > deadline or proc.poll() is not None:

@@ -317,11 +317,21 @@ def test_bad_settings_are_refused_by_name(pg_dsn: str, setting: str, value: obje
         rewriter.start(pg_dsn, isolate=False, **{setting: value})  # type: ignore[arg-type]
 
 
-def test_cli_refuses_a_negative_lifetime(pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("flag", "value", "error"),
+    [
+        ("--server-lifetime", "-5", "server_lifetime must be a number of seconds >= 0"),
+        ("--cleanup-timeout", "0", "cleanup_timeout must be > 0 seconds, got 0.0"),
+        ("--max-message-size", "100", "max_message_size must be >= 1024 bytes, got 100"),
+    ],
+)
+def test_cli_refuses_a_bad_value_by_its_setting(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture, flag: str, value: str, error: str
+) -> None:
     with caplog.at_level(logging.ERROR, logger="poolguard.rewriter"):
-        code = rewriter.main(["--upstream", pg_dsn, "--server-lifetime", "-5"])
+        code = rewriter.main(["--upstream", pg_dsn, flag, value])
     assert code == 1
-    assert "server_lifetime must be a number of seconds >= 0" in caplog.text
+    assert error in caplog.text
     password = conninfo_to_dict(pg_dsn).get("password")
     assert not password or str(password) not in caplog.text
 

@@ -364,6 +364,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--max-prepared", type=int, default=500, help="prepared statements per server connection"
     )
     parser.add_argument(
+        "--max-message-size",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        help="largest message, in bytes, a client may send; a larger one ends that client with "
+        f"SQLSTATE 54000 ({DEFAULT_MAX_MESSAGE_SIZE})",
+    )
+    parser.add_argument(
+        "--cleanup-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a server connection may take to become idle after its client vanished "
+        "before it is closed (10)",
+    )
+    parser.add_argument(
         "--login-timeout",
         type=float,
         default=60.0,
@@ -445,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 listen=args.listen,
                 pool_size=args.pool_size,
                 max_prepared=args.max_prepared,
+                max_message_size=args.max_message_size,
+                cleanup_timeout=args.cleanup_timeout,
                 login_timeout=args.login_timeout,
                 server_idle_timeout=args.server_idle_timeout,
                 server_lifetime=args.server_lifetime,

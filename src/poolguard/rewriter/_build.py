@@ -61,6 +61,8 @@ def build_proxy(
         raise ValueError(f"max_message_size must be >= 1024 bytes, got {max_message_size}")
     if not login_timeout > 0:
         raise ValueError(f"login_timeout must be > 0 seconds, got {login_timeout}")
+    if not settings.cleanup_timeout > 0:
+        raise ValueError(f"cleanup_timeout must be > 0 seconds, got {settings.cleanup_timeout}")
     lifecycle = Lifecycle(
         server_idle_timeout=settings.server_idle_timeout,
         server_lifetime=settings.server_lifetime,
