@@ -365,6 +365,10 @@ class BackendPool:
         self.closing = False
         self.pinned = 0  # sessions keeping a backend between transactions (LISTEN, PREPARE)
         self.failing = False  # the last attempt to connect upstream failed
+        # Server connections lent to a client and given back: one per client round trip that
+        # ends outside a transaction (an autocommit statement, a transaction block, a
+        # Parse/Sync), as PgBouncer's xact_count; a pinned client's pinned span counts once.
+        self.served = 0
 
     async def connect(self) -> Backend:
         backend = Backend(self)
@@ -410,6 +414,8 @@ class BackendPool:
             self.waiters.remove(session)
 
     def release(self, backend: Backend) -> None:
+        if backend.owner is not None:
+            self.served += 1
         backend.owner = None
         if backend.retiring or self.closing:
             backend.close()

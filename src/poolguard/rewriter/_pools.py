@@ -49,26 +49,13 @@ def console_name(admin_database: str | None, upstream_dbname: str) -> str:
 PASSTHROUGH_RECHECK = 60.0
 
 
-class CountingPool(BackendPool):
-    """A BackendPool that counts server connections lent to a client and given back: one per
-    client round trip that ends outside a transaction (an autocommit statement, a transaction
-    block, a Parse/Sync), as PgBouncer's xact_count; a pinned client's pinned span counts once."""
-
-    served = 0
-
-    def release(self, backend: Backend) -> None:
-        if backend.owner is not None:
-            self.served += 1
-        super().release(backend)
-
-
 class Pair:
     """The pool, statement map and server settings of one (user, database)."""
 
     def __init__(self, upstream: Upstream, *, size: int, max_prepared: int) -> None:
         self.user = upstream.user
         self.dbname = upstream.dbname
-        self.pool = CountingPool(upstream, size=size, max_prepared=max_prepared)
+        self.pool = BackendPool(upstream, size=size, max_prepared=max_prepared)
         self.registry = Registry()
         self.server_params: dict[str, str] = {}
         self.checked = False  # an upstream login with the pool's credentials succeeded
