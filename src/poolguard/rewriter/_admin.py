@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -44,7 +43,6 @@ def snapshot(pools: Pools, sessions: Iterable[Session], now: float) -> Stats:
     # Each pool serves its waiters first in, first out: position 1 has waited longest.
     queued = {id(s): i for pair in pools.pairs.values() for i, s in enumerate(pair.pool.waiters, 1)}
     maxwait: dict[tuple[str, str], int] = {}
-    waited_now = time.monotonic()
     for s in sessions:
         pair = s.pair
         if pair is None:
@@ -53,7 +51,7 @@ def snapshot(pools: Pools, sessions: Iterable[Session], now: float) -> Stats:
         backend = s.backend
         state = "active" if backend is not None else "waiting" if s.waiting else "idle"
         counts[("active", "waiting", "idle").index(state)] += 1
-        wait_ms = int((waited_now - s.wait_started) * 1000) if state == "waiting" else 0
+        wait_ms = int((now - s.wait_started) * 1000) if state == "waiting" else 0
         maxwait[pair.user, pair.dbname] = max(maxwait.get((pair.user, pair.dbname), 0), wait_ms)
         clients.append(
             {

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import ssl
 import struct
-import time
 from typing import Protocol, cast
 
 from . import _auth, _janitor
@@ -98,7 +97,7 @@ class Session(asyncio.Protocol):
         self.prep = ClientStatements(proxy.registry, self.ex)
         self.backend: Backend | None = None
         self.waiting = False  # asked the pool for a backend, not attached yet
-        self.wait_started = 0.0  # when it last started waiting (time.monotonic())
+        self.wait_started = 0.0  # when it last started waiting (loop time)
         self.held = False  # waiting for the server's answer to a result-type check
         self.pins = Pins()
         self.pinned = False  # keeps its backend between transactions (LISTEN, SQL PREPARE)
@@ -120,10 +119,10 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports do not subclass it
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
         # Like the server's authentication_timeout: a client that does not finish logging in
         # (silent socket, half a startup packet, stopped at the password) is closed.
-        loop = asyncio.get_running_loop()
-        self._login_timer = loop.call_later(self.proxy.login_timeout, self._login_expired)
+        self._login_timer = self.loop.call_later(self.proxy.login_timeout, self._login_expired)
 
     def _login_expired(self) -> None:
         self._login_timer = None
@@ -325,7 +324,7 @@ class Session(asyncio.Protocol):
                 if backend is not None and not ex.skipping:
                     # A prepared statement's round trip: its Execute, Sync and Describe of the
                     # unnamed portal go to the server as they came, one slice per run of them;
-                    # its Bind is rewritten where it lies.
+                    # its Bind is rewritten where it lies (below).
                     if t == _EXECUTE:
                         q.append(EXECUTE_REPLY)
                         pos = end
@@ -343,16 +342,17 @@ class Session(asyncio.Protocol):
                         q.append(DESCRIBE_PORTAL_REPLY)
                         pos = end
                         continue
-                    if t == _BIND:
-                        if run < pos:
-                            out.append(buf[run:pos])
-                        run = pos
-                        if self.prep.bind_prepared(backend, buf, pos, end):
-                            pos = run = end
-                            continue
                 if run < pos:
                     out.append(buf[run:pos])
                 run = pos
+                if (
+                    t == _BIND
+                    and backend is not None
+                    and not ex.skipping
+                    and self.prep.bind_prepared(backend, buf, pos, end)
+                ):
+                    pos = run = end
+                    continue
                 if not self._handle(bytes(buf[pos : pos + 1]), bytes(buf[pos + 5 : end])):
                     break  # this message waits, and what follows it
                 pos = run = end
@@ -401,7 +401,7 @@ class Session(asyncio.Protocol):
             backend = self.pool.acquire(self)
             if backend is None:
                 self.waiting = True
-                self.wait_started = time.monotonic()
+                self.wait_started = self.loop.time()
                 return None
             self.backend = backend
             apply_settings(backend, self.wanted, self.server_params, self.ex)
