@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from polling import wait_for
 from poolguard import rewriter
 from poolguard._top import main
 from poolguard._top_rewriter import RewriterWatch, console_conninfo
@@ -46,13 +47,6 @@ def client(handle: rewriter.RewriterHandle, prepares: bool = False) -> psycopg.C
     # Without ``prepares``, no statement is prepared (prepare=True included).
     threshold = 5 if prepares else None
     return psycopg.connect(handle.dsn, autocommit=True, prepare_threshold=threshold)
-
-
-def wait_until(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.02)
 
 
 def waiting_clients(handle: rewriter.RewriterHandle) -> int:
@@ -92,7 +86,7 @@ def test_figures_of_a_pool_with_a_transaction_and_waiting_clients(
             thread = threading.Thread(target=conn.execute, args=("select 1",))
             thread.start()
             threads.append(thread)
-            wait_until(lambda n=n: waiting_clients(proxy) == n, f"{n} clients waiting")
+            wait_for(f"{n} clients waiting", lambda n=n: waiting_clients(proxy) == n)
         time.sleep(0.3)
 
         found = json.loads(top(pg_dsn, "--json", "--rewriter", url))

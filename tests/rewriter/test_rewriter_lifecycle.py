@@ -14,20 +14,13 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rawpg import LoginRefused, RawClient
 
+from polling import wait_for
 from poolguard import rewriter
 from poolguard.rewriter import RewriterHandle
 from poolguard.testing import PostgresServer
 
 Factory = Callable[..., RewriterHandle]
 OFF = {"server_idle_timeout": 0, "server_lifetime": 0, "pool_idle_timeout": 0}
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def server_pids(direct: psycopg.Connection[Any]) -> set[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from frozen import frozen
 from psycopg.conninfo import make_conninfo
 from rawpg import LoginRefused, RawClient
 
+from polling import wait_for
 from poolguard import rewriter
 from poolguard.rewriter import RewriterHandle
 from poolguard.testing import PostgresServer
@@ -175,12 +175,6 @@ def test_a_login_waiting_on_a_failed_upstream_check_joins_the_listed_pool(
             logins[name] = psycopg.connect(dsn(handle, "carol", "shop_b", password=password))
         except psycopg.Error as exc:
             logins[name] = exc
-
-    def wait_for(what: str, check: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 10
-        while not check():
-            assert time.monotonic() < deadline, f"timed out waiting: {what}"
-            time.sleep(0.02)
 
     threads = [
         threading.Thread(target=login, args=("wrong", "guess")),
