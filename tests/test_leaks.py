@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -21,6 +21,7 @@ import pytest
 from psycopg.pq import TransactionStatus
 
 import poolguard
+from polling import wait_for
 from poolguard import (
     ConfigurationError,
     ConnectionLeakWarning,
@@ -33,21 +34,13 @@ from recorded_ticks import WatchdogTicks
 
 HERE = os.path.basename(__file__)
 TICK = 0.05
+# Seconds each wait below gives the watchdog or a signal handler.
+WAIT = 5.0
 
 
 def line_of_next() -> int:
     """The line number right after the caller's line (where the checkout happens)."""
     return sys._getframe(1).f_lineno + 1
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def leak_records(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[str]:
@@ -86,7 +79,7 @@ def test_unreturned_connection_reported_within_threshold_plus_a_tick(
     conn = pool.getconn()
     (checkout,) = pool.ledger.records()
     conn.execute("SELECT 42 AS the_leaky_statement", prepare=False)
-    wait_for(lambda: leak_records(leaks_log))
+    wait_for("a leak WARNING", lambda: bool(leak_records(leaks_log)), WAIT)
     assert time.monotonic() - taken >= 0.3
     assert flush(5)
     (event,) = [e for e in events if e.kind == "leak"]
@@ -108,7 +101,8 @@ def test_unreturned_connection_reported_within_threshold_plus_a_tick(
     assert len(leak_records(leaks_log)) == 1
     assert watchdog_ticks.usual_interval(pool) < 2 * TICK  # the tick is watchdog_interval
     pool.putconn(conn)
-    returned = wait_for(lambda: leak_records(leaks_log, logging.INFO))
+    wait_for("the return logged", lambda: bool(leak_records(leaks_log, logging.INFO)), WAIT)
+    returned = leak_records(leaks_log, logging.INFO)
     assert f"{HERE}:{line}" in returned[0] and "was returned after" in returned[0]
 
 
@@ -118,7 +112,7 @@ def test_statement_parameters_never_reported(
     pool = configure(pg_dsn, leak_threshold=0.1)
     conn = pool.getconn()
     conn.execute("SELECT %s::text, 'inline-secret' /* hunter2 */", ["hunter2-secret"])
-    wait_for(lambda: leak_records(leaks_log))
+    wait_for("a leak WARNING", lambda: bool(leak_records(leaks_log)), WAIT)
     assert "SELECT %s::text, '…'" in leak_records(leaks_log)[0]
     assert "inline-secret" not in leaks_log.text
     assert "hunter2" not in leaks_log.text
@@ -204,7 +198,7 @@ def test_idle_transaction_reported_with_its_last_statement(
             checkout = next(r for r in pool.ledger.records() if r.connection() is conn)
             conn.execute("UPDATE pg_class SET relname = relname WHERE false")
             conn.execute("SELECT 'the last one' AS marker")
-            wait_for(lambda: leak_records(leaks_log))
+            wait_for("a leak WARNING", lambda: bool(leak_records(leaks_log)), WAIT)
             time.sleep(3 * TICK)
     assert flush(5)
     (event,) = [e for e in events if e.kind == "idle_in_transaction"]
@@ -238,7 +232,7 @@ def test_failed_transaction_is_reported_as_failed(
     conn = pool.getconn()
     with pytest.raises(psycopg.errors.DivisionByZero):
         conn.execute("SELECT 1/0")
-    wait_for(lambda: leak_records(leaks_log))
+    wait_for("a leak WARNING", lambda: bool(leak_records(leaks_log)), WAIT)
     assert "idle in a failed transaction" in leak_records(leaks_log)[0]
     assert "SELECT 1/0" in leak_records(leaks_log)[0]
     pool.putconn(conn)
@@ -311,7 +305,8 @@ def test_reclaim_keeps_a_pool_of_two_serving_and_never_hands_out_a_transaction(
             assert conn.info.backend_pid not in leaked_pids
             served.append(conn.execute("SELECT count(*) FROM t").fetchone())
     assert served == [(0,)] * 6  # the leakers' open transactions were rolled back, not handed on
-    wait_for(lambda: all(conn.closed for conn in leaked))  # the 6 may need only one reclaim
+    # The 6 may need only one reclaim.
+    wait_for("both leaked connections reclaimed", lambda: all(c.closed for c in leaked), WAIT)
     assert len([m for m in leak_records(leaks_log) if "leak_reclaim_after" in m]) == 2
     for conn in leaked:
         with pytest.raises(ConnectionReclaimed, match="reclaimed by poolguard after"):
@@ -327,14 +322,16 @@ def test_with_block_whose_connection_was_reclaimed_raises_on_exit(pg_dsn: str) -
     pool = configure(pg_dsn, leak_reclaim_after=0.2)
     with pytest.raises(ConnectionReclaimed), pool.connection() as conn:
         conn.execute("SELECT 1")
-        wait_for(lambda: conn.closed)  # the work of this block was rolled back: say so
+        # The work of this block was rolled back: say so.
+        wait_for("the connection reclaimed", lambda: conn.closed, WAIT)
 
 
 def test_a_running_statement_is_not_reclaimed(pg_dsn: str) -> None:
     pool = configure(pg_dsn, leak_reclaim_after=0.1)
     with pytest.raises(ConnectionReclaimed), pool.connection() as conn:
         assert conn.execute("SELECT 1 FROM pg_sleep(0.5)").fetchone() == (1,)  # not cut short
-        wait_for(lambda: conn.closed)  # reclaimed once the statement is done
+        # Reclaimed once the statement is done.
+        wait_for("the connection reclaimed", lambda: conn.closed, WAIT)
 
 
 def test_report_shows_every_checkout_with_its_owner_stack(pg_dsn: str) -> None:
@@ -380,7 +377,7 @@ def test_report_on_signal_prints_the_report(pg_dsn: str) -> None:
     try:
         with pool.connection():
             os.kill(os.getpid(), signal.SIGUSR1)
-            wait_for(out.getvalue)
+            wait_for("the report printed", lambda: bool(out.getvalue()), WAIT)
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert "1 connection(s) checked out" in out.getvalue()
@@ -458,7 +455,7 @@ def test_a_leak_reported_then_reclaimed_counts_once(
 ) -> None:
     pool = configure(pg_dsn, leak_threshold=0.1, leak_reclaim_after=0.3)
     conn = pool.getconn()
-    wait_for(lambda: conn.closed)
+    wait_for("the connection reclaimed", lambda: conn.closed, WAIT)
     stats = pool.stats()
     assert (stats["poolguard.connection.leaks"], stats["poolguard.connection.reclaimed"]) == (1, 1)
     messages = leak_records(leaks_log)
@@ -499,7 +496,7 @@ def test_reclaim_racing_with_returns_loses_no_slot_and_grows_nothing(pg_dsn: str
     assert len(pool.ledger) == 0
     inner = pool._inner
     assert inner is not None
-    wait_for(lambda: inner.get_stats()["pool_size"] <= 3)
+    wait_for("the pool back to 3", lambda: inner.get_stats()["pool_size"] <= 3, WAIT)
     held = [pool.getconn(timeout=3) for _ in range(3)]  # every slot is usable
     assert inner.get_stats()["pool_size"] == 3
     for conn in held:
