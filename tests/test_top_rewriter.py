@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shlex
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,8 +24,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from polling import wait_for
 from poolguard import rewriter
+from poolguard._redact import redact_conninfo
 from poolguard._top import main
-from poolguard._top_rewriter import RewriterWatch, console_conninfo
+from poolguard._top_rewriter import CONSOLE_TIMEOUT, RewriterWatch, console_conninfo
+from stopped_rewriter import StoppingRelay, stopping_relay
 from test_redaction import SHAPES as DSN_SHAPES
 from test_redaction import assert_clean, captured_logs, passwords
 from test_top import terminal
@@ -157,6 +161,102 @@ def test_an_unreachable_console_is_one_line_and_the_rest_still_shows(
     text = top(pg_dsn, "--once", "--rewriter", closed)
     assert f"rewriter {bad['target']}:\n  error: " in text and "slots:" in text
     assert "closed-port-pw" not in json.dumps(found) + text
+
+
+@dataclass
+class Stopping:
+    dsn: str  # the console, through the relay
+    handle: rewriter.RewriterHandle
+    relay: StoppingRelay
+
+
+@pytest.fixture
+def stopping(pg_dsn: str) -> Iterator[Stopping]:
+    """A rewriter in a process of its own, stopped (SIGSTOP) once it has let a console client
+    in: the client's queries go unanswered."""
+    handle = rewriter.start(pg_dsn, pool_size=1)
+    try:
+        with stopping_relay((handle.host, handle.port), handle.pid) as relay:
+            dsn = make_conninfo(
+                console(handle), host=relay.host, port=relay.port, sslmode="disable"
+            )
+            yield Stopping(dsn, handle, relay)
+    finally:
+        handle.stop()
+
+
+# Time a loaded machine may add to a call that gives up after its timeout: what is tested is
+# that it gives up at all (before the fix it waited as long as the process stayed stopped).
+MARGIN = 2.0
+
+
+def outcome_within(seconds: float, call: Callable[[], Any]) -> Any:
+    """What ``call`` returned or raised, which it must do within ``seconds``."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)  # on a failure, resumed at teardown
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    return outcome[0]
+
+
+def test_a_stopped_rewriter_times_out_naming_its_console(stopping: Stopping) -> None:
+    started = time.monotonic()
+    failed = outcome_within(2 + MARGIN, lambda: rewriter.admin_stats(stopping.dsn, timeout=2))
+    elapsed = time.monotonic() - started
+    assert stopping.relay.stopped.is_set()  # after the login: the SHOW queries went unanswered
+    assert isinstance(failed, psycopg.errors.ConnectionTimeout), failed
+    assert isinstance(failed, psycopg.OperationalError)  # what callers of psycopg catch
+    assert elapsed >= 2  # the whole timeout was given
+    message = str(failed)
+    assert "no answer within 2 s" in message, message
+    assert redact_conninfo(stopping.dsn) in message and "password=***" in message
+    assert "not stopped" in message  # what to check
+    assert stopping.handle.password not in message
+
+    # Stopped before the connection: the login is what goes unanswered.
+    direct = console(stopping.handle)
+    failed = outcome_within(2 + MARGIN, lambda: rewriter.admin_stats(direct, timeout=2))
+    assert isinstance(failed, psycopg.errors.ConnectionTimeout), failed
+    assert str(failed).startswith("no answer within 2 s") and "password=***" in str(failed)
+    assert stopping.handle.password not in str(failed)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, True, "2", math.nan, math.inf])
+def test_a_timeout_that_is_not_seconds_is_refused(timeout: Any) -> None:
+    with pytest.raises(ValueError, match=r"^timeout must be a number of seconds > 0, got "):
+        rewriter.admin_stats("host=127.0.0.1 port=1 dbname=poolguard", timeout=timeout)
+
+
+def test_top_shows_a_stopped_rewriter_as_one_line_next_to_the_rest(
+    stopping: Stopping, proxy: rewriter.RewriterHandle, pg_dsn: str
+) -> None:
+    text = outcome_within(
+        CONSOLE_TIMEOUT + MARGIN,
+        lambda: top(pg_dsn, "--once", "--rewriter", stopping.dsn, "--rewriter", console(proxy)),
+    )
+    assert isinstance(text, str), text
+    assert stopping.relay.stopped.is_set()
+    lines = text.splitlines()
+    heading = lines.index(
+        f"rewriter {stopping.handle.user}@{stopping.relay.host}:{stopping.relay.port}"
+        f"/{stopping.handle.admin_database}:"
+    )
+    error = lines[heading + 1]
+    assert error.startswith(f"  error: no answer within {CONSOLE_TIMEOUT:g} s"), error
+    assert "password=***" in error and stopping.handle.password not in text
+    # The section is that one line; the database and the other rewriter are there in full.
+    good = f"rewriter {proxy.user}@{proxy.host}:{proxy.port}/{proxy.admin_database}:"
+    assert lines[heading + 2 : heading + 4] == ["", good]
+    assert lines[heading + 6].split()[0] == f"{proxy.user}/{proxy.dbname}"[:22]
+    assert "slots:" in text
 
 
 def test_rewriters_only_and_the_console_database_by_default(

@@ -1,8 +1,9 @@
 """The rewriter sections of ``poolguard top``: each proxy's admin console read and summed per
 (user, database) pool, with what only two refreshes tell (the transaction rate).
 
-A console that cannot be reached or refuses the login gives its section a one-line error; the
-DSN is shown without its password, and every error text is redacted against it.
+A console that cannot be reached, refuses the login or does not answer in time gives its
+section a one-line error; the DSN is shown without its password, and every error text is
+redacted against it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from .rewriter import admin_stats
 
 #: The console's database when the DSN names none (the rewriter's default console name).
 CONSOLE_DATABASE = "poolguard"
-#: Seconds to wait for a console to answer a connection: a refresh waits for the slowest.
-CONNECT_TIMEOUT = 2
+#: Seconds a console has to answer (connection, login and queries): a refresh waits for the
+#: slowest, so a stopped rewriter costs each refresh this much and shows as its error line.
+CONSOLE_TIMEOUT = 2
 #: How many of the longest-waiting clients a section lists.
 LONGEST_WAITING = 5
 
@@ -61,7 +63,7 @@ class RewriterWatch:
     def sample(self) -> dict[str, Any]:
         """The section's figures now, or its target and a one-line ``error``."""
         try:
-            stats = admin_stats(self.conninfo, timeout=CONNECT_TIMEOUT)
+            stats = admin_stats(self.conninfo, timeout=CONSOLE_TIMEOUT)
         except psycopg.Error as exc:
             # The rates start over: the proxy may have restarted meanwhile.
             self._served, self._served_at = {}, None

@@ -1,6 +1,7 @@
 """The admin console: the virtual database ``poolguard`` answering ``SHOW POOLS``, ``SHOW
 CLIENTS``, ``SHOW SERVERS`` and ``SHOW STATS`` over the simple query protocol (as PgBouncer's
-``pgbouncer`` database does), and the same figures as Python rows for ``handle.stats()``.
+``pgbouncer`` database does), the same figures as Python rows for ``handle.stats()``, and
+``query_stats``, which reads them from another process's console within a time limit.
 
 Numbers are int8 columns and names text columns, so a driver such as psycopg returns ints.
 """
@@ -8,10 +9,18 @@ Numbers are int8 columns and names text columns, so a driver such as psycopg ret
 from __future__ import annotations
 
 import asyncio
+import math
+import os
+import socket
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+import psycopg
+
+from .._redact import redact_conninfo
 from . import _protocol as p
 from ._pools import Pools
 
@@ -266,15 +275,71 @@ class Console(asyncio.Protocol):
         self.transport = None
 
 
-def query_stats(conninfo: str, timeout: int = 10) -> Stats:
-    """The console's views read over a connection (for a rewriter in another process);
-    ``timeout``: seconds to connect (libpq counts at least 2)."""
-    import psycopg
+def query_stats(conninfo: str, timeout: float = 10) -> Stats:
+    """The console's views read over a connection (for a rewriter in another process).
 
-    with psycopg.connect(conninfo, autocommit=True, connect_timeout=timeout) as conn:
+    ``timeout`` (seconds) bounds the whole call: connection, login and the SHOW queries (libpq
+    gives a login at least 2 s). A console that does not answer in time raises psycopg's
+    ConnectionTimeout, naming the console without its password."""
+    number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    if not (number and timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    deadline = time.monotonic() + timeout
+    try:
+        # libpq counts whole seconds, and 0 as forever and 1 as 2.
+        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=max(2, int(timeout)))
+    except psycopg.errors.ConnectionTimeout:
+        raise _no_answer(conninfo, timeout) from None
+    with conn, _Deadline(conn.fileno(), deadline - time.monotonic()) as limit:
         stats: Stats = {}
-        for view in VIEWS:
-            cur = conn.execute(f"SHOW {view.upper()}")
-            names = [d.name for d in cur.description or ()]
-            stats[view] = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        try:
+            for view in VIEWS:
+                cur = conn.execute(f"SHOW {view.upper()}")
+                names = [d.name for d in cur.description or ()]
+                stats[view] = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        except psycopg.OperationalError:
+            if limit.expired:
+                raise _no_answer(conninfo, timeout) from None
+            raise
         return stats
+
+
+def _no_answer(conninfo: str, timeout: float) -> Exception:
+    return psycopg.errors.ConnectionTimeout(
+        f"no answer within {timeout:g} s (connection, login and SHOW queries): check that the "
+        "rewriter process is running and not stopped (SIGSTOP, a debugger, a paused container) "
+        f"and that the DSN points at its console: {redact_conninfo(conninfo)}"
+    )
+
+
+class _Deadline:
+    """Ends a connection's reads at a deadline by shutting its socket down, which wakes a read
+    waiting for a peer that will never answer: a stopped process keeps its sockets open and its
+    kernel acknowledges what is sent to it, so neither TCP nor libpq ever gives up."""
+
+    def __init__(self, fd: int, seconds: float) -> None:
+        self.fd = fd
+        self.expired = False
+        self.lock = threading.Lock()
+        self.done = False
+        self.timer = threading.Timer(max(0.0, seconds), self.expire)
+        self.timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Before the connection closes its descriptor, which the number may name next.
+        with self.lock:
+            self.done = True
+        self.timer.cancel()
+
+    def expire(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.expired = True
+            # A duplicate shuts down the connection they share; the descriptor stays psycopg's.
+            with socket.socket(fileno=os.dup(self.fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
