@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Literal, TypeGuard
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -89,9 +90,15 @@ class Settings:
     direct_conninfo: str = field(default="", repr=False)
     #: Run a round trip on checkout to catch dead connections before the caller does.
     health_check: bool = False
-    #: Put the pool behind poolguard's embedded statement-name rewriter (one per upstream DSN
-    #: per process), so prepared statements keep working behind transaction pooling.
+    #: Put the pool behind poolguard's embedded statement-name rewriter (one per upstream DSN,
+    #: max_size and rewriter_options per process), so prepared statements keep working behind
+    #: transaction pooling.
     rewriter: bool = False
+    #: The embedded rewriter's own tunables, named as poolguard.rewriter.start() names them
+    #: (REWRITER_OPTIONS below); the rest keep start()'s defaults.  A mapping rather than a
+    #: setting each: one name per tunable wherever a rewriter is configured, and the pool's
+    #: own settings (max_idle, max_lifetime) are not confused with the proxy's.
+    rewriter_options: dict[str, Any] = field(default_factory=dict)
     #: Worker processes that each open this pool, for the connection budget at open.  None:
     #: the worker count of the gunicorn / uvicorn / celery that runs this process (read from
     #: its command line), else $WEB_CONCURRENCY (which those servers read, never set), else 1.
@@ -128,6 +135,9 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.application_name:
             object.__setattr__(self, "application_name", f"poolguard:{self.name}")
+        if isinstance(self.rewriter_options, Mapping):
+            # A copy: the caller's dict may change after configure(), these settings may not.
+            object.__setattr__(self, "rewriter_options", dict(self.rewriter_options))
         if callable(self.on_event) or isinstance(self.on_event, list):
             object.__setattr__(
                 self,
@@ -140,7 +150,7 @@ class Settings:
         shown = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}"
             for f in fields(self)
-            if f.repr and getattr(self, f.name) != f.default
+            if f.repr and getattr(self, f.name) != _default(f)
         )
         return f"Settings(dsn={self.redacted_dsn!r}{', ' if shown else ''}{shown})"
 
@@ -175,6 +185,55 @@ class Settings:
 
 
 SETTING_NAMES = frozenset(f.name for f in fields(Settings)) - {"conninfo", "direct_conninfo"}
+
+
+def _default(f: Field[Any]) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: What ``rewriter_options`` takes: the arguments of poolguard.rewriter.start() that tune a
+#: rewriter only this process's pools use, each with the values it accepts (start() accepts
+#: them too: tests/test_core_rewriter_pool.py keeps the two in step).
+REWRITER_OPTIONS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "max_prepared": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "max_message_size": (lambda v: _is_int(v) and v >= 1024, "an integer >= 1024 (bytes)"),
+    "cleanup_timeout": (lambda v: _is_number(v) and 0 < v < math.inf, "seconds > 0"),
+    "login_timeout": (lambda v: _is_number(v) and 0 < v < math.inf, "seconds > 0"),
+    "server_idle_timeout": (
+        lambda v: _is_number(v) and 0 <= v < math.inf,
+        "seconds >= 0 (0: never)",
+    ),
+    "server_lifetime": (lambda v: _is_number(v) and 0 <= v < math.inf, "seconds >= 0 (0: never)"),
+}
+_OTHER_USERS = "only the DSN's user logs in to it; for other users run `poolguard proxy`"
+_LOOPBACK = "the pool reaches it over loopback; TLS towards PostgreSQL follows the DSN's sslmode"
+_PROCESS = "poolguard runs it in a child process, with uvloop when that is installed"
+#: start()'s other arguments, and why the embedded rewriter does not take them.
+REWRITER_NOT_EMBEDDED = {
+    "pool_size": "its pool size is the pool's max_size (set max_size)",
+    "pool_sizes": "it serves the DSN's one user and database, with max_size server connections",
+    "listen": "it listens on a free loopback port that only this process's pools know",
+    "pool_idle_timeout": "it serves only the DSN's user and database, whose pool it never drops",
+    "userlist": _OTHER_USERS,
+    "auth_passthrough": _OTHER_USERS,
+    "admin_users": _OTHER_USERS,
+    "admin_database": (
+        "its console is `poolguard` (`poolguard_admin` when the DSN's database has that name); "
+        "for another name run `poolguard proxy`"
+    ),
+    "tls_cert": _LOOPBACK,
+    "tls_key": _LOOPBACK,
+    "use_uvloop": _PROCESS,
+    "isolate": _PROCESS,
+}
 
 
 def build_settings(
@@ -309,8 +368,10 @@ def _unknown_message(key: str) -> str:
 
 
 def _from_env(key: str, raw: str) -> Any:
-    default = next(f.default for f in fields(Settings) if f.name == key)
     variable = f"POOLGUARD_{key.upper()}"
+    if key == "rewriter_options":
+        return _options_from_env(variable, raw)
+    default = next(f.default for f in fields(Settings) if f.name == key)
     if isinstance(default, bool):
         if raw.lower() in TRUE_WORDS | _FALSE:
             return raw.lower() in TRUE_WORDS
@@ -328,6 +389,24 @@ def _from_env(key: str, raw: str) -> Any:
     return raw
 
 
+def _options_from_env(variable: str, raw: str) -> dict[str, float]:
+    """``name=number,name=number`` as a dict (the values are checked with the settings)."""
+    options: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, value = (word.strip() for word in item.partition("="))
+        try:
+            number = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            sep = ""
+        if not (sep and name):
+            raise ConfigurationError(
+                f"{variable}={raw!r}: expected name=number pairs separated by commas, like "
+                "server_lifetime=900,max_prepared=200"
+            )
+        options[name] = number
+    return options
+
+
 def _validate(s: Settings) -> None:
     def check(ok: bool, setting: str, expected: str) -> None:
         if not ok:
@@ -336,24 +415,18 @@ def _validate(s: Settings) -> None:
                 f"{setting}={value!r} for pool {s.name!r} is invalid: expected {expected}"
             )
 
-    def is_int(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def is_number(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
     check(isinstance(s.name, str) and bool(s.name), "name", "a non-empty string")
-    check(is_int(s.max_size) and s.max_size >= 1, "max_size", "an integer >= 1")
+    check(_is_int(s.max_size) and s.max_size >= 1, "max_size", "an integer >= 1")
     check(
-        is_int(s.min_size) and 0 <= s.min_size <= s.max_size,
+        _is_int(s.min_size) and 0 <= s.min_size <= s.max_size,
         "min_size",
         f"an integer from 0 to max_size ({s.max_size})",
     )
     for setting in ("timeout", "connect_timeout", "max_idle", "max_lifetime"):
-        check(is_number(getattr(s, setting)) and getattr(s, setting) > 0, setting, "seconds > 0")
-    check(is_int(s.max_waiting) and s.max_waiting >= 0, "max_waiting", "an integer >= 0")
+        check(_is_number(getattr(s, setting)) and getattr(s, setting) > 0, setting, "seconds > 0")
+    check(_is_int(s.max_waiting) and s.max_waiting >= 0, "max_waiting", "an integer >= 0")
     check(
-        s.prepare_threshold is None or (is_int(s.prepare_threshold) and s.prepare_threshold >= 0),
+        s.prepare_threshold is None or (_is_int(s.prepare_threshold) and s.prepare_threshold >= 0),
         "prepare_threshold",
         "None (no prepared statements) or an integer >= 0",
     )
@@ -365,7 +438,7 @@ def _validate(s: Settings) -> None:
     check(s.guard in ("warn", "raise", "off"), "guard", "'warn', 'raise' or 'off'")
     check(isinstance(s.health_check, bool), "health_check", "True or False")
     check(
-        s.processes is None or (is_int(s.processes) and s.processes >= 1),
+        s.processes is None or (_is_int(s.processes) and s.processes >= 1),
         "processes",
         "None ($WEB_CONCURRENCY, else 1) or an integer >= 1",
     )
@@ -377,9 +450,9 @@ def _validate(s: Settings) -> None:
         "idle_in_transaction_session_timeout",
     ):
         value = getattr(s, setting)
-        check(is_number(value) and value >= 0, setting, "seconds >= 0 (0: off)")
+        check(_is_number(value) and value >= 0, setting, "seconds >= 0 (0: off)")
     check(
-        is_number(s.watchdog_interval) and 0.01 <= s.watchdog_interval <= 60,
+        _is_number(s.watchdog_interval) and 0.01 <= s.watchdog_interval <= 60,
         "watchdog_interval",
         "seconds from 0.01 to 60",
     )
@@ -390,7 +463,8 @@ def _validate(s: Settings) -> None:
         "on_event",
         "a callable taking a poolguard.PoolEvent, or a list of them",
     )
-    check(is_number(s.event_interval) and s.event_interval >= 0, "event_interval", "seconds >= 0")
+    check(_is_number(s.event_interval) and s.event_interval >= 0, "event_interval", "seconds >= 0")
+    _validate_rewriter_options(s)
     if s.mode == "transaction" and s.prepare_threshold is not None and not s.rewriter:
         raise ConfigurationError(
             f"prepare_threshold={s.prepare_threshold} for pool {s.name!r} needs mode='session': "
@@ -398,3 +472,33 @@ def _validate(s: Settings) -> None:
             "(use mode='session' when connecting directly to PostgreSQL, mode='auto' to let "
             "poolguard find out, or rewriter=True)"
         )
+
+
+def _validate_rewriter_options(s: Settings) -> None:
+    options, pool = s.rewriter_options, f"for pool {s.name!r}"
+    if not isinstance(options, dict):
+        raise ConfigurationError(
+            f"rewriter_options={options!r} {pool} is invalid: expected a dict of "
+            "poolguard.rewriter.start() arguments, like {'server_lifetime': 900}"
+        )
+    if options and not s.rewriter:
+        raise ConfigurationError(
+            f"rewriter_options {pool} tune the embedded rewriter, which the pool does not use: "
+            "add rewriter=True, or drop rewriter_options"
+        )
+    for name, value in options.items():
+        if name in REWRITER_NOT_EMBEDDED:
+            raise ConfigurationError(
+                f"rewriter_options[{name!r}] {pool} does not apply to the embedded rewriter: "
+                f"{REWRITER_NOT_EMBEDDED[name]}"
+            )
+        if name not in REWRITER_OPTIONS:
+            close = difflib.get_close_matches(str(name), list(REWRITER_OPTIONS), n=1)
+            known = ", ".join(REWRITER_OPTIONS)
+            hint = f"did you mean {close[0]!r}?" if close else f"it takes {known}"
+            raise ConfigurationError(f"rewriter_options has no option {name!r} {pool} ({hint})")
+        accepts, expected = REWRITER_OPTIONS[name]
+        if not accepts(value):
+            raise ConfigurationError(
+                f"rewriter_options[{name!r}]={value!r} {pool} is invalid: expected {expected}"
+            )

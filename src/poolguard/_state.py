@@ -5,7 +5,8 @@ by ``connection()``, Django and SQLAlchemy's sync engines), its asyncio twin (``
 SQLAlchemy's psycopg async engines) and the asyncpg pool of SQLAlchemy's asyncpg engines.  They
 are built from the name's one ``Settings`` and share one ``Slots`` budget: the server
 connections a process holds for a name, across all flavors, never exceed ``max_size``.  The
-embedded statement-name rewriters (``rewriter=True``) live here too, one per upstream and size.
+embedded statement-name rewriters (``rewriter=True``) live here too, one per upstream, size
+and ``rewriter_options``.
 
 ``configure()`` is idempotent: the same name with the same settings, from any thread or from a
 module that ``importlib.reload()`` ran again, returns the pool that exists.  The same name with
@@ -222,9 +223,10 @@ def _close_elsewhere(pool: PoolCore, timeout: float) -> None:
 
 # --- embedded statement-name rewriters --------------------------------------------------------
 
-# One per (upstream conninfo, size), shared by the pools that use rewriter=True; typed
-# loosely so that importing poolguard never imports the rewriter.
-_rewriters: dict[tuple[str, int], Any] = {}
+# One per (upstream conninfo, size, options), shared by the pools that use rewriter=True: pools
+# that tune it differently get one each, never one tuned for another. Typed loosely so that
+# importing poolguard never imports the rewriter.
+_rewriters: dict[tuple[str, int, tuple[tuple[str, Any], ...]], Any] = {}
 
 
 def _target(settings: Settings) -> str:
@@ -234,14 +236,17 @@ def _target(settings: Settings) -> str:
 
 def rewriter_dsn(settings: Settings) -> str:
     """The DSN of the embedded rewriter in front of ``settings.conninfo``, started on first use."""
-    key = (settings.conninfo, settings.max_size)
+    options = settings.rewriter_options
+    key = (settings.conninfo, settings.max_size, tuple(sorted(options.items())))
     with _lock:
         handle = _rewriters.get(key)
         if handle is None:
             _refuse_transaction_pooler_upstream(settings)
             from .rewriter import start  # optional extra: imported only when it is used
 
-            handle = _rewriters[key] = start(settings.conninfo, pool_size=settings.max_size)
+            handle = _rewriters[key] = start(
+                settings.conninfo, pool_size=settings.max_size, **options
+            )
         return str(handle.dsn)
 
 
