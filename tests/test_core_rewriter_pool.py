@@ -121,6 +121,8 @@ def test_pools_tuned_differently_get_a_rewriter_each(pg_dsn: str) -> None:
     other = poolguard.configure(pg_dsn, name="c", rewriter=True)  # start()'s defaults
     assert first._target_conninfo() == same._target_conninfo()
     assert first._target_conninfo() != other._target_conninfo()
+    with pytest.raises(ConfigurationError, match=r"\(rewriter_options differ\)"):
+        poolguard.configure(pg_dsn, name="a", rewriter=True, rewriter_options={"max_prepared": 9})
     for pool in (first, other):
         with pool.connection() as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)

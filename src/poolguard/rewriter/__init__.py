@@ -166,11 +166,13 @@ class RewriterHandle:
 def admin_stats(dsn: str, *, timeout: float = 10) -> Stats:
     """The admin console's views read from a running rewriter, here or in another process:
     ``dsn`` (URL or conninfo) names the console's database (``poolguard`` unless renamed) and
-    a user allowed there. The same rows as ``handle.stats()``. ``timeout`` (seconds) bounds the
-    whole call, connection, login and queries (libpq gives a login at least 2 s): a console that
-    does not answer in time (its process stopped, say) raises ``psycopg.errors.ConnectionTimeout``
-    naming the DSN without its password. Raises psycopg's errors when the console cannot be
-    reached or refuses the login, and ValueError for a timeout that is not a number > 0."""
+    a user allowed there. The same rows as ``handle.stats()``.
+
+    ``timeout`` (seconds) bounds the whole call: connection, login and queries (libpq gives a
+    connection attempt at least 2 s). A console that does not answer in time (its process
+    stopped, say) raises ``psycopg.errors.ConnectionTimeout`` naming the DSN without its
+    password. Raises psycopg's errors when the console cannot be reached or refuses the login,
+    and ValueError for a timeout that is not a number > 0."""
     return query_stats(dsn, timeout)
 
 

@@ -9,6 +9,7 @@ Numbers are int8 columns and names text columns, so a driver such as psycopg ret
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import socket
@@ -279,8 +280,8 @@ def query_stats(conninfo: str, timeout: float = 10) -> Stats:
     """The console's views read over a connection (for a rewriter in another process).
 
     ``timeout`` (seconds) bounds the whole call: connection, login and the SHOW queries (libpq
-    gives a login at least 2 s). A console that does not answer in time raises psycopg's
-    ConnectionTimeout, naming the console without its password."""
+    gives a connection attempt at least 2 s). A console that does not answer in time raises
+    psycopg's ConnectionTimeout, naming the console without its password."""
     number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
     if not (number and timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
@@ -297,7 +298,7 @@ def query_stats(conninfo: str, timeout: float = 10) -> Stats:
                 cur = conn.execute(f"SHOW {view.upper()}")
                 names = [d.name for d in cur.description or ()]
                 stats[view] = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-        except psycopg.OperationalError:
+        except psycopg.Error:
             if limit.expired:
                 raise _no_answer(conninfo, timeout) from None
             raise
@@ -341,5 +342,5 @@ class _Deadline:
                 return
             self.expired = True
             # A duplicate shuts down the connection they share; the descriptor stays psycopg's.
-            with socket.socket(fileno=os.dup(self.fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
+            with socket.socket(fileno=os.dup(self.fd)) as sock, contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # OSError: the peer has closed it already
