@@ -1,5 +1,6 @@
 """pgbench -S through the rewriter (-M prepared) vs PgBouncer (-M simple, -M extended) vs
-direct, in one run, with each proxy's CPU seconds per 10k transactions.
+direct, in one run, with each proxy's CPU seconds per 10k transactions. When the rewriter's hot
+path is compiled, a second rewriter running its Python source is measured too.
 
     python benchmarks/bench_rewriter.py [--clients 50] [--duration 10] [--rounds 3] [--no-uvloop]
 
@@ -91,14 +92,17 @@ def main() -> None:
 
     bindir = find_postgres_bindir()
     pg = start_postgres(max_connections=200)
-    bouncer = proxy = None
+    bouncer = proxy = source = None
     loop_name = "asyncio"
+    hot_path = rewriter.hot_path()
     try:
         init = [str(bindir / "pgbench"), "-i", "-q", "-s", str(opts.scale), pg.dsn]
         subprocess.run(init, check=True, capture_output=True)
         bouncer = start_pgbouncer(pg, default_pool_size=opts.pool_size)
         use_uvloop = False if opts.no_uvloop else None
         proxy = rewriter.start(pg.dsn, pool_size=opts.pool_size, use_uvloop=use_uvloop)
+        if hot_path.startswith("compiled"):
+            source = _source_build(pg.dsn, opts.pool_size, use_uvloop)
         common = ["-S", "-c", str(opts.clients), "-j", str(opts.threads), "-T", str(opts.duration)]
         targets = {
             "direct -M prepared": (pg, pg.password, "prepared", None),
@@ -107,6 +111,13 @@ def main() -> None:
             "pgbouncer -M extended": (bouncer, bouncer.password, "extended", bouncer.port),
             "rewriter -M prepared": (proxy, proxy.password, "prepared", proxy.port),
         }
+        if source is not None:
+            targets["rewriter -M prepared (source)"] = (
+                source,
+                source.password,
+                "prepared",
+                source.port,
+            )
         runs: dict[str, list[float]] = {name: [] for name in targets}
         cpu: dict[str, list[float]] = {name: [] for name in targets}
         # Unrecorded first pass: each proxy opens its server connections and each server
@@ -124,8 +135,9 @@ def main() -> None:
                 cpu[name].append((cpu_seconds(pid) - before) / done * 10_000)
         loop_name = "uvloop" if use_uvloop is not False and _has_uvloop() else "asyncio"
     finally:
-        if proxy is not None:
-            proxy.stop()
+        for handle in (proxy, source):
+            if handle is not None:
+                handle.stop()
         if bouncer is not None:
             bouncer.stop()
         pg.stop()
@@ -133,11 +145,11 @@ def main() -> None:
     print(
         f"pgbench -S, {opts.clients} clients, {opts.threads} threads, {opts.duration} s, "
         f"pool size {opts.pool_size} (server connections, both proxies), {opts.warmup} s "
-        f"warm-up, {os.cpu_count()} CPUs, rewriter loop: {loop_name}"
+        f"warm-up, {os.cpu_count()} CPUs, rewriter loop: {loop_name}, hot path: {hot_path}"
     )
     for name, results in runs.items():
         each = " ".join(f"{t:.0f}" for t in results)
-        line = f"  {name:<22} {statistics.median(results):>10.0f} tps  (runs: {each})"
+        line = f"  {name:<30} {statistics.median(results):>10.0f} tps  (runs: {each})"
         if not math.isnan(cpu[name][0]):
             line += f"  proxy CPU {statistics.median(cpu[name]):.2f} s per 10k transactions"
         print(line)
@@ -152,6 +164,20 @@ def main() -> None:
     vs_ext = [m / b for m, b in zip(mine, runs["pgbouncer -M extended"], strict=True)]
     print(f"  rewriter / pgbouncer extended {statistics.median(vs_ext):>4.2f}x")
     print(f"  rewriter / direct     {statistics.median(vs_direct):>10.2f}x")
+    if source is not None:
+        vs_source = [
+            m / s for m, s in zip(mine, runs["rewriter -M prepared (source)"], strict=True)
+        ]
+        print(f"  compiled / source     {statistics.median(vs_source):>10.2f}x")
+
+
+def _source_build(dsn: str, pool_size: int, use_uvloop: bool | None) -> rewriter.RewriterHandle:
+    """A second rewriter whose child process runs the hot path's Python source."""
+    os.environ["POOLGUARD_REWRITER_PURE"] = "1"
+    try:
+        return rewriter.start(dsn, pool_size=pool_size, use_uvloop=use_uvloop)
+    finally:
+        del os.environ["POOLGUARD_REWRITER_PURE"]
 
 
 def _has_uvloop() -> bool:

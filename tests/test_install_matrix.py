@@ -89,6 +89,8 @@ CHECKS: dict[str, str] = {
     """,
     "rewriter": """
         import psycopg, uvloop, poolguard.rewriter
+        # Where a compiler is required (CI), the wheel carries the compiled hot path.
+        assert HOT_PATH in poolguard.rewriter.hot_path(), poolguard.rewriter.hot_path()
         handle = poolguard.rewriter.start(DSN, pool_size=1)
         try:
             with psycopg.connect(handle.dsn, prepare_threshold=0) as conn:
@@ -110,7 +112,7 @@ CHECKS: dict[str, str] = {
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's wheel, built once from a copy (the build writes next to its sources)."""
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy(ROOT / name, source / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     shutil.copytree(ROOT / "src", source / "src", ignore=ignore)
@@ -150,8 +152,11 @@ def test_extra_installs_and_works(
     requirement = f"{wheel}[{extra}]" if extra else str(wheel)
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", requirement])
     script = "import os\nDSN, URL = os.environ['MATRIX_DSN'], os.environ['MATRIX_URL']\n"
+    script += "HOT_PATH = os.environ['MATRIX_HOT_PATH']\n"
     script += textwrap.dedent(CHECKS[extra])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "POOLGUARD"))}
+    required = os.environ.get("POOLGUARD_REQUIRE_COMPILED") == "1"
+    env["MATRIX_HOT_PATH"] = "compiled (Cython)" if required else ""
     env["MATRIX_DSN"] = postgres_server.dsn
     env["MATRIX_URL"] = postgres_server.url
     done = _run([str(python), "-c", script + "\nprint('ok')"], env=env, cwd=tmp_path)

@@ -86,6 +86,13 @@ def apply_settings(
     # The usual case, checked in C: nothing to do.
     if wanted.items() <= backend.params.items() and (not extra or extra <= wanted.keys()):
         return
+    _apply(backend, wanted, server_params, ex)
+
+
+def _apply(
+    backend: Backend, wanted: dict[str, str], server_params: dict[str, str], ex: Exchange
+) -> None:
+    extra = backend.extra
     backend.unnamed = None  # a simple Query drops the unnamed statement
     for name in [n for n in extra if n not in wanted]:
         extra.discard(name)

@@ -150,7 +150,7 @@ class Borrower(Protocol):
     def attach_failed(self, reason: str) -> None:
         """No backend will come: the upstream cannot be reached."""
 
-    def server_data(self, backend: Backend, buf: bytes | bytearray) -> int:
+    def server_data(self, backend: Backend, buf: bytes) -> int:
         """Route the complete server messages at the start of ``buf``; returns bytes used."""
 
     def server_lost(self, backend: Backend, exc: Exception | None) -> None: ...
@@ -160,8 +160,9 @@ class Borrower(Protocol):
     def resume_client(self) -> None: ...
 
 
-class Backend(asyncio.Protocol):
-    """One authenticated server connection."""
+class Backend:
+    """One authenticated server connection: an asyncio protocol (not a subclass of
+    ``asyncio.Protocol``, for the same reason as ``Session``)."""
 
     def __init__(self, pool: BackendPool) -> None:
         self.pool = pool
@@ -211,7 +212,7 @@ class Backend(asyncio.Protocol):
         if owner is not None:
             if buf:
                 buf += data
-                used = owner.server_data(self, buf)
+                used = owner.server_data(self, bytes(buf))
                 if used:
                     del buf[:used]
             else:
@@ -241,6 +242,9 @@ class Backend(asyncio.Protocol):
                 msg = p.parse_error_fields(body).get("M", "")
                 self.close(f"server sent an error on an idle connection: {msg}")
 
+    def eof_received(self) -> None:
+        """The server half-closed: the transport closes, as for ``asyncio.Protocol``."""
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.retiring = True
         if self.lost is not None and not self.lost.done():
@@ -268,7 +272,7 @@ class Backend(asyncio.Protocol):
             self.params.pop(name, None)
         self.extra.clear()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
@@ -374,7 +378,9 @@ class BackendPool:
         backend = Backend(self)
         try:
             await asyncio.wait_for(
-                self.upstream.open(lambda: backend), self.upstream.connect_timeout
+                # A protocol without subclassing asyncio.Protocol (see Backend).
+                self.upstream.open(lambda: cast(asyncio.Protocol, backend)),
+                self.upstream.connect_timeout,
             )
             await backend.startup(self.upstream)
         except (

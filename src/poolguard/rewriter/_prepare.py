@@ -22,6 +22,13 @@ from ._sqltext import (
 )
 from ._statements import Registry, Statement
 
+try:
+    import cython
+
+    _COMPILED = cython.compiled  # True in the compiled build (_compiled.py), else False
+except ImportError:  # the source build runs without Cython
+    _COMPILED = False
+
 # PostgreSQL's own answers, given where the proxy knows them without asking the server.
 _ABORTED = p.error_response(
     "25P02", "current transaction is aborted, commands ignored until end of transaction block"
@@ -230,10 +237,20 @@ class ClientStatements:
         a named statement already prepared on ``backend`` is bound under its server name, the
         unnamed one passed on if it was parsed on ``backend``.
         False, with nothing done, for any other case (``bind`` handles those)."""
-        portal_end = buf.find(0, start + 5, end)
-        name_end = buf.find(0, portal_end + 1, end) if portal_end >= 0 else -1
-        if name_end < 0:
-            return False
+        if _COMPILED:  # C loops there; in Python find() is faster
+            portal_end = start + 5
+            while portal_end < end and buf[portal_end]:
+                portal_end += 1
+            name_end = portal_end + 1
+            while name_end < end and buf[name_end]:
+                name_end += 1
+            if name_end >= end:
+                return False
+        else:
+            portal_end = buf.find(0, start + 5, end)
+            name_end = buf.find(0, portal_end + 1, end) if portal_end >= 0 else -1
+            if name_end < 0:
+                return False
         ex = self.ex
         if name_end == portal_end + 1:  # the unnamed statement, parsed here last: as it came
             if self.unnamed is None or backend.unnamed is not self.unnamed:
@@ -244,10 +261,16 @@ class ClientStatements:
         stmt = self.named.get(bytes(buf[portal_end + 1 : name_end]))
         if stmt is None or stmt.stale or not backend.statements.touch(stmt):
             return False
-        size = end - start + len(stmt.name) - (name_end - portal_end - 1)
+        length = end - start - 1 + len(stmt.name) - (name_end - portal_end - 1)
         ex.server_out.append(
             b"".join(
-                (p.bind_header(size), buf[start + 5 : portal_end + 1], stmt.name, buf[name_end:end])
+                (
+                    p.BIND,
+                    p.pack_length(length),
+                    buf[start + 5 : portal_end + 1],
+                    stmt.name,
+                    buf[name_end:end],
+                )
             )
         )
         ex.pending.append(Pending(b"2E", stmt=stmt))

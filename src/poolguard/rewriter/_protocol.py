@@ -238,9 +238,8 @@ def split_bind(body: bytes) -> tuple[bytes, bytes, int]:
     return body[:p], body[p + 1 : s], s + 1
 
 
-def bind_header(size: int) -> bytes:
-    """The type and length of a Bind message of ``size`` bytes in all (header included)."""
-    return _HDR.pack(BIND, size - 1)
+#: A message's int32 length field (a built-in: no Python frame on the rewriter's hot path).
+pack_length = struct.Struct("!i").pack
 
 
 def build_bind(portal: bytes, statement: bytes, rest: bytes) -> bytes:

@@ -9,7 +9,6 @@ back to the pool: at ReadyForQuery 'I' with nothing outstanding.
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from collections.abc import Callable
 
@@ -66,7 +65,17 @@ class Pending:
     def copy_started(self) -> Pending:
         """This request, marked as answered with CopyInResponse: a new record, since the
         common records below are shared by every session."""
-        started = copy.copy(self)
+        started = Pending(
+            self.ends,
+            extended=self.extended,
+            hidden=self.hidden,
+            stmt=self.stmt,
+            error=self.error,
+            undo=self.undo,
+            on_ok=self.on_ok,
+            synth=self.synth,
+            sync=self.sync,
+        )
         started.copying = True
         return started
 

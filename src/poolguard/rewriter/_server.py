@@ -14,7 +14,7 @@ import ssl
 import stat
 from typing import cast
 
-from . import _admin
+from . import _admin, _compiled
 from . import _protocol as p
 from ._auth import AuthError, ScramKeys, ScramVerifier
 from ._login import Login
@@ -93,7 +93,7 @@ class Proxy:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
             self._server = await loop.create_unix_server(
-                lambda: Session(self, trusted=True), self.socket_path
+                lambda: _protocol(Session(self, trusted=True)), self.socket_path
             )
             self.host, self.port = host, port
         else:
@@ -104,16 +104,17 @@ class Proxy:
                     host,
                 )
             self._server = await loop.create_server(
-                lambda: Session(self), host, port, reuse_address=True
+                lambda: _protocol(Session(self)), host, port, reuse_address=True
             )
             sock = self._server.sockets[0].getsockname()
             self.host, self.port = sock[0], sock[1]
         logger.info(
-            "rewriter listening on %s:%d for upstream %s (pool_size=%d)",
+            "rewriter listening on %s:%d for upstream %s (pool_size=%d, hot path: %s)",
             self.host,
             self.port,
             self.pool.upstream.describe(),
             self.pool.size,
+            _compiled.describe(),
         )
         self.reaper.start()
 
@@ -222,6 +223,11 @@ class Proxy:
         finally:
             if transport is not None:
                 transport.close()
+
+
+def _protocol(session: Session) -> asyncio.BaseProtocol:
+    """A session is an asyncio protocol without subclassing it (see Session)."""
+    return cast(asyncio.BaseProtocol, session)
 
 
 def _check_private_dir(path: str) -> None:

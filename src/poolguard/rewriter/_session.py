@@ -34,6 +34,13 @@ from ._sqltext import may_change_session_state, may_drop_statements
 from ._statements import Registry
 from ._userlist import Credential
 
+try:
+    import cython
+
+    _COMPILED = cython.compiled  # True in the compiled build (_compiled.py), else False
+except ImportError:  # the source build runs without Cython
+    _COMPILED = False
+
 logger = logging.getLogger("poolguard.rewriter")
 
 _UNPACK_I32 = struct.Struct("!i").unpack_from
@@ -47,6 +54,8 @@ _NEEDS_BACKEND = frozenset(b"BEDF")
 _COPY_MSGS = (p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL)
 _CACHED_PLAN = "cached plan must not change result type"
 _WAIT_BUFFER = 256 * 1024
+# ReadyForQuery's status byte as the one-byte bytes ``Exchange.status`` holds, without a slice.
+_STATUS = tuple(bytes((i,)) for i in range(256))
 
 
 class Host(Protocol):
@@ -74,9 +83,13 @@ class Host(Protocol):
     def cancel(self, pid: int, key: int) -> None: ...
 
 
-class Session(asyncio.Protocol):
+class Session:
+    """An asyncio protocol (not a subclass of ``asyncio.Protocol``: the compiled build makes
+    it an extension type, which cannot derive from a Python class)."""
+
     def __init__(self, proxy: Host, *, trusted: bool = False) -> None:
         self.proxy = proxy
+        self.max_message_size = proxy.max_message_size
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.state = "startup"
@@ -152,6 +165,9 @@ class Session(asyncio.Protocol):
             logger.warning("client authentication failed for user %r: %s", user, exc)
             self._fatal("28P01", f'password authentication failed for user "{user}"')
         self._flush()
+
+    def eof_received(self) -> None:
+        """The client half-closed: the transport closes, as for ``asyncio.Protocol``."""
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
@@ -254,7 +270,7 @@ class Session(asyncio.Protocol):
         async def handshake() -> None:
             try:
                 tls = await loop.start_tls(
-                    transport, self, ctx, server_side=True,
+                    transport, cast(asyncio.BaseProtocol, self), ctx, server_side=True,
                     ssl_handshake_timeout=self.proxy.login_timeout,
                 )  # fmt: skip
             except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
@@ -308,12 +324,17 @@ class Session(asyncio.Protocol):
         ):
             return
         out, q = ex.server_out, ex.pending
-        max_size = self.proxy.max_message_size
+        max_size = self.max_message_size
         pos = run = 0  # run: where the bytes passed on as they are, not yet queued, start
         n = len(buf)
         try:
             while n - pos >= 5:
-                size = _UNPACK_I32(buf, pos + 1)[0]
+                if _COMPILED:  # byte reads are C there; in Python one struct call is cheaper
+                    size = (
+                        buf[pos + 1] << 24 | buf[pos + 2] << 16 | buf[pos + 3] << 8 | buf[pos + 4]
+                    )
+                else:
+                    size = _UNPACK_I32(buf, pos + 1)[0]
                 if size < 4 or size > max_size:
                     p.check_length(size, max_size)  # raises, naming the limit
                 end = pos + 1 + size
@@ -507,7 +528,7 @@ class Session(asyncio.Protocol):
 
     # --- server replies -----------------------------------------------------------------
 
-    def server_data(self, backend: Backend, buf: bytes | bytearray) -> int:
+    def server_data(self, backend: Backend, buf: bytes) -> int:
         """Route the complete server messages at the start of ``buf``; returns bytes used.
 
         Replies the client gets as they are go out as one slice per run of consecutive
@@ -520,7 +541,11 @@ class Session(asyncio.Protocol):
         release = False
         run = 0  # start of the pass-through messages not yet queued for the client
         while n - pos >= 5:
-            end = pos + 1 + _UNPACK_I32(buf, pos + 1)[0]
+            if _COMPILED:  # as in _client_messages
+                size = buf[pos + 1] << 24 | buf[pos + 2] << 16 | buf[pos + 3] << 8 | buf[pos + 4]
+            else:
+                size = _UNPACK_I32(buf, pos + 1)[0]
+            end = pos + 1 + size
             if end > n:
                 break
             t = buf[pos]
@@ -553,7 +578,7 @@ class Session(asyncio.Protocol):
                 if head.on_ok is not None:
                     head.on_ok(bytes(buf[pos:end]))
                 if t == _Z:
-                    ex.status = bytes(buf[pos + 5 : pos + 6])
+                    ex.status = _STATUS[buf[pos + 5]]
                     if not head.hidden and ex.status == b"I" and not q:
                         release = not self.pinned
                 if q and q[0].synth is not None:
@@ -682,14 +707,17 @@ class Session(asyncio.Protocol):
 
     def _flush(self) -> None:
         ex = self.ex
-        if ex.server_out:
+        # One write per side; a lone chunk (the usual request or reply) is written as it is.
+        out = ex.server_out
+        if out:
             if self.backend is not None:
-                self.backend.write(b"".join(ex.server_out))
-            ex.server_out.clear()
-        if ex.client_out:
+                self.backend.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+        out = ex.client_out
+        if out:
             if self.transport is not None and not self.gone:
-                self.transport.write(b"".join(ex.client_out))
-            ex.client_out.clear()
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def _fatal(self, sqlstate: str, message: str) -> None:
         self._send(p.error_response(sqlstate, message, severity="FATAL"))
