@@ -169,7 +169,7 @@ def snapshot(
 ) -> dict[str, Any]:
     """One refresh: the server (unless ``dsn`` is None), the metrics endpoints, and each
     rewriter's section (read at the same time as the rest, so a slow console costs one
-    connect timeout, not one per section)."""
+    console timeout, not one per section)."""
     with ThreadPoolExecutor(max_workers=max(len(rewriters), 1)) as pool:
         sections = [pool.submit(watch.sample) for watch in rewriters]
         found: dict[str, Any] = {}
