@@ -92,6 +92,8 @@ def apply_settings(
 def _apply(
     backend: Backend, wanted: dict[str, str], server_params: dict[str, str], ex: Exchange
 ) -> None:
+    # Apart from the check above, which the compiled build makes a C function: one cannot hold
+    # the closures below.
     extra = backend.extra
     backend.unnamed = None  # a simple Query drops the unnamed statement
     for name in [n for n in extra if n not in wanted]:
