@@ -42,6 +42,9 @@ ENV_VARIABLES = frozenset(
         "POOLGUARD_REQUIRE_CLIENTS",
         "POOLGUARD_NODE_MODULES",
         "POOLGUARD_REWRITER_UVLOOP",
+        "POOLGUARD_REWRITER_PURE",
+        "POOLGUARD_REQUIRE_COMPILED",
+        "POOLGUARD_NO_COMPILE",
     }
 )
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
