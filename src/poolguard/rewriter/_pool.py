@@ -18,7 +18,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import cast
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -141,23 +141,31 @@ class Upstream:
             raise
 
 
-class Borrower(Protocol):
-    """Whoever waits for a backend and then receives its bytes (a client session)."""
+class Borrower:
+    """Whoever waits for a backend and then receives its bytes (a client session). A base
+    class, not a typing Protocol: in the compiled build a backend then calls its borrower's
+    ``server_data`` and ``attach`` as C functions."""
 
     def attach(self, backend: Backend) -> None:
         """The backend the borrower waited for is now its own."""
+        raise NotImplementedError
 
     def attach_failed(self, reason: str) -> None:
         """No backend will come: the upstream cannot be reached."""
+        raise NotImplementedError
 
     def server_data(self, backend: Backend, buf: bytes) -> int:
         """Route the complete server messages at the start of ``buf``; returns bytes used."""
+        raise NotImplementedError
 
-    def server_lost(self, backend: Backend, exc: Exception | None) -> None: ...
+    def server_lost(self, backend: Backend, exc: Exception | None) -> None:
+        raise NotImplementedError
 
-    def pause_client(self) -> None: ...
+    def pause_client(self) -> None:
+        raise NotImplementedError
 
-    def resume_client(self) -> None: ...
+    def resume_client(self) -> None:
+        raise NotImplementedError
 
 
 class Backend:

@@ -1,6 +1,6 @@
 # Types for the compiled build of _session.py (see _compiled.py); the .py is the only source.
 cimport cython
-from ._pool cimport Backend, BackendPool
+from ._pool cimport Backend, BackendPool, Borrower
 from ._params cimport apply_settings
 from ._prepare cimport ClientStatements
 from ._replies cimport Exchange, Pending
@@ -9,7 +9,7 @@ cdef bint _COMPILED
 # Message types as C ints, so the loops compare them without Python objects.
 cdef int _E, _Z, _S, _N, _A, _G, _BIND, _EXECUTE, _SYNC, _DESCRIBE, _PARSE, _PORTAL
 
-cdef class Session:
+cdef class Session(Borrower):
     cdef public object proxy, transport, state, login, pair, server_params, params, wanted
     cdef public object wait_started, pins, pid, key, loop
     cdef public object _cleanup_timer, _login_timer, _tls_task

@@ -19,7 +19,7 @@ from . import _protocol as p
 from ._login import Login
 from ._params import TRACKED, apply_settings
 from ._pins import Pins
-from ._pool import Backend, BackendPool
+from ._pool import Backend, BackendPool, Borrower
 from ._pools import Pair
 from ._prepare import ClientStatements
 from ._replies import (
@@ -83,7 +83,7 @@ class Host(Protocol):
     def cancel(self, pid: int, key: int) -> None: ...
 
 
-class Session:
+class Session(Borrower):
     """An asyncio protocol (not a subclass of ``asyncio.Protocol``: the compiled build makes
     it an extension type, which cannot derive from a Python class)."""
 
