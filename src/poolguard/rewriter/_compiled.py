@@ -1,6 +1,6 @@
 """Which build of the rewriter's hot path runs: the extension modules Cython compiled from its
-Python source when the package was built (about twice as fast per transaction), or that
-source itself.
+Python source when the package was built (the proxy then needs about a quarter less CPU per
+transaction), or that source itself.
 
 Both are the same code: each module in ``HOT`` is plain Python, and a ``.pxd`` next to it only
 declares types for the compiled build. The source runs instead when no compiled build is
