@@ -44,10 +44,9 @@ def hot_path() -> list[Extension]:
     from Cython.Build import cythonize
 
     modules = [
-        Extension(f"poolguard.rewriter.{name}", [str(SOURCE / f"{name}.py")], optional=True)
-        for name in HOT
+        Extension(f"poolguard.rewriter.{name}", [str(SOURCE / f"{name}.py")]) for name in HOT
     ]
-    return cythonize(
+    compiled = cythonize(
         modules,
         build_dir="build/cython",
         nthreads=os.cpu_count() or 1,
@@ -55,6 +54,9 @@ def hot_path() -> list[Extension]:
         # The .pxd files declare the types; annotations are for mypy (`X | None` and the like).
         compiler_directives={"language_level": 3, "annotation_typing": False},
     )
+    for extension in compiled:
+        extension.optional = True  # set here: cythonize() does not carry it over
+    return compiled
 
 
 setup(ext_modules=hot_path(), cmdclass={"build_ext": BuildHotPath})

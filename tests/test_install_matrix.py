@@ -110,14 +110,21 @@ CHECKS: dict[str, str] = {
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's wheel, built once from a copy (the build writes next to its sources)."""
-    source = tmp_path_factory.mktemp("source")
+    """The project's wheel, built once."""
+    return _build_wheel(tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel"))
+
+
+def _build_wheel(source: Path, out: Path, env: dict[str, str] | None = None) -> Path:
+    """Built from a copy of the sources (the build writes next to them), without what an
+    editable install compiled into the tree."""
+    source.mkdir(exist_ok=True)
+    out.mkdir(exist_ok=True)
     for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so", "_compiled.json")
     shutil.copytree(ROOT / "src", source / "src", ignore=ignore)
-    out = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)])
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out)]
+    _run([*pip_wheel, str(source)], env=env)
     [built] = out.glob("poolguard-*.whl")
     return built
 
@@ -161,3 +168,43 @@ def test_extra_installs_and_works(
     env["MATRIX_URL"] = postgres_server.url
     done = _run([str(python), "-c", script + "\nprint('ok')"], env=env, cwd=tmp_path)
     assert done.stdout.strip().endswith("ok")
+
+
+def test_without_a_c_compiler_the_rewriter_installs_and_runs_its_source(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """The compiled hot path is optional: a machine without a working C compiler still gets
+    the package, whose rewriter then runs the Python source."""
+    env = {**os.environ, "CC": "/bin/false"}  # every compile fails
+    built = _build_wheel(tmp_path / "source", tmp_path / "wheel", env=env)
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            f"{built}[rewriter]",
+        ]
+    )
+    script = textwrap.dedent(
+        """
+        import os, psycopg, poolguard.rewriter
+        print(poolguard.rewriter.hot_path())
+        handle = poolguard.rewriter.start(os.environ["MATRIX_DSN"], pool_size=1)
+        try:
+            with psycopg.connect(handle.dsn, prepare_threshold=0) as conn:
+                for _ in range(3):
+                    assert conn.execute("SELECT %s::int", (1,)).fetchone() == (1,)
+        finally:
+            handle.stop()
+        """
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "POOLGUARD"))}
+    done = _run([str(python), "-c", script], env={**clean, "MATRIX_DSN": postgres_server.dsn})
+    assert done.stdout.strip() == "Python source (no compiled build installed)"
