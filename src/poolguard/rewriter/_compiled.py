@@ -45,7 +45,8 @@ def choose() -> None:
     here = Path(__file__).parent
     package = __name__.rpartition(".")[0]
     active, reason = _check(here)
-    if not active:
+    # Without any compiled module beside them, the usual import finds the sources already.
+    if not active and any(has_extension(here, name) for name in HOT):
         sources = {f"{package}.{name}": here / f"{name}.py" for name in HOT}
         sys.meta_path.insert(0, _SourceFirst(sources))
         if reason.startswith("the source changed"):
