@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from . import _compiled
 from . import _protocol as p
 from ._pool import Backend
 from ._replies import BIND_UNNAMED_REPLY, QUERY_REPLY, Exchange, Pending
@@ -22,12 +23,8 @@ from ._sqltext import (
 )
 from ._statements import Registry, Statement
 
-try:
-    import cython
-
-    _COMPILED = cython.compiled  # True in the compiled build (_compiled.py), else False
-except ImportError:  # the source build runs without Cython
-    _COMPILED = False
+# All or none of the hot path runs compiled (_compiled), so its choice says this module's too.
+_COMPILED = _compiled.active
 
 # PostgreSQL's own answers, given where the proxy knows them without asking the server.
 _ABORTED = p.error_response(

@@ -14,7 +14,7 @@ import ssl
 import struct
 from typing import Protocol, cast
 
-from . import _auth, _janitor
+from . import _auth, _compiled, _janitor
 from . import _protocol as p
 from ._login import Login
 from ._params import TRACKED, apply_settings
@@ -34,12 +34,8 @@ from ._sqltext import may_change_session_state, may_drop_statements
 from ._statements import Registry
 from ._userlist import Credential
 
-try:
-    import cython
-
-    _COMPILED = cython.compiled  # True in the compiled build (_compiled.py), else False
-except ImportError:  # the source build runs without Cython
-    _COMPILED = False
+# All or none of the hot path runs compiled (_compiled), so its choice says this module's too.
+_COMPILED = _compiled.active
 
 logger = logging.getLogger("poolguard.rewriter")
 
