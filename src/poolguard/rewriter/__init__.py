@@ -33,9 +33,10 @@ from psycopg.conninfo import make_conninfo
 from . import _compiled
 from ._admin import Stats, query_stats
 from ._build import DEFAULT_MAX_MESSAGE_SIZE, ProxySettings, build_proxy, new_loop
-from ._child import Child, ChildError
+from ._child import ChildError, Fleet
 from ._pool import Upstream, UpstreamError
 from ._server import Proxy
+from ._workers import check_workers
 
 __all__ = [
     "RewriterHandle",
@@ -78,7 +79,7 @@ class RewriterHandle:
 
     def __init__(
         self,
-        runner: _Thread | Child,
+        runner: _Thread | Fleet,
         *,
         host: str,
         port: int,
@@ -103,8 +104,14 @@ class RewriterHandle:
 
     @property
     def pid(self) -> int:
-        """The process the rewriter runs in (this one when ``isolate=False``)."""
-        return self._runner.pid if isinstance(self._runner, Child) else os.getpid()
+        """The process the rewriter runs in (this one when ``isolate=False``; the first
+        worker's with ``workers`` > 1)."""
+        return self._runner.pid if isinstance(self._runner, Fleet) else os.getpid()
+
+    @property
+    def pids(self) -> list[int]:
+        """Every process the rewriter runs in, one per worker."""
+        return self._runner.pids if isinstance(self._runner, Fleet) else [os.getpid()]
 
     @property
     def dsn(self) -> str:
@@ -135,10 +142,13 @@ class RewriterHandle:
 
     def __repr__(self) -> str:
         state = "running" if self._runner.alive() else "stopped"
-        where = "process" if isinstance(self._runner, Child) else "thread"
+        if isinstance(self._runner, Fleet):
+            count = len(self._runner.children)
+            where = "a process" if count == 1 else f"{count} worker processes"
+        else:
+            where = "a thread"
         return (
-            f"<RewriterHandle {self.user}@{self.host}:{self.port}/{self.dbname} "
-            f"{state} in a {where}>"
+            f"<RewriterHandle {self.user}@{self.host}:{self.port}/{self.dbname} {state} in {where}>"
         )
 
     def stats(self) -> Stats:
@@ -223,6 +233,7 @@ def start(
     pool_sizes: dict[str, int] | None = None,
     use_uvloop: bool | None = None,
     isolate: bool = True,
+    workers: int = 1,
 ) -> RewriterHandle:
     """Run the rewriter and return once it accepts connections.
 
@@ -255,12 +266,20 @@ def start(
     made anew by its next client. 0 turns each off. ``tls_cert`` and ``tls_key`` (PEM files):
     clients that ask for TLS get it. Towards the upstream, TLS follows the DSN's
     ``sslmode``/``sslrootcert``/``sslcert``/``sslkey`` as libpq reads them.
-    ``use_uvloop``: None uses uvloop if it is installed. Raises UpstreamError
-    if the upstream cannot be reached.
+    ``use_uvloop``: None uses uvloop if it is installed. ``workers`` (with ``isolate=True``):
+    that many processes serve the one port, so the proxy can use as many cores; each holds its
+    share of every pool's connections (together never more than the pool's size, so each size
+    must be at least ``workers``), a cancel reaches the worker of its client, and the console
+    and ``stats()`` show all of them. Raises UpstreamError if the upstream cannot be reached.
     """
     # Built here in every case: bad settings raise ValueError in the caller's process.
     settings = _settings(locals())
     proxy, password, host, port = build_proxy(upstream_dsn, listen, settings)
+    sizes = {"pool_size": pool_size}
+    sizes.update({f"pool_sizes[{pair!r}]": size for pair, size in settings.pool_sizes.items()})
+    check_workers(workers, sizes, host.startswith("/"))
+    if workers > 1 and not isolate:
+        raise ValueError("workers > 1 needs isolate=True: each worker is a process of its own")
     if isolate:
         if use_uvloop:
             new_loop(True).close()  # raises ImportError here if uvloop is missing
@@ -272,13 +291,13 @@ def start(
             "settings": dataclasses.asdict(settings),
         }
         try:
-            child = Child(config)
+            fleet = Fleet(config, workers)
         except (ChildError, TimeoutError) as failed:
             raise UpstreamError(str(failed)) from None
         return RewriterHandle(
-            child,
-            host=child.host,
-            port=child.port,
+            fleet,
+            host=fleet.host,
+            port=fleet.port,
             upstream=proxy.pool.upstream,
             password=password,
             admin_database=proxy.pools.console,
@@ -454,6 +473,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="USER/DATABASE=SIZE",
         help="server connections of one user/database pool instead of --pool-size; repeatable",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes serving the one port, each with its share of every pool's server "
+        "connections (1)",
+    )
     parser.add_argument("--tls-cert", help="PEM certificate offered to clients that ask for TLS")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
@@ -473,32 +499,57 @@ def main(argv: Sequence[str] | None = None) -> int:
             "upstream's password, so include one (or set PGPASSWORD)"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    options: dict[str, Any] = dict(
+        listen=args.listen,
+        pool_size=args.pool_size,
+        max_prepared=args.max_prepared,
+        max_message_size=args.max_message_size,
+        cleanup_timeout=args.cleanup_timeout,
+        login_timeout=args.login_timeout,
+        server_idle_timeout=args.server_idle_timeout,
+        server_lifetime=args.server_lifetime,
+        pool_idle_timeout=args.pool_idle_timeout,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        userlist=args.userlist,
+        auth_passthrough=args.auth_passthrough,
+        admin_users=args.admin_user,
+        admin_database=args.admin_database,
+        pool_sizes=pool_sizes,
+    )
+    if args.workers != 1:
+        return _serve_workers(args.upstream, args.workers, options)
     loop = new_loop(None)
     try:
-        loop.run_until_complete(
-            serve(
-                args.upstream,
-                listen=args.listen,
-                pool_size=args.pool_size,
-                max_prepared=args.max_prepared,
-                max_message_size=args.max_message_size,
-                cleanup_timeout=args.cleanup_timeout,
-                login_timeout=args.login_timeout,
-                server_idle_timeout=args.server_idle_timeout,
-                server_lifetime=args.server_lifetime,
-                pool_idle_timeout=args.pool_idle_timeout,
-                tls_cert=args.tls_cert,
-                tls_key=args.tls_key,
-                userlist=args.userlist,
-                auth_passthrough=args.auth_passthrough,
-                admin_users=args.admin_user,
-                admin_database=args.admin_database,
-                pool_sizes=pool_sizes,
-            )
-        )
+        loop.run_until_complete(serve(args.upstream, **options))
     except (UpstreamError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 1
     finally:
         loop.close()
+    return 0
+
+
+def _serve_workers(upstream: str, workers: int, options: dict[str, Any]) -> int:
+    """``poolguard proxy --workers N``: supervise N worker processes until SIGINT/SIGTERM."""
+    try:
+        handle = start(upstream, workers=workers, **options)
+    except (UpstreamError, ValueError, OSError) as exc:
+        logger.error("%s", exc)
+        return 1
+    logger.info(
+        "rewriter listening on %s:%d for upstream %s with %d workers (pids %s)",
+        handle.host,
+        handle.port,
+        Upstream.from_dsn(upstream).describe(),
+        workers,
+        " ".join(map(str, handle.pids)),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        handle.stop()
     return 0

@@ -127,6 +127,37 @@ def snapshot(pools: Pools, sessions: Iterable[Session], now: float) -> Stats:
     return {"pools": pools_rows, "clients": clients, "servers": servers, "stats": stats}
 
 
+def merge(views: Iterable[Stats]) -> Stats:
+    """One proxy's views from its workers' (see ``_workers``): their clients and servers
+    together, and per (user, database) the sum of their pools and stats rows (``maxwait_ms``:
+    the longest wait)."""
+    views = list(views)
+    merged: Stats = {}
+    for view in ("pools", "stats"):
+        by_pair: dict[tuple[object, object], dict[str, object]] = {}
+        for rows in views:
+            for row in rows.get(view, []):
+                total = by_pair.setdefault((row["user"], row["database"]), {})
+                for column, value in row.items():
+                    if column in total and isinstance(value, int):
+                        before = _int(total[column])
+                        value = max(before, value) if column == "maxwait_ms" else before + value
+                    total[column] = value
+        merged[view] = list(by_pair.values())
+    merged["clients"] = sorted(
+        (row for rows in views for row in rows.get("clients", [])), key=lambda r: _int(r["pid"])
+    )
+    merged["servers"] = sorted(
+        (row for rows in views for row in rows.get("servers", [])),
+        key=lambda r: (str(r["user"]), str(r["database"]), _int(r["pid"])),
+    )
+    return merged
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
 def _columns(rows: Rows, view: str) -> list[str]:
     if rows:
         return list(rows[0])

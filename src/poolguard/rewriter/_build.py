@@ -14,6 +14,7 @@ from ._reaper import Lifecycle
 from ._server import Proxy
 from ._tls import server_context
 from ._userlist import load_userlist
+from ._workers import Worker
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
@@ -43,11 +44,17 @@ class ProxySettings:
 
 
 def build_proxy(
-    upstream_dsn: str, listen: str, settings: ProxySettings, *, password: str | None = None
+    upstream_dsn: str,
+    listen: str,
+    settings: ProxySettings,
+    *,
+    password: str | None = None,
+    worker: Worker | None = None,
 ) -> tuple[Proxy, str, str, int]:
     """Build (not start) a proxy: (proxy, client password, listen host, listen port).
 
-    The client password is ``password``, else the upstream one, else a random one.
+    The client password is ``password``, else the upstream one, else a random one. ``worker``:
+    its place in a fleet of worker processes (one process when None).
     """
     pool_size, max_prepared = settings.pool_size, settings.max_prepared
     max_message_size, login_timeout = settings.max_message_size, settings.login_timeout
@@ -102,6 +109,7 @@ def build_proxy(
         pool_sizes=sizes,
         console=console_name(settings.admin_database, upstream.dbname),
         lifecycle=lifecycle,
+        worker=worker,
     )
     return proxy, password, host, port
 

@@ -6,6 +6,8 @@ in its environment. The child answers ``ready HOST PORT`` (or ``error MESSAGE``)
 runs until its stdin closes: when the parent calls ``stop()`` or dies in any way. A supervisor
 thread in the parent restarts a child that exits unexpectedly, on the same address, so the
 DSN the app holds stays valid.
+
+With ``workers=N`` (see ``_workers``) a ``Fleet`` runs N such children on one port.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
 
 from ._build import ProxySettings, build_proxy, new_loop
+from ._workers import Worker
 
 logger = logging.getLogger("poolguard.rewriter")
 
@@ -116,6 +121,46 @@ class Child:
         self._supervisor.join(timeout)
 
 
+class Fleet:
+    """``count`` supervised children serving one port as one proxy (see ``_workers``)."""
+
+    def __init__(self, config: dict[str, Any], count: int) -> None:
+        # Only the workers' own user may enter: their private sockets trust their clients.
+        self.folder = tempfile.mkdtemp(prefix="poolguard-rewriter-") if count > 1 else ""
+        self.children: list[Child] = []
+        try:
+            for index in range(count):
+                child = Child({**config, "worker": [index, count, self.folder]})
+                self.children.append(child)
+                # The first picked the port (listen=...:0 picks one); the others join it.
+                config = {**config, "listen": f"{child.host}:{child.port}"}
+        except BaseException:
+            self.stop(5.0)
+            raise
+        self.host, self.port = self.children[0].host, self.children[0].port
+
+    @property
+    def pid(self) -> int:
+        return self.children[0].pid
+
+    @property
+    def pids(self) -> list[int]:
+        return [child.pid for child in self.children]
+
+    @property
+    def restarts(self) -> int:
+        return sum(child.restarts for child in self.children)
+
+    def alive(self) -> bool:
+        return all(child.alive() for child in self.children)
+
+    def stop(self, timeout: float) -> None:
+        for child in self.children:
+            child.stop(timeout)
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -164,7 +209,11 @@ def main() -> int:
     try:
         settings = ProxySettings(**cfg["settings"])
         proxy, _, host, port = build_proxy(
-            cfg["upstream_dsn"], cfg["listen"], settings, password=cfg["password"]
+            cfg["upstream_dsn"],
+            cfg["listen"],
+            settings,
+            password=cfg["password"],
+            worker=Worker(*cfg.get("worker", (0, 1, ""))),
         )
     except ValueError as exc:
         print(f"error {exc}", flush=True)

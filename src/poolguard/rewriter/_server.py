@@ -1,6 +1,6 @@
 """The proxy: listening socket, shared state of all sessions, admission to a pool (or the
 admin console), cancel routing, start and stop (and of the sweep that retires idle and old
-server connections)."""
+server connections). With several workers, one of them (see ``_workers``)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ._pools import Pools
 from ._reaper import Lifecycle, Reaper
 from ._session import Session
 from ._userlist import Credential
+from ._workers import PUBLISH_INTERVAL, Worker
 
 logger = logging.getLogger("poolguard.rewriter")
 
@@ -45,7 +46,10 @@ class Proxy:
         pool_sizes: dict[tuple[str, str], int] | None = None,
         console: str = "poolguard",
         lifecycle: Lifecycle | None = None,
+        worker: Worker | None = None,
     ) -> None:
+        # Of a fleet of workers, this one holds its share of every pool's connections.
+        self.worker = worker = worker or Worker()
         users = dict(users or {})
         # The upstream DSN's user logs in with the proxy's password (handle.dsn) whatever the
         # userlist says, and is always an admin of the console.
@@ -56,8 +60,8 @@ class Proxy:
             passthrough=passthrough,
             admins=admins | {upstream.user},
             console=console,
-            pool_size=pool_size,
-            sizes=pool_sizes or {},
+            pool_size=worker.share(pool_size),
+            sizes={pair: worker.share(size) for pair, size in (pool_sizes or {}).items()},
             max_prepared=max_prepared,
         )
         self.passthrough = passthrough
@@ -74,6 +78,8 @@ class Proxy:
         self._next_pid = 1
         self._admitting: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self._peer_server: asyncio.Server | None = None  # the worker's private socket
+        self._publisher: asyncio.TimerHandle | None = None
         self.host = ""
         self.port = 0
         self.socket_path = ""
@@ -104,7 +110,11 @@ class Proxy:
                     host,
                 )
             self._server = await loop.create_server(
-                lambda: _protocol(Session(self)), host, port, reuse_address=True
+                lambda: _protocol(Session(self)),
+                host,
+                port,
+                reuse_address=True,
+                reuse_port=not self.worker.solo,  # the fleet's workers share the port
             )
             sock = self._server.sockets[0].getsockname()
             self.host, self.port = sock[0], sock[1]
@@ -116,12 +126,22 @@ class Proxy:
             self.pool.size,
             _compiled.describe(),
         )
+        if not self.worker.solo:
+            # Peers pass cancels on here; the folder is private (see _workers).
+            self._peer_server = await loop.create_unix_server(
+                lambda: _protocol(Session(self, trusted=True)),
+                self.worker.socket_path(self.worker.index),
+            )
+            self._publish()
         self.reaper.start()
 
     async def stop(self) -> None:
         self.reaper.stop()
-        if self._server is not None:
-            self._server.close()
+        if self._publisher is not None:
+            self._publisher.cancel()
+        for server in (self._server, self._peer_server):
+            if server is not None:
+                server.close()
         for task in list(self._admitting):
             task.cancel()
         for session in list(self.sessions.values()):
@@ -130,8 +150,9 @@ class Proxy:
         lost = self.pools.close()
         if lost:
             await asyncio.wait(lost, timeout=2)
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._peer_server):
+            if server is not None:
+                await server.wait_closed()
         if self.socket_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
@@ -186,11 +207,24 @@ class Proxy:
     def stats(self) -> dict[str, list[dict[str, object]]]:
         """What the admin console's SHOW commands answer, as lists of rows."""
         now = asyncio.get_running_loop().time()
-        return _admin.snapshot(self.pools, self.sessions.values(), now)
+        own = _admin.snapshot(self.pools, self.sessions.values(), now)
+        if self.worker.solo:
+            return own
+        return _admin.merge([own, *self.worker.peer_rows()])
+
+    def _publish(self) -> None:
+        """This worker's rows for its peers' consoles, every PUBLISH_INTERVAL seconds."""
+        now = asyncio.get_running_loop().time()
+        try:
+            self.worker.publish(_admin.snapshot(self.pools, self.sessions.values(), now))
+        except OSError as exc:  # the peers' views lack this worker until the next try
+            logger.warning("could not publish worker %d's admin rows: %s", self.worker.index, exc)
+        loop = asyncio.get_running_loop()
+        self._publisher = loop.call_later(PUBLISH_INTERVAL, self._publish)
 
     def register_session(self, session: Session) -> tuple[int, int]:
         """A (pid, key) pair for the client's BackendKeyData, used to route its cancels."""
-        pid = self._next_pid
+        pid = self.worker.pid(self._next_pid)
         self._next_pid += 1
         self.sessions[pid] = session
         return pid, secrets.randbits(31)
@@ -202,6 +236,10 @@ class Proxy:
                 session.pair.clients -= 1
 
     def cancel(self, pid: int, key: int) -> None:
+        owner = self.worker.owner(pid)
+        if owner != self.worker.index:
+            asyncio.get_running_loop().create_task(self._pass_cancel(owner, pid, key))
+            return
         session = self.sessions.get(pid)
         if session is None or session.key != key or session.backend is None:
             return  # like PostgreSQL: a cancel that matches nothing is silently dropped
@@ -223,6 +261,19 @@ class Proxy:
         finally:
             if transport is not None:
                 transport.close()
+
+    async def _pass_cancel(self, owner: int, pid: int, key: int) -> None:
+        """A cancel for a client of another worker: to that worker's private socket."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_unix_connection(
+                asyncio.Protocol, self.worker.socket_path(owner)
+            )
+        except OSError as exc:  # that worker is restarting: its clients are gone anyway
+            logger.warning("could not pass a cancel request to worker %d: %s", owner, exc)
+            return
+        cast(asyncio.WriteTransport, transport).write(p.build_cancel(pid, key))
+        transport.close()
 
 
 def _protocol(session: Session) -> asyncio.BaseProtocol:
