@@ -148,6 +148,7 @@ def test_pools_tuned_differently_get_a_rewriter_each(pg_dsn: str) -> None:
         ({"listen": "127.0.0.1:6432"}, r"\['listen'\] .* does not apply to the embedded"),
         ({"pool_idle_timeout": 60}, r"\['pool_idle_timeout'\] .* never drops"),
         ({"userlist": "users.txt"}, r"\['userlist'\] .* run `poolguard proxy`"),
+        ({"workers": 2}, r"\['workers'\] .* run `poolguard proxy --workers N`"),
         ("server_lifetime=900", r"rewriter_options='server_lifetime=900' .*: expected a dict"),
     ],
 )

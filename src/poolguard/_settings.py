@@ -236,6 +236,11 @@ REWRITER_NOT_EMBEDDED = {
     "tls_key": _LOOPBACK,
     "use_uvloop": _PROCESS,
     "isolate": _PROCESS,
+    "workers": (
+        "each worker holds only its share of max_size server connections, and the kernel, not "
+        "the pool, picks the worker of each of the pool's few connections; for a proxy of "
+        "several processes run `poolguard proxy --workers N`"
+    ),
 }
 
 

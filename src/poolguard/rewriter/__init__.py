@@ -36,7 +36,7 @@ from ._build import DEFAULT_MAX_MESSAGE_SIZE, ProxySettings, build_proxy, new_lo
 from ._child import ChildError, Fleet
 from ._pool import Upstream, UpstreamError
 from ._server import Proxy
-from ._workers import check_workers
+from ._fleet import check_workers
 
 __all__ = [
     "RewriterHandle",

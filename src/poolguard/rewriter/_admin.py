@@ -128,7 +128,7 @@ def snapshot(pools: Pools, sessions: Iterable[Session], now: float) -> Stats:
 
 
 def merge(views: Iterable[Stats]) -> Stats:
-    """One proxy's views from its workers' (see ``_workers``): their clients and servers
+    """One proxy's views from its workers' (see ``_fleet``): their clients and servers
     together, and per (user, database) the sum of their pools and stats rows (``maxwait_ms``:
     the longest wait)."""
     views = list(views)

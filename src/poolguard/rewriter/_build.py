@@ -14,7 +14,7 @@ from ._reaper import Lifecycle
 from ._server import Proxy
 from ._tls import server_context
 from ._userlist import load_userlist
-from ._workers import Worker
+from ._fleet import Worker
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 

@@ -7,7 +7,7 @@ runs until its stdin closes: when the parent calls ``stop()`` or dies in any way
 thread in the parent restarts a child that exits unexpectedly, on the same address, so the
 DSN the app holds stays valid.
 
-With ``workers=N`` (see ``_workers``) a ``Fleet`` runs N such children on one port.
+With ``workers=N`` (see ``_fleet``) a ``Fleet`` runs N such children on one port.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from ._build import ProxySettings, build_proxy, new_loop
-from ._workers import Worker
+from ._fleet import Worker
 
 logger = logging.getLogger("poolguard.rewriter")
 
@@ -122,7 +122,7 @@ class Child:
 
 
 class Fleet:
-    """``count`` supervised children serving one port as one proxy (see ``_workers``)."""
+    """``count`` supervised children serving one port as one proxy (see ``_fleet``)."""
 
     def __init__(self, config: dict[str, Any], count: int) -> None:
         # Only the workers' own user may enter: their private sockets trust their clients.

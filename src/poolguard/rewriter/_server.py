@@ -1,6 +1,6 @@
 """The proxy: listening socket, shared state of all sessions, admission to a pool (or the
 admin console), cancel routing, start and stop (and of the sweep that retires idle and old
-server connections). With several workers, one of them (see ``_workers``)."""
+server connections). With several workers, one of them (see ``_fleet``)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ._pools import Pools
 from ._reaper import Lifecycle, Reaper
 from ._session import Session
 from ._userlist import Credential
-from ._workers import PUBLISH_INTERVAL, Worker
+from ._fleet import PUBLISH_INTERVAL, Worker
 
 logger = logging.getLogger("poolguard.rewriter")
 
@@ -127,7 +127,7 @@ class Proxy:
             _compiled.describe(),
         )
         if not self.worker.solo:
-            # Peers pass cancels on here; the folder is private (see _workers).
+            # Peers pass cancels on here; the folder is private (see _fleet).
             self._peer_server = await loop.create_unix_server(
                 lambda: _protocol(Session(self, trusted=True)),
                 self.worker.socket_path(self.worker.index),
