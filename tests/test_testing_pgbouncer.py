@@ -36,6 +36,7 @@ def server_connections(upstream: PostgresServer, dbname: str) -> int:
     return int(row[0]) if row else 0
 
 
+@pytest.mark.pgbouncer
 def test_processes_share_the_port_and_split_the_pool(
     postgres_server: PostgresServer,
     pgbouncer_server: PgBouncerServer,  # skips (or fails) like the other PgBouncer tests
@@ -121,6 +122,7 @@ def test_bad_process_counts_are_refused(
         start_pgbouncer(postgres_server, default_pool_size=pool_size, processes=processes)
 
 
+@pytest.mark.pgbouncer
 def test_one_process_takes_no_reuseport(pgbouncer_server: PgBouncerServer) -> None:
     (console,) = pgbouncer_server.process_endpoints()
     config = {r["key"]: r["value"] for r in console_rows(console, "SHOW CONFIG")}
