@@ -1,12 +1,20 @@
 """pgbench -S through the rewriter (-M prepared) vs PgBouncer (-M simple, -M extended) vs
-direct, in one run, with each proxy's CPU seconds per 10k transactions. When the rewriter's hot
-path is compiled, a second rewriter running its Python source is measured too.
+direct, each proxy as one process and as --workers processes on one port, in one run, with the
+CPU seconds each proxy used per 10k transactions (summed over all its processes).
 
-    python benchmarks/bench_rewriter.py [--clients 50] [--duration 10] [--rounds 3] [--no-uvloop]
+    python benchmarks/bench_rewriter.py [--workers 2] [--clients 50] [--duration 10]
+        [--rounds 3] [--source] [--no-uvloop]
 
-Starts a private PostgreSQL and PgBouncer (poolguard.testing) and the rewriter (in its child
-process, as ``start()`` runs it), runs pgbench against each, and prints tps with ratios and
-the CPU time each proxy process used. Not part of the test suite.
+Starts a private PostgreSQL; PgBouncer as one process and as N processes sharing its port
+(``so_reuseport``, ``start_pgbouncer(processes=N)``); and the rewriter in its child process as
+``start()`` runs it, once with one process and once with ``workers=N``. Every proxy has the
+same number of server connections in all (--pool-size); an N-process one splits them between
+its processes. Each round runs pgbench against every target in turn (the machine may be
+shared, so each ratio is taken within a round and the median of the rounds is printed, with
+the rounds). The target line is rewriter xN / PgBouncer simple (one process, as PgBouncer is
+usually run); rewriter xN / PgBouncer xN simple shows what the same number of processes gives
+PgBouncer. ``--source`` also measures a one-process rewriter running its hot path's Python
+source (when the installed hot path is compiled). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -19,30 +27,57 @@ import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from poolguard import rewriter
 from poolguard.testing import find_postgres_bindir, start_pgbouncer, start_postgres
 
 
-def listener_pid(port: int) -> int | None:
-    """The process listening on ``port`` (to read its CPU time), or None without psutil."""
+@dataclass
+class Target:
+    """What pgbench connects to, and the proxy processes whose CPU time the run costs."""
+
+    endpoint: Any  # host, port, user, dbname
+    password: str
+    mode: str
+    pids: Callable[[], list[int]] = list  # none: PostgreSQL directly
+
+
+def listener_pids(port: int) -> set[int] | None:
+    """Every process listening on ``port`` (several with SO_REUSEPORT), None without psutil."""
     try:
         psutil = importlib.import_module("psutil")
     except ImportError:
         return None
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == "LISTEN" and conn.laddr and conn.laddr.port == port and conn.pid:
-            return int(conn.pid)
-    return None
+    return {
+        int(conn.pid)
+        for conn in psutil.net_connections(kind="tcp")
+        if conn.status == "LISTEN" and conn.laddr and conn.laddr.port == port and conn.pid
+    }
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of ``pid`` so far (from /proc), NaN if unknown."""
-    if pid is None:
-        return math.nan
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by all of ``pids`` (from /proc)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            sys.exit(f"proxy process {pid} ended during the benchmark")
+        fields = stat.rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def check_pids(name: str, target: Target) -> None:
+    """The processes whose CPU is summed are exactly those listening on the port."""
+    pids = target.pids()
+    listening = listener_pids(target.endpoint.port) if pids else None
+    if listening is not None and listening != set(pids):
+        sys.exit(f"{name}: CPU would be summed over {sorted(pids)}, but {sorted(listening)} listen")
 
 
 def pgbench(bindir: Path, target: object, password: str, args: list[str]) -> tuple[float, int]:
@@ -69,7 +104,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
-    parser.add_argument("--pool-size", type=int, default=4, help="server connections (both)")
+    parser.add_argument(
+        "--pool-size", type=int, default=4, help="server connections of each proxy (all)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="processes of the multi-process PgBouncer and rewriter (>= 2, <= --pool-size)",
+    )
     parser.add_argument("--scale", type=int, default=1)
     parser.add_argument(
         "--rounds",
@@ -84,91 +127,133 @@ def main() -> None:
         help="seconds of unrecorded pgbench per target first (connections opened, caches warm)",
     )
     parser.add_argument(
+        "--source",
+        action="store_true",
+        help="also measure a one-process rewriter running its hot path's Python source",
+    )
+    parser.add_argument(
         "--no-uvloop",
         action="store_true",
         help="use the standard asyncio loop even if uvloop is installed",
     )
     opts = parser.parse_args()
+    workers = opts.workers
+    if not 2 <= workers <= opts.pool_size:
+        parser.error(
+            f"--workers {workers}: needs 2 or more (one process is measured anyway) and at "
+            f"most --pool-size {opts.pool_size} (each process needs a server connection)"
+        )
+    hot_path = rewriter.hot_path()
+    if opts.source and not hot_path.startswith("compiled"):
+        parser.error(f"--source compares with the compiled hot path, but this one is: {hot_path}")
 
     bindir = find_postgres_bindir()
     pg = start_postgres(max_connections=200)
-    bouncer = proxy = source = None
+    stoppable: list[Any] = []
     loop_name = "asyncio"
-    hot_path = rewriter.hot_path()
     try:
         init = [str(bindir / "pgbench"), "-i", "-q", "-s", str(opts.scale), pg.dsn]
         subprocess.run(init, check=True, capture_output=True)
         bouncer = start_pgbouncer(pg, default_pool_size=opts.pool_size)
+        stoppable.append(bouncer)
+        bouncers = start_pgbouncer(pg, default_pool_size=opts.pool_size, processes=workers)
+        stoppable.append(bouncers)
         use_uvloop = False if opts.no_uvloop else None
         proxy = rewriter.start(pg.dsn, pool_size=opts.pool_size, use_uvloop=use_uvloop)
-        if hot_path.startswith("compiled"):
-            source = _source_build(pg.dsn, opts.pool_size, use_uvloop)
-        common = ["-S", "-c", str(opts.clients), "-j", str(opts.threads), "-T", str(opts.duration)]
+        stoppable.append(proxy)
+        fleet = rewriter.start(
+            pg.dsn, pool_size=opts.pool_size, use_uvloop=use_uvloop, workers=workers
+        )
+        stoppable.append(fleet)
         targets = {
-            "direct -M prepared": (pg, pg.password, "prepared", None),
-            "direct -M simple": (pg, pg.password, "simple", None),
-            "pgbouncer -M simple": (bouncer, bouncer.password, "simple", bouncer.port),
-            "pgbouncer -M extended": (bouncer, bouncer.password, "extended", bouncer.port),
-            "rewriter -M prepared": (proxy, proxy.password, "prepared", proxy.port),
+            "direct -M prepared": Target(pg, pg.password, "prepared"),
+            "direct -M simple": Target(pg, pg.password, "simple"),
+            "pgbouncer -M simple": Target(
+                bouncer, bouncer.password, "simple", lambda: bouncer.pids
+            ),
+            "pgbouncer -M extended": Target(
+                bouncer, bouncer.password, "extended", lambda: bouncer.pids
+            ),
+            f"pgbouncer x{workers} -M simple": Target(
+                bouncers, bouncers.password, "simple", lambda: bouncers.pids
+            ),
+            "rewriter -M prepared": Target(proxy, proxy.password, "prepared", lambda: proxy.pids),
+            f"rewriter x{workers} -M prepared": Target(
+                fleet, fleet.password, "prepared", lambda: fleet.pids
+            ),
         }
-        if source is not None:
-            targets["rewriter -M prepared (source)"] = (
-                source,
-                source.password,
-                "prepared",
-                source.port,
+        if opts.source:
+            source = _source_build(pg.dsn, opts.pool_size, use_uvloop)
+            stoppable.append(source)
+            targets["rewriter -M prepared (source)"] = Target(
+                source, source.password, "prepared", lambda: source.pids
             )
+        for name, target in targets.items():
+            check_pids(name, target)
         runs: dict[str, list[float]] = {name: [] for name in targets}
         cpu: dict[str, list[float]] = {name: [] for name in targets}
+        processes = {name: len(target.pids()) for name, target in targets.items()}
         # Unrecorded first pass: each proxy opens its server connections and each server
         # backend warms its caches, so round one does not favour whichever ran later.
         if opts.warmup > 0:
             warm = ["-S", "-c", str(opts.clients), "-j", str(opts.threads), "-T", str(opts.warmup)]
-            for target, password, mode, _ in targets.values():
-                pgbench(bindir, target, password, [*warm, "-M", mode])
+            for target in targets.values():
+                pgbench(bindir, target.endpoint, target.password, [*warm, "-M", target.mode])
+        common = ["-S", "-c", str(opts.clients), "-j", str(opts.threads), "-T", str(opts.duration)]
         for _ in range(opts.rounds):
-            for name, (target, password, mode, port) in targets.items():
-                pid = listener_pid(port) if port else None
-                before = cpu_seconds(pid)
-                tps, done = pgbench(bindir, target, password, [*common, "-M", mode])
+            for name, target in targets.items():
+                pids = target.pids()
+                before = cpu_seconds(pids)
+                tps, done = pgbench(
+                    bindir, target.endpoint, target.password, [*common, "-M", target.mode]
+                )
                 runs[name].append(tps)
-                cpu[name].append((cpu_seconds(pid) - before) / done * 10_000)
+                used = cpu_seconds(pids) - before
+                cpu[name].append(used / done * 10_000 if pids else math.nan)
         loop_name = "uvloop" if use_uvloop is not False and _has_uvloop() else "asyncio"
     finally:
-        for handle in (proxy, source):
-            if handle is not None:
-                handle.stop()
-        if bouncer is not None:
-            bouncer.stop()
+        for server in reversed(stoppable):
+            server.stop()
         pg.stop()
 
     print(
         f"pgbench -S, {opts.clients} clients, {opts.threads} threads, {opts.duration} s, "
-        f"pool size {opts.pool_size} (server connections, both proxies), {opts.warmup} s "
-        f"warm-up, {os.cpu_count()} CPUs, rewriter loop: {loop_name}, hot path: {hot_path}"
+        f"pool size {opts.pool_size} (server connections of each proxy, split between the "
+        f"processes of an x{workers} one), workers {workers}, {opts.warmup} s warm-up, "
+        f"{os.cpu_count()} CPUs, rewriter loop: {loop_name}, hot path: {hot_path}"
     )
     for name, results in runs.items():
         each = " ".join(f"{t:.0f}" for t in results)
         line = f"  {name:<30} {statistics.median(results):>10.0f} tps  (runs: {each})"
         if not math.isnan(cpu[name][0]):
             line += f"  proxy CPU {statistics.median(cpu[name]):.2f} s per 10k transactions"
+            if processes[name] > 1:
+                line += f" (all {processes[name]} processes)"
         print(line)
-    # Ratios per round (same moment, same background load), then their median.
-    mine = runs["rewriter -M prepared"]
-    vs_bouncer = [m / b for m, b in zip(mine, runs["pgbouncer -M simple"], strict=True)]
-    vs_direct = [m / d for m, d in zip(mine, runs["direct -M prepared"], strict=True)]
-    print(
-        f"  rewriter / pgbouncer simple {statistics.median(vs_bouncer):>6.2f}x  (target >= 1.0x; "
-        f"rounds: {' '.join(f'{r:.2f}' for r in vs_bouncer)})"
+
+    def ratio(label: str, mine: str, theirs: str, note: str = "") -> None:
+        # Per round (same moment, same background load), then their median.
+        rounds = [m / t for m, t in zip(runs[mine], runs[theirs], strict=True)]
+        each = " ".join(f"{r:.2f}" for r in rounds)
+        print(f"  {label:<38} {statistics.median(rounds):>5.2f}x  ({note}rounds: {each})")
+
+    many = f"rewriter x{workers} -M prepared"
+    ratio(
+        f"rewriter x{workers} / pgbouncer simple",
+        many,
+        "pgbouncer -M simple",
+        "the target line, >= 1.0x; ",
     )
-    vs_ext = [m / b for m, b in zip(mine, runs["pgbouncer -M extended"], strict=True)]
-    print(f"  rewriter / pgbouncer extended {statistics.median(vs_ext):>4.2f}x")
-    print(f"  rewriter / direct     {statistics.median(vs_direct):>10.2f}x")
-    if source is not None:
-        vs_source = [
-            m / s for m, s in zip(mine, runs["rewriter -M prepared (source)"], strict=True)
-        ]
-        print(f"  compiled / source     {statistics.median(vs_source):>10.2f}x")
+    ratio(
+        f"rewriter x{workers} / pgbouncer x{workers} simple",
+        many,
+        f"pgbouncer x{workers} -M simple",
+    )
+    ratio("rewriter / pgbouncer simple", "rewriter -M prepared", "pgbouncer -M simple")
+    ratio("rewriter / pgbouncer extended", "rewriter -M prepared", "pgbouncer -M extended")
+    ratio("rewriter / direct", "rewriter -M prepared", "direct -M prepared")
+    if opts.source:
+        ratio("compiled / source", "rewriter -M prepared", "rewriter -M prepared (source)")
 
 
 def _source_build(dsn: str, pool_size: int, use_uvloop: bool | None) -> rewriter.RewriterHandle:

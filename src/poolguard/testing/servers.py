@@ -27,6 +27,7 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
 
 __all__ = [
     "PgBouncerServer",
@@ -211,19 +212,42 @@ class PostgresServer(_Endpoint):
 
 @dataclass(repr=False)
 class PgBouncerServer(_Endpoint):
-    """A running PgBouncer in front of a :class:`PostgresServer`."""
+    """A running PgBouncer in front of a :class:`PostgresServer`: one process, or several on
+    one TCP port (``start_pgbouncer(processes=N)``)."""
 
     pool_mode: str = "transaction"
     default_pool_size: int = 4
-    _process: _Process | None = None
+    #: Each process's unix socket folder, in start order.
+    socket_dirs: list[Path] = field(default_factory=list)
+    _processes: list[_Process] = field(default_factory=list)
+    _basedir: Path | None = None
 
     def __repr__(self) -> str:
-        return f"<PgBouncerServer {self.host}:{self.port} pool_mode={self.pool_mode}>"
+        count = len(self.socket_dirs)
+        several = f" processes={count}" if count > 1 else ""
+        return f"<PgBouncerServer {self.host}:{self.port} pool_mode={self.pool_mode}{several}>"
+
+    @property
+    def pids(self) -> list[int]:
+        """The PgBouncer processes still running, in start order."""
+        return [p.popen.pid for p in self._processes if p.popen.poll() is None]
+
+    def process_endpoints(self) -> list[_Endpoint]:
+        """Each process over its own unix socket, in start order. The TCP port reaches
+        whichever process the kernel picks; these reach one each (``connect("pgbouncer")`` is
+        that process's admin console)."""
+        return [
+            _Endpoint(str(folder), self.port, self.user, self.password, self.dbname)
+            for folder in self.socket_dirs
+        ]
 
     def stop(self) -> None:
-        if self._process:
-            self._process.stop(signal.SIGTERM)
-            self._process = None
+        for process in self._processes:
+            process.stop(signal.SIGTERM)
+        self._processes = []
+        if self._basedir is not None:
+            shutil.rmtree(self._basedir, ignore_errors=True)
+            self._basedir = None
 
 
 def _spawn(argv: list[str], run_as: _RunAs, basedir: Path, log: Path) -> _Process:
@@ -364,20 +388,46 @@ def start_pgbouncer(
     pool_mode: str = "transaction",
     default_pool_size: int = 4,
     max_client_conn: int = 500,
+    processes: int = 1,
 ) -> PgBouncerServer:
-    """Start PgBouncer with scram auth in front of ``upstream``; raise if it is not installed."""
+    """Start PgBouncer with scram auth in front of ``upstream``; raise if it is not installed.
+
+    ``processes`` > 1 starts that many PgBouncers on one TCP port (``so_reuseport``: the kernel
+    spreads the clients between them), each with its own unix socket folder, pidfile and log,
+    and each with its share of ``default_pool_size`` (the shares differ by at most one), so
+    that together they open no more server connections than one PgBouncer would.
+    ``max_client_conn`` applies to each process. PgBouncer 1.18 does not pass a cancel request
+    on to the process serving its client: one that reaches another process is lost.
+    """
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
+    if processes > 1 and processes > default_pool_size:
+        raise ValueError(
+            f"processes={processes} is more than default_pool_size={default_pool_size}: each "
+            f"PgBouncer process needs at least one server connection, so lower processes or "
+            f"raise default_pool_size to at least {processes}"
+        )
     binary = find_pgbouncer()
     if binary is None:
         raise ServerStartError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
     run_as = _RunAs.choose()
     basedir = run_as.make_private_dir(Path(tempfile.mkdtemp(prefix="poolguard-pgbouncer-")))
-    socket_dir = run_as.make_private_dir(basedir / "sockets")
     port = free_port()
     # PgBouncer needs the plain password (not a scram secret) to log in to the server itself.
     userlist = run_as.write_private_file(
         basedir / "userlist.txt", f'"{upstream.user}" "{upstream.password}"\n'
     )
-    ini = f"""\
+    # One process keeps everything in basedir; several keep their own files in a folder each.
+    folders = (
+        [basedir]
+        if processes == 1
+        else [run_as.make_private_dir(basedir / f"process-{i}") for i in range(processes)]
+    )
+    started: list[_Process] = []
+    for index, folder in enumerate(folders):
+        share = default_pool_size // processes + (index < default_pool_size % processes)
+        socket_dir = run_as.make_private_dir(folder / "sockets")
+        ini = f"""\
 [databases]
 * = host={upstream.host} port={upstream.port}
 
@@ -388,23 +438,50 @@ unix_socket_dir = {socket_dir}
 auth_type = scram-sha-256
 auth_file = {userlist}
 pool_mode = {pool_mode}
-default_pool_size = {default_pool_size}
+default_pool_size = {share}
 max_client_conn = {max_client_conn}
 admin_users = {upstream.user}
 ignore_startup_parameters = extra_float_digits
-logfile = {basedir / "pgbouncer.log"}
-pidfile = {basedir / "pgbouncer.pid"}
+logfile = {folder / "pgbouncer.log"}
+pidfile = {folder / "pgbouncer.pid"}
 """
-    config = run_as.write_private_file(basedir / "pgbouncer.ini", ini)
-    process = _spawn([str(binary), str(config)], run_as, basedir, basedir / "stdout.log")
-    process.log = basedir / "pgbouncer.log"
+        if processes > 1:
+            ini += "so_reuseport = 1\n"
+        config = run_as.write_private_file(folder / "pgbouncer.ini", ini)
+        process = _spawn([str(binary), str(config)], run_as, folder, folder / "stdout.log")
+        process.log = folder / "pgbouncer.log"
+        started.append(process)
     bouncer = PgBouncerServer(
         host="127.0.0.1", port=port, user=upstream.user, password=upstream.password,
         dbname=upstream.dbname, pool_mode=pool_mode, default_pool_size=default_pool_size,
-        _process=process,
+        socket_dirs=[folder / "sockets" for folder in folders], _processes=started,
+        _basedir=basedir,
     )  # fmt: skip
-    _wait_until_ready(bouncer, process, "PgBouncer")
+    try:
+        if processes == 1:
+            _wait_until_ready(bouncer, started[0], "PgBouncer")
+        else:
+            # Over TCP the kernel picks the process: each one's own socket proves it is up,
+            # and its console whether it got the TCP port too (it only warns when it did not).
+            for index, endpoint in enumerate(bouncer.process_endpoints()):
+                what = f"PgBouncer process {index + 1} of {processes}"
+                _wait_until_ready(endpoint, started[index], what)
+                if not _pgbouncer_listens(endpoint, port):
+                    raise ServerStartError(
+                        f"{what} does not listen on 127.0.0.1:{port}; its log ends with:\n"
+                        f"{started[index].log_tail()}"
+                    )
+    except BaseException:
+        bouncer.stop()
+        raise
     return bouncer
+
+
+def _pgbouncer_listens(console: _Endpoint, port: int) -> bool:
+    """Whether the PgBouncer behind ``console`` holds a TCP listening socket on ``port``."""
+    with console.connect("pgbouncer", row_factory=dict_row) as conn:
+        fds = conn.execute("SHOW FDS").fetchall()
+    return any(fd["task"] == "pooler" and fd["addr"] != "unix" and fd["port"] == port for fd in fds)
 
 
 def count_sessions(dsn: str, application_name: str) -> int:
