@@ -34,9 +34,9 @@ from . import _compiled
 from ._admin import Stats, query_stats
 from ._build import DEFAULT_MAX_MESSAGE_SIZE, ProxySettings, build_proxy, new_loop
 from ._child import ChildError, Fleet
+from ._fleet import check_workers
 from ._pool import Upstream, UpstreamError
 from ._server import Proxy
-from ._fleet import check_workers
 
 __all__ = [
     "RewriterHandle",

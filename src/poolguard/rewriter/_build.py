@@ -8,13 +8,13 @@ import secrets
 import ssl
 from dataclasses import dataclass, field
 
+from ._fleet import Worker
 from ._pool import Upstream
 from ._pools import console_name
 from ._reaper import Lifecycle
 from ._server import Proxy
 from ._tls import server_context
 from ._userlist import load_userlist
-from ._fleet import Worker
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 

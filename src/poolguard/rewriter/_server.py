@@ -17,13 +17,13 @@ from typing import cast
 from . import _admin, _compiled
 from . import _protocol as p
 from ._auth import AuthError, ScramKeys, ScramVerifier
+from ._fleet import PUBLISH_INTERVAL, Worker
 from ._login import Login
 from ._pool import Backend, BackendPool, Upstream
 from ._pools import Pools
 from ._reaper import Lifecycle, Reaper
 from ._session import Session
 from ._userlist import Credential
-from ._fleet import PUBLISH_INTERVAL, Worker
 
 logger = logging.getLogger("poolguard.rewriter")
 
