@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from polling import wait_for
 from poolguard import rewriter
+from poolguard._top_rewriter import RewriterWatch
 from poolguard.rewriter import RewriterHandle
 from poolguard.rewriter._admin import merge
 from poolguard.rewriter._fleet import Worker
@@ -92,6 +93,21 @@ def test_the_workers_share_one_port_and_one_connection_budget(
     assert pool["cl_idle"] + pool["cl_active"] + pool["cl_waiting"] == len(conns)
     assert pool["sv_active"] + pool["sv_idle"] <= 4
     assert sorted(c["pid"] for c in stats["clients"]) == sorted(c.info.backend_pid for c in conns)
+    for c in conns:
+        c.close()
+
+
+def test_top_shows_the_workers_as_one_rewriter(fleet: RewriterHandle) -> None:
+    conns = _connect_to_each_worker(fleet, at_least=4)
+    watch = RewriterWatch(psycopg.conninfo.make_conninfo(fleet.dsn, dbname=fleet.admin_database))
+
+    def clients() -> int:
+        [pool] = watch.sample()["pools"]
+        return int(pool["clients_idle"] + pool["clients_active"] + pool["clients_waiting"])
+
+    wait_for("every worker's clients in the one section", lambda: clients() == len(conns))
+    [pool] = watch.sample()["pools"]
+    assert pool["pool_size"] == 4
     for c in conns:
         c.close()
 

@@ -12,6 +12,7 @@ import os
 import secrets
 import ssl
 import stat
+from collections.abc import Coroutine
 from typing import cast
 
 from . import _admin, _compiled
@@ -77,6 +78,8 @@ class Proxy:
         self.sessions: dict[int, Session] = {}
         self._next_pid = 1
         self._admitting: set[asyncio.Task[None]] = set()
+        # Cancels on their way (the loop keeps only weak references to tasks).
+        self._cancelling: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._peer_server: asyncio.Server | None = None  # the worker's private socket
         self._publisher: asyncio.TimerHandle | None = None
@@ -238,7 +241,7 @@ class Proxy:
     def cancel(self, pid: int, key: int) -> None:
         owner = self.worker.owner(pid)
         if owner != self.worker.index:
-            asyncio.get_running_loop().create_task(self._pass_cancel(owner, pid, key))
+            self._in_background(self._pass_cancel(owner, pid, key))
             return
         session = self.sessions.get(pid)
         if session is None or session.key != key or session.backend is None:
@@ -246,7 +249,12 @@ class Proxy:
         self.cancel_backend(session.backend)
 
     def cancel_backend(self, backend: Backend) -> None:
-        asyncio.get_running_loop().create_task(self._send_cancel(backend.pid, backend.key))
+        self._in_background(self._send_cancel(backend.pid, backend.key))
+
+    def _in_background(self, cancel: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(cancel)
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
 
     async def _send_cancel(self, pid: int, key: int) -> None:
         transport: asyncio.BaseTransport | None = None
