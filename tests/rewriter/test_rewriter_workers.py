@@ -3,6 +3,7 @@ that reach their client's worker, one admin view, a dead worker restarted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -139,9 +140,10 @@ def test_a_dead_worker_is_restarted_and_the_other_serves_meanwhile(
     survivor = next(c for c in conns if c.info.backend_pid % WORKERS == 0)
     victim_pid = fleet.pids[1]
     os.kill(victim_pid, signal.SIGKILL)
-    # Until it has exited, the kernel may still queue a connection on its listening socket,
-    # which is then reset: the one loss SO_REUSEPORT allows when a worker dies.
-    wait_for("the killed worker gone", lambda: not _alive(victim_pid))
+    # Until the kernel has closed its listening socket (a few ms after the process exited), it
+    # may still give that socket a connection, which is then reset: the one loss SO_REUSEPORT
+    # allows when a worker dies.
+    wait_for("one listening socket left", lambda: _listeners(fleet.port) == 1)
     for _ in range(10):  # new clients reach the living worker; its clients go on
         with psycopg.connect(fleet.dsn, autocommit=True) as conn:
             assert conn.execute("select 2").fetchone() == (2,)
@@ -211,11 +213,42 @@ def test_the_command_line_runs_workers_until_sigterm(pg_dsn: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for whoever reaps orphans has ended)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    return True
+
+
+def _listeners(port: int) -> int:
+    """Listening TCP sockets on ``port`` (each worker has one), from /proc/net/tcp."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return count
+
+
+# An app that starts two workers, says where, and waits to be killed.
+_APP = (
+    "import sys, time; from poolguard import rewriter; "
+    "h = rewriter.start(sys.argv[1], pool_size=2, workers=2); "
+    "print(h._runner.folder, *h.pids, flush=True); time.sleep(60)"
+)
+
+
+def test_the_workers_end_and_clean_up_when_their_app_is_killed(pg_dsn: str) -> None:
+    with subprocess.Popen([sys.executable, "-c", _APP, pg_dsn], stdout=subprocess.PIPE) as app:
+        assert app.stdout is not None
+        folder, *pids = app.stdout.readline().decode().split()
+        assert os.path.isdir(folder) and len(pids) == 2
+        app.kill()  # no stop(), no cleanup in the app
+    for pid in map(int, pids):
+        wait_for(f"worker {pid} ended", lambda pid=pid: not _alive(pid))
+    assert not os.path.exists(folder)  # the last worker to stop removed it
 
 
 @given(st.integers(1, 1000), st.integers(1, 16), st.integers(1, 10**6))

@@ -89,6 +89,15 @@ class Worker:
                     found.append(json.load(f))
         return found
 
+    def leave(self) -> None:
+        """At stop: remove this worker's socket and rows, and the folder once it is empty (the
+        last worker to stop removes it, so it goes even when the parent was killed)."""
+        for path in (self.socket_path(self.index), self._rows_path(self.index)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        with contextlib.suppress(OSError):  # not empty yet: a peer still runs
+            os.rmdir(self.folder)
+
     def _rows_path(self, index: int) -> str:
         return os.path.join(self.folder, f"rows-{index}.json")
 

@@ -159,6 +159,8 @@ class Proxy:
         if self.socket_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
+        if not self.worker.solo:
+            self.worker.leave()
         # Let transports run their connection_lost callbacks before the loop goes away.
         await asyncio.sleep(0)
 
