@@ -106,7 +106,7 @@ class RewriterHandle:
     def pid(self) -> int:
         """The process the rewriter runs in (this one when ``isolate=False``; the first
         worker's with ``workers`` > 1)."""
-        return self._runner.pid if isinstance(self._runner, Fleet) else os.getpid()
+        return self.pids[0]
 
     @property
     def pids(self) -> list[int]:
@@ -142,11 +142,12 @@ class RewriterHandle:
 
     def __repr__(self) -> str:
         state = "running" if self._runner.alive() else "stopped"
-        if isinstance(self._runner, Fleet):
-            count = len(self._runner.children)
-            where = "a process" if count == 1 else f"{count} worker processes"
-        else:
+        if not isinstance(self._runner, Fleet):
             where = "a thread"
+        elif len(self.pids) == 1:
+            where = "a process"
+        else:
+            where = f"{len(self.pids)} worker processes"
         return (
             f"<RewriterHandle {self.user}@{self.host}:{self.port}/{self.dbname} {state} in {where}>"
         )
@@ -277,9 +278,7 @@ def start(
     proxy, password, host, port = build_proxy(upstream_dsn, listen, settings)
     sizes = {"pool_size": pool_size}
     sizes.update({f"pool_sizes[{pair!r}]": size for pair, size in settings.pool_sizes.items()})
-    check_workers(workers, sizes, host.startswith("/"))
-    if workers > 1 and not isolate:
-        raise ValueError("workers > 1 needs isolate=True: each worker is a process of its own")
+    check_workers(workers, sizes, listen_folder=host.startswith("/"), isolate=isolate)
     if isolate:
         if use_uvloop:
             new_loop(True).close()  # raises ImportError here if uvloop is missing

@@ -140,16 +140,8 @@ class Fleet:
         self.host, self.port = self.children[0].host, self.children[0].port
 
     @property
-    def pid(self) -> int:
-        return self.children[0].pid
-
-    @property
     def pids(self) -> list[int]:
         return [child.pid for child in self.children]
-
-    @property
-    def restarts(self) -> int:
-        return sum(child.restarts for child in self.children)
 
     def alive(self) -> bool:
         return all(child.alive() for child in self.children)

@@ -102,13 +102,17 @@ class Worker:
         return os.path.join(self.folder, f"rows-{index}.json")
 
 
-def check_workers(workers: object, sizes: dict[str, int], listen_folder: bool) -> int:
-    """``workers`` validated against the pool sizes (each worker needs a connection of every
-    pool) and the listen address; returns it."""
+def check_workers(
+    workers: object, sizes: dict[str, int], *, listen_folder: bool, isolate: bool
+) -> None:
+    """``workers`` checked against the pool sizes (each worker needs a connection of every
+    pool), the listen address and ``isolate`` (each worker is a process)."""
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     if workers == 1:
-        return workers
+        return
+    if not isolate:
+        raise ValueError("workers > 1 needs isolate=True: each worker is a process of its own")
     if listen_folder:
         raise ValueError(
             "workers > 1 needs listen=HOST:PORT (the workers share one TCP port); a unix "
@@ -120,4 +124,3 @@ def check_workers(workers: object, sizes: dict[str, int], listen_folder: bool) -
                 f"workers={workers} is more than {name}={size}: each worker holds part of "
                 f"every pool, so lower workers or raise {name} to at least {workers}"
             )
-    return workers

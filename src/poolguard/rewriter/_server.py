@@ -211,17 +211,19 @@ class Proxy:
 
     def stats(self) -> dict[str, list[dict[str, object]]]:
         """What the admin console's SHOW commands answer, as lists of rows."""
-        now = asyncio.get_running_loop().time()
-        own = _admin.snapshot(self.pools, self.sessions.values(), now)
         if self.worker.solo:
-            return own
-        return _admin.merge([own, *self.worker.peer_rows()])
+            return self._own_rows()
+        return _admin.merge([self._own_rows(), *self.worker.peer_rows()])
+
+    def _own_rows(self) -> _admin.Stats:
+        """This process's rows (of one worker, with several)."""
+        now = asyncio.get_running_loop().time()
+        return _admin.snapshot(self.pools, self.sessions.values(), now)
 
     def _publish(self) -> None:
         """This worker's rows for its peers' consoles, every PUBLISH_INTERVAL seconds."""
-        now = asyncio.get_running_loop().time()
         try:
-            self.worker.publish(_admin.snapshot(self.pools, self.sessions.values(), now))
+            self.worker.publish(self._own_rows())
         except OSError as exc:  # the peers' views lack this worker until the next try
             logger.warning("could not publish worker %d's admin rows: %s", self.worker.index, exc)
         loop = asyncio.get_running_loop()
