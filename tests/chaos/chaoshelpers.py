@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 
+from polling import process_running
 from poolguard.testing import PostgresServer
 
 _SHUTDOWN = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
@@ -58,7 +59,7 @@ class ServerControl:
         while time.monotonic() < deadline:
             if self._popen is not None and self._popen.poll() is not None:
                 break
-            if not (self.datadir / "postmaster.pid").exists() and not _alive(pid):
+            if not (self.datadir / "postmaster.pid").exists() and not process_running(pid):
                 break
             time.sleep(0.02)
         else:
@@ -107,15 +108,6 @@ class ServerControl:
         """Stop a server this object started (the fixture that made the first one stops that)."""
         if self._popen is not None:
             self.stop("fast")
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie left for its parent to reap counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 # --- the load every scenario runs, and what it saw --------------------------------------------
@@ -319,7 +311,7 @@ class BouncerControl:
     def restart(self) -> None:
         os.kill(self.pid, signal.SIGTERM)  # immediate shutdown: clients are disconnected
         deadline = time.monotonic() + 15
-        while _alive(self.pid) and time.monotonic() < deadline:
+        while process_running(self.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         self._popen = subprocess.Popen(
             self.argv,

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from polling import process_running
 from poolguard import rewriter
 from poolguard.rewriter import RewriterHandle
 
@@ -101,7 +102,7 @@ def test_the_rewriter_process_stops_with_stop_and_with_its_app(pg_dsn: str) -> N
     handle = rewriter.start(pg_dsn, pool_size=1)
     pid = handle.pid
     handle.stop()
-    assert not _alive(pid)
+    assert not process_running(pid)
     # An app killed outright: its rewriter notices its stdin closing and exits.
     app = subprocess.Popen(
         [
@@ -117,14 +118,14 @@ def test_the_rewriter_process_stops_with_stop_and_with_its_app(pg_dsn: str) -> N
     )
     assert app.stdout is not None
     child = int(app.stdout.readline())
-    assert _alive(child)
+    assert process_running(child)
     app.kill()
     app.wait()
     app.stdout.close()
     deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
+    while process_running(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(child)
+    assert not process_running(child)
 
 
 def test_an_unreachable_upstream_fails_start_in_the_caller() -> None:
@@ -132,13 +133,3 @@ def test_an_unreachable_upstream_fails_start_in_the_caller() -> None:
         rewriter.start("postgresql://nobody:x@127.0.0.1:1/db?connect_timeout=2")
     with pytest.raises(ValueError, match="pool_size"):
         rewriter.start("postgresql://nobody:x@127.0.0.1:1/db", pool_size=0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) counts as gone.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[-1][0] != "Z"

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polling import wait_for
+from polling import process_running, wait_for
 from poolguard import rewriter
 from poolguard._top_rewriter import RewriterWatch
 from poolguard.rewriter import RewriterHandle
@@ -203,22 +203,13 @@ def test_the_command_line_runs_workers_until_sigterm(pg_dsn: str) -> None:
         assert proc.wait(20) == 0
         assert str(psycopg.conninfo.conninfo_to_dict(pg_dsn)["password"]) not in line
         for pid in pids:  # the workers ended with it
-            wait_for(f"worker {pid} gone", lambda pid=pid: not _alive(pid))
+            wait_for(f"worker {pid} gone", lambda pid=pid: not process_running(pid))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for whoever reaps orphans has ended)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _listeners(port: int) -> int:
@@ -247,7 +238,7 @@ def test_the_workers_end_and_clean_up_when_their_app_is_killed(pg_dsn: str) -> N
         assert os.path.isdir(folder) and len(pids) == 2
         app.kill()  # no stop(), no cleanup in the app
     for pid in map(int, pids):
-        wait_for(f"worker {pid} ended", lambda pid=pid: not _alive(pid))
+        wait_for(f"worker {pid} ended", lambda pid=pid: not process_running(pid))
     assert not os.path.exists(folder)  # the last worker to stop removed it
 
 
